@@ -1,0 +1,462 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver and (optionally)
+//! kube-controller-manager, built from Go modules by `tests/controlplane/build.sh`.
+//!
+//! Used by the integration tests, `make controlplane` and `make run`. Everything binds 127.0.0.1,
+//! lives in one temporary directory, and is torn down by [`ControlPlane::stop`] (also on drop).
+//! The child processes are started with `PR_SET_PDEATHSIG`, so they die with this process even
+//! when it is killed; state directories left by a killed launcher are removed by the next one.
+
+mod kubeconfig;
+mod pki;
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the API server may take to report `/readyz` ok. A cold start on 2 cores takes
+/// 5–15 s (RBAC bootstrap, CRD informers); a minute means something is wrong.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a component may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Prefix of state directories in the system temp dir; lets a later launcher find stale ones.
+const STATE_DIR_PREFIX: &str = "xero-cp-";
+/// File in the state directory holding the launcher's pid.
+const OWNER_FILE: &str = "owner.pid";
+/// The non-admin user the token file defines, for RBAC tests.
+pub const NON_ADMIN_USER: &str = "alice";
+
+/// Errors starting or running the local control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "control plane binaries not found in {dir}: {missing} (run tests/controlplane/build.sh)"
+    )]
+    MissingBinary { dir: PathBuf, missing: String },
+    #[error("building the control plane failed: {0}")]
+    Build(String),
+    #[error("I/O error while {action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("generating certificates failed: {0}")]
+    Pki(#[from] rcgen::Error),
+    #[error("writing the kubeconfig failed: {0}")]
+    Kubeconfig(#[from] serde_yaml::Error),
+    #[error("{component} exited during start-up ({status}); last log lines:\n{log_tail}")]
+    Exited {
+        component: &'static str,
+        status: String,
+        log_tail: String,
+    },
+    #[error("the API server was not ready after {0:?}; last log lines:\n{1}")]
+    NotReady(Duration, String),
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Io { action, source }
+}
+
+/// Where the control plane binaries are, and what to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory holding `etcd`, `kube-apiserver` and `kube-controller-manager`.
+    pub bin_dir: PathBuf,
+    /// Also start kube-controller-manager (garbage collection, namespace deletion).
+    pub controller_manager: bool,
+}
+
+impl Options {
+    /// Builds (or reuses from the cache) the binaries with the repo's build script.
+    pub fn from_build_script(script: &Path) -> Result<Self, Error> {
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(io(format!("running {}", script.display())))?;
+        if !out.status.success() {
+            return Err(Error::Build(format!(
+                "{} exited with {}",
+                script.display(),
+                out.status
+            )));
+        }
+        let dir = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Self {
+            bin_dir: PathBuf::from(dir),
+            controller_manager: true,
+        })
+    }
+}
+
+/// One running component.
+struct Component {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running local control plane. Stops when dropped.
+pub struct ControlPlane {
+    state_dir: Option<tempfile::TempDir>,
+    components: Vec<Component>,
+    /// `https://127.0.0.1:<port>` of the API server.
+    pub server: String,
+    /// Kubeconfig of the admin user (group `system:masters`).
+    pub admin_kubeconfig: PathBuf,
+    /// Kubeconfig of [`NON_ADMIN_USER`], who has no permissions until RBAC grants some.
+    pub user_kubeconfig: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts etcd, the API server and, if asked, the controller manager; returns once the API
+    /// server answers `/readyz`.
+    pub async fn start(opts: &Options) -> Result<Self, Error> {
+        let bins = ["etcd", "kube-apiserver", "kube-controller-manager"];
+        let missing: Vec<_> = bins
+            .iter()
+            .filter(|b| !opts.bin_dir.join(b).is_file())
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::MissingBinary {
+                dir: opts.bin_dir.clone(),
+                missing: missing.join(", "),
+            });
+        }
+        remove_stale_state_dirs();
+        let state_dir = tempfile::Builder::new()
+            .prefix(STATE_DIR_PREFIX)
+            .tempdir()
+            .map_err(io("creating the state dir"))?;
+        let dir = state_dir.path().to_path_buf();
+        std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(io("writing the owner file"))?;
+
+        let mut cp = ControlPlane {
+            state_dir: Some(state_dir),
+            components: Vec::new(),
+            server: String::new(),
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            user_kubeconfig: dir.join("user.kubeconfig"),
+        };
+        // On any error below, `cp` is dropped and stops what was started.
+        cp.launch(opts, &dir).await?;
+        Ok(cp)
+    }
+
+    async fn launch(&mut self, opts: &Options, dir: &Path) -> Result<(), Error> {
+        let pki = pki::Pki::generate()?;
+        let write = |name: &str, content: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).map_err(io(format!("writing {name}")))?;
+            Ok::<_, Error>(path)
+        };
+        write("ca.crt", &pki.ca_pem)?;
+        let serving_cert = write("apiserver.crt", &pki.serving_cert_pem)?;
+        let serving_key = write("apiserver.key", &pki.serving_key_pem)?;
+        let sa_key = write("sa.key", &pki.service_account_key_pem)?;
+        let sa_pub = write("sa.pub", &pki.service_account_pub_pem)?;
+        let admin_token = pki::random_token().map_err(io("reading /dev/urandom"))?;
+        let user_token = pki::random_token().map_err(io("reading /dev/urandom"))?;
+        let tokens = write(
+            "tokens.csv",
+            &format!(
+                "{admin_token},admin,admin,\"system:masters\"\n{user_token},{NON_ADMIN_USER},{NON_ADMIN_USER}\n"
+            ),
+        )?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        let api_port = free_port()?;
+        self.server = format!("https://127.0.0.1:{api_port}");
+        write(
+            "admin.kubeconfig",
+            &kubeconfig::render(&self.server, &pki.ca_pem, "admin", &admin_token)?,
+        )?;
+        write(
+            "user.kubeconfig",
+            &kubeconfig::render(&self.server, &pki.ca_pem, NON_ADMIN_USER, &user_token)?,
+        )?;
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        self.spawn(
+            opts,
+            dir,
+            "etcd",
+            &[
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                // Test data: durability is not worth the fsync latency.
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+
+        let path = |p: &Path| p.display().to_string();
+        self.spawn(
+            opts,
+            dir,
+            "kube-apiserver",
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                format!("--cert-dir={}", dir.join("certs").display()),
+                format!("--tls-cert-file={}", path(&serving_cert)),
+                format!("--tls-private-key-file={}", path(&serving_key)),
+                format!("--secure-port={api_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--endpoint-reconciler-type=none".into(),
+                format!("--service-account-issuer={}", self.server),
+                format!("--service-account-key-file={}", path(&sa_pub)),
+                format!("--service-account-signing-key-file={}", path(&sa_key)),
+                format!("--token-auth-file={}", path(&tokens)),
+                "--authorization-mode=RBAC".into(),
+                // No pods run here, so the ServiceAccount admission plugin has nothing to do.
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--allow-privileged=true".into(),
+                "--v=0".into(),
+            ],
+        )?;
+        self.wait_ready().await?;
+
+        if opts.controller_manager {
+            let kcm_port = free_port()?;
+            self.spawn(opts, dir, "kube-controller-manager", &[
+                format!("--kubeconfig={}", path(&self.admin_kubeconfig)),
+                format!("--authentication-kubeconfig={}", path(&self.admin_kubeconfig)),
+                format!("--authorization-kubeconfig={}", path(&self.admin_kubeconfig)),
+                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={kcm_port}"),
+                format!("--cert-dir={}", dir.join("kcm-certs").display()),
+                "--v=0".into(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn spawn(
+        &mut self,
+        opts: &Options,
+        dir: &Path,
+        name: &'static str,
+        args: &[String],
+    ) -> Result<(), Error> {
+        let log = dir.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log).map_err(io(format!("creating {name}.log")))?;
+        let log_err = log_file.try_clone().map_err(io("cloning a log handle"))?;
+        let mut cmd = Command::new(opts.bin_dir.join(name));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this makes the
+        // kernel kill the component if the launcher dies, so nothing outlives a killed test run.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(io(format!("starting {name}")))?;
+        self.components.push(Component { name, child, log });
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&self.admin_kubeconfig)
+                .map_err(|e| Error::Build(e.to_string()))?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| Error::Build(e.to_string()))?;
+        let client = kube::Client::try_from(config).map_err(|e| Error::Build(e.to_string()))?;
+        loop {
+            self.check_alive()?;
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("static request");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                let tail = self
+                    .components
+                    .iter()
+                    .find(|c| c.name == "kube-apiserver")
+                    .map(|c| log_tail(&c.log))
+                    .unwrap_or_default();
+                return Err(Error::NotReady(READY_TIMEOUT, tail));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Fails if any component has exited.
+    pub fn check_alive(&mut self) -> Result<(), Error> {
+        for c in &mut self.components {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return Err(Error::Exited {
+                    component: c.name,
+                    status: status.to_string(),
+                    log_tail: log_tail(&c.log),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every component (SIGTERM, then SIGKILL after a grace period), newest first, and
+    /// removes the state directory.
+    pub fn stop(&mut self) {
+        while let Some(mut c) = self.components.pop() {
+            if let Ok(pid) = i32::try_from(c.child.id()) {
+                // SAFETY: plain syscall on a pid we started and have not reaped yet.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+        if let Some(dir) = self.state_dir.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; the listener is closed before use).
+fn free_port() -> Result<u16, Error> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io("finding a free port"))?
+        .port())
+}
+
+/// The last lines of a component's log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Removes state directories whose launcher is gone (killed with SIGKILL, say).
+fn remove_stale_state_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STATE_DIR_PREFIX);
+        if !is_ours {
+            continue;
+        }
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(pid) = owner
+            && !process_alive(pid)
+        {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the pid exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_on_loopback_and_nonzero() {
+        let port = free_port().expect("port");
+        assert_ne!(port, 0);
+        TcpListener::bind(("127.0.0.1", port)).expect("the port is free again");
+    }
+
+    #[test]
+    fn stale_state_dirs_of_dead_owners_are_removed() {
+        let dead = tempfile::Builder::new()
+            .prefix(STATE_DIR_PREFIX)
+            .tempdir()
+            .expect("dir");
+        // Pid numbers near i32::MAX are never handed out (pid_max is at most 4194304).
+        std::fs::write(dead.path().join(OWNER_FILE), (i32::MAX - 1).to_string()).expect("write");
+        let alive = tempfile::Builder::new()
+            .prefix(STATE_DIR_PREFIX)
+            .tempdir()
+            .expect("dir");
+        std::fs::write(
+            alive.path().join(OWNER_FILE),
+            std::process::id().to_string(),
+        )
+        .expect("write");
+        remove_stale_state_dirs();
+        assert!(!dead.path().exists(), "dead owner's dir removed");
+        assert!(alive.path().exists(), "live owner's dir kept");
+    }
+
+    #[test]
+    fn missing_binaries_are_named() {
+        let empty = tempfile::tempdir().expect("dir");
+        let opts = Options {
+            bin_dir: empty.path().to_path_buf(),
+            controller_manager: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let err = rt
+            .block_on(ControlPlane::start(&opts))
+            .err()
+            .expect("fails");
+        assert!(
+            err.to_string()
+                .contains("etcd, kube-apiserver, kube-controller-manager"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! xero-operator: keeps Xero OAuth 2.0 credentials valid for every workload in a Kubernetes
+//! cluster, with one token call per expiry.
+//!
+//! The library holds everything; the binaries in `src/bin/` only wire it up.
+//! - [`crd`]: the `XeroConnection` custom resource (the CRD's source of truth).
+//! - [`controlplane`]: a real etcd + kube-apiserver on loopback for tests and `make run`.
+
+pub mod controlplane;
+pub mod crd;

@@ -1,0 +1,149 @@
+//! The one shared helper of the integration tests: a client to a real API server.
+//!
+//! Under `make test` the control plane is started once by `xero-controlplane -- cargo test`, which
+//! sets `XERO_TEST_KUBECONFIG`. A plain `cargo test` starts one per test binary instead
+//! (`xero-controlplane --exit-with-parent`, which tears down when the test binary exits). Each test
+//! works in a namespace of its own, so tests run in parallel.
+#![allow(dead_code)] // each test binary uses a different part of this helper
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+
+/// Where the shared control plane is.
+pub struct TestEnv {
+    pub admin_kubeconfig: PathBuf,
+    pub user_kubeconfig: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+static ENV: OnceLock<TestEnv> = OnceLock::new();
+
+/// The shared control plane, started on first use if `make test` did not start one.
+pub fn env() -> &'static TestEnv {
+    ENV.get_or_init(|| {
+        if let (Ok(kubeconfig), Ok(bin_dir)) = (
+            std::env::var("XERO_TEST_KUBECONFIG"),
+            std::env::var("XERO_CONTROLPLANE_BIN_DIR"),
+        ) {
+            let admin = PathBuf::from(kubeconfig);
+            return TestEnv {
+                user_kubeconfig: admin.with_file_name("user.kubeconfig"),
+                admin_kubeconfig: admin,
+                bin_dir: PathBuf::from(bin_dir),
+            };
+        }
+        start_own_control_plane()
+    })
+}
+
+fn start_own_control_plane() -> TestEnv {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xero-controlplane"))
+        .arg("--exit-with-parent")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start xero-controlplane");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (mut kubeconfig, mut bin_dir) = (None, None);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read xero-controlplane output");
+        if let Some(v) = line.strip_prefix("export KUBECONFIG=") {
+            kubeconfig = Some(PathBuf::from(v));
+        } else if let Some(v) = line.strip_prefix("export XERO_CONTROLPLANE_BIN_DIR=") {
+            bin_dir = Some(PathBuf::from(v));
+        }
+        if kubeconfig.is_some() && bin_dir.is_some() {
+            break;
+        }
+    }
+    let admin = kubeconfig.expect("xero-controlplane exited before it was ready (see its stderr)");
+    // The launcher watches this process and tears down when it exits.
+    std::mem::forget(child);
+    TestEnv {
+        user_kubeconfig: admin.with_file_name("user.kubeconfig"),
+        admin_kubeconfig: admin,
+        bin_dir: bin_dir.expect("bin dir line"),
+    }
+}
+
+async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is valid");
+    Client::try_from(config).expect("client")
+}
+
+/// A client authenticated as the admin (`system:masters`).
+pub async fn admin_client() -> Client {
+    client_from(&env().admin_kubeconfig).await
+}
+
+/// A client authenticated as the non-admin test user, who has only what RBAC grants.
+pub async fn user_client() -> Client {
+    client_from(&env().user_kubeconfig).await
+}
+
+/// Creates a namespace of this test's own: `<hint>-<random suffix>`.
+pub async fn namespace(client: &Client, hint: &str) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": format!("{hint}-")}
+    }))
+    .expect("namespace json");
+    let created = api
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    created.metadata.name.expect("generated name")
+}
+
+/// Installs the XeroConnection CRD generated from the Rust types and waits until it is served.
+pub async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = xero_operator::crd::definition();
+    let name = crd["metadata"]["name"]
+        .as_str()
+        .expect("crd name")
+        .to_owned();
+    api.patch(
+        &name,
+        &PatchParams::apply("xero-operator-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    let established = kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .expect("CRD established within 30 s")
+        .expect("watch CRD");
+}
+
+/// Runs the control plane's own kubectl (same release as the server) as the admin.
+pub fn kubectl(args: &[&str]) -> std::process::Output {
+    let env = env();
+    Command::new(env.bin_dir.join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .output()
+        .expect("run kubectl")
+}
+
+/// Path of a file in the repo.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

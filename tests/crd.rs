@@ -1,0 +1,383 @@
+//! The XeroConnection CRD against a real API server: installation with kubectl, `kubectl explain`,
+//! printer columns, defaults, and rejection of invalid specs by the server itself.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Resource};
+use serde_json::{Value, json};
+use xero_operator::crd::{Grant, RefreshPolicy, XeroConnection};
+
+fn connection(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1",
+        "kind": "XeroConnection",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("connection json")
+}
+
+async fn dynamic_api(ns: &str) -> Api<DynamicObject> {
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let ar = ApiResource::erase::<XeroConnection>(&());
+    Api::namespaced_with(client, ns, &ar)
+}
+
+async fn fresh_namespace(hint: &str) -> String {
+    let client = common::admin_client().await;
+    common::namespace(&client, hint).await
+}
+
+#[tokio::test]
+async fn kubectl_apply_of_crds_dir_succeeds_and_explain_shows_field_docs() {
+    // Make sure the control plane is up before shelling out.
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let crds_dir = common::repo_path("crds");
+    let out = common::kubectl(&["apply", "-f", crds_dir.to_str().expect("utf-8 path")]);
+    assert!(
+        out.status.success(),
+        "kubectl apply -f crds/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The OpenAPI document is republished a moment after the CRD changes: retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let explained = loop {
+        let out = common::kubectl(&["explain", "xeroconnection.spec"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("clientSecretRef") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kubectl explain never succeeded: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // kubectl wraps descriptions at its terminal width; compare word by word.
+    let explained = explained.split_whitespace().collect::<Vec<_>>().join(" ");
+    for doc in [
+        "The Secret (in this namespace) holding the Xero app's client id and client secret.",
+        "How access tokens are obtained.",
+        "ServiceAccounts allowed to read the token Secret",
+    ] {
+        assert!(
+            explained.contains(doc),
+            "explain lacks {doc:?}:\n{explained}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_minimal_connection_is_accepted_and_defaulted_by_the_server() {
+    let ns = fresh_namespace("crd-defaults").await;
+    let api = dynamic_api(&ns).await;
+    api.create(
+        &PostParams::default(),
+        &connection("acme", json!({"clientSecretRef": {"name": "xero-app"}})),
+    )
+    .await
+    .expect("minimal connection accepted");
+
+    let typed: Api<XeroConnection> = Api::namespaced(common::admin_client().await, &ns);
+    let stored = typed.get("acme").await.expect("read back");
+    // These defaults were filled in by the API server from the schema, not by serde here: the
+    // raw object must carry them too.
+    let raw = api.get("acme").await.expect("raw read back");
+    assert_eq!(raw.data["spec"]["grant"], "RefreshToken");
+    assert_eq!(raw.data["spec"]["refresh"]["clockSkewSeconds"], 5);
+    assert_eq!(
+        raw.data["spec"]["clientSecretRef"]["clientIdKey"],
+        "client_id"
+    );
+    assert_eq!(stored.spec.grant, Grant::RefreshToken);
+    assert_eq!(stored.spec.refresh.policy, RefreshPolicy::OnExpiry);
+    assert_eq!(stored.token_secret_name(), "acme-xero-token");
+}
+
+/// Each case: a name, a spec, and a piece of the message the API server must answer with.
+fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
+    let secret = json!({"name": "xero-app"});
+    vec![
+        (
+            "wrong-enum",
+            json!({"clientSecretRef": secret, "grant": "Password"}),
+            "supported values: \"RefreshToken\", \"ClientCredentials\"",
+        ),
+        (
+            "negative-duration",
+            json!({"clientSecretRef": secret, "refresh": {"clockSkewSeconds": -5}}),
+            "should be greater than or equal to 0",
+        ),
+        (
+            "lease-too-short",
+            json!({"clientSecretRef": secret, "refresh": {"leaseDurationSeconds": 1}}),
+            "should be greater than or equal to 5",
+        ),
+        (
+            "missing-client-secret-ref",
+            json!({"grant": "RefreshToken"}),
+            "spec.clientSecretRef: Required value",
+        ),
+        (
+            "client-secret-ref-without-name",
+            json!({"clientSecretRef": {"clientIdKey": "id"}}),
+            "spec.clientSecretRef.name: Required value",
+        ),
+        (
+            "bad-endpoint-url",
+            json!({"clientSecretRef": secret, "endpoints": {"tokenUrl": "not a url"}}),
+            "must be an absolute http:// or https:// URL with a host",
+        ),
+        (
+            "ftp-endpoint-url",
+            json!({"clientSecretRef": secret, "endpoints": {"connectionsUrl": "ftp://example.com/x"}}),
+            "must be an absolute http:// or https:// URL with a host",
+        ),
+        (
+            "ahead-of-expiry-without-margin",
+            json!({"clientSecretRef": secret, "refresh": {"policy": "AheadOfExpiry"}}),
+            "policy AheadOfExpiry needs aheadOfExpirySeconds",
+        ),
+        (
+            "margin-without-ahead-of-expiry",
+            json!({"clientSecretRef": secret, "refresh": {"aheadOfExpirySeconds": 60}}),
+            "aheadOfExpirySeconds is only allowed with policy AheadOfExpiry",
+        ),
+        (
+            "margin-longer-than-token-lifetime",
+            json!({"clientSecretRef": secret, "refresh": {"policy": "AheadOfExpiry", "aheadOfExpirySeconds": 1800}}),
+            "should be less than or equal to 1500",
+        ),
+        (
+            "revoke-without-refresh-token",
+            json!({"clientSecretRef": secret, "grant": "ClientCredentials", "revokeOnDelete": true}),
+            "revokeOnDelete needs a refresh token",
+        ),
+        (
+            "scope-with-space",
+            json!({"clientSecretRef": secret, "grant": "ClientCredentials", "scopes": ["accounting.invoices openid"]}),
+            "each scope is one word",
+        ),
+        (
+            "bad-token-secret-name",
+            json!({"clientSecretRef": secret, "tokenSecretName": "Not_A_Name"}),
+            "spec.tokenSecretName: Invalid value",
+        ),
+        (
+            "unknown-field-type",
+            json!({"clientSecretRef": secret, "consumers": [{"serviceAccount": 7}]}),
+            "spec.consumers[0].serviceAccount: Invalid value: \"integer\"",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_by_the_api_server_with_a_readable_message() {
+    let ns = fresh_namespace("crd-invalid").await;
+    let api = dynamic_api(&ns).await;
+    let mut failures = Vec::new();
+    for (name, spec, want) in invalid_specs() {
+        match api
+            .create(&PostParams::default(), &connection(name, spec))
+            .await
+        {
+            Ok(_) => failures.push(format!("{name}: accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !status.message.contains(want) {
+                    failures.push(format!(
+                        "{name}: got {} {:?}, want 422 containing {want:?}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(other) => failures.push(format!("{name}: unexpected error {other}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn token_secret_name_cannot_change_after_creation() {
+    let ns = fresh_namespace("crd-immutable").await;
+    let api = dynamic_api(&ns).await;
+    api.create(
+        &PostParams::default(),
+        &connection(
+            "acme",
+            json!({"clientSecretRef": {"name": "xero-app"}, "tokenSecretName": "acme-token"}),
+        ),
+    )
+    .await
+    .expect("create");
+    let patch = |spec: Value| Patch::Merge(json!({"spec": spec}));
+    let changed = api
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &patch(json!({"tokenSecretName": "other"})),
+        )
+        .await;
+    assert!(
+        matches!(&changed, Err(kube::Error::Api(s)) if s.message.contains("tokenSecretName is immutable")),
+        "{changed:?}"
+    );
+    let removed = api
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &patch(json!({"tokenSecretName": null})),
+        )
+        .await;
+    assert!(
+        matches!(&removed, Err(kube::Error::Api(s)) if s.message.contains("cannot be added or removed")),
+        "{removed:?}"
+    );
+    // Other fields still change freely.
+    api.patch(
+        "acme",
+        &PatchParams::default(),
+        &patch(json!({"refresh": {"clockSkewSeconds": 10}})),
+    )
+    .await
+    .expect("unrelated change accepted");
+}
+
+#[tokio::test]
+async fn kubectl_get_shows_the_printer_columns() {
+    let ns = fresh_namespace("crd-columns").await;
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let api: Api<XeroConnection> = Api::namespaced(client, &ns);
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1",
+        "kind": "XeroConnection",
+        "metadata": {"name": "acme"},
+        "spec": {"clientSecretRef": {"name": "xero-app"}},
+    }))
+    .expect("connection");
+    api.create(&PostParams::default(), &conn)
+        .await
+        .expect("create");
+    let status = json!({
+        "apiVersion": XeroConnection::api_version(&()),
+        "kind": XeroConnection::kind(&()),
+        "status": {
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "TokenValid",
+                "message": "access token valid", "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }],
+            "accessTokenExpiresAt": "2099-01-01T00:00:00Z",
+            "lastRefreshedBy": "controller",
+        }
+    });
+    api.patch_status(
+        "acme",
+        &PatchParams::apply("xero-operator-tests").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .expect("status subresource accepts a status");
+
+    let out = common::kubectl(&["get", "xc", "-n", &ns]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "REASON", "EXPIRES", "REFRESHED-BY", "AGE"]
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..3], ["acme", "True", "TokenValid"], "{table}");
+    assert_eq!(row[4], "controller", "{table}");
+}
+
+#[tokio::test]
+async fn kubectl_version_reports_the_real_server_version() {
+    let _ = common::admin_client().await;
+    let go_mod = std::fs::read_to_string(common::repo_path("tests/controlplane/go.mod"))
+        .expect("read go.mod");
+    let pinned = go_mod
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("k8s.io/kubernetes")).then(|| words.next().map(str::to_owned))?
+        })
+        .expect("k8s.io/kubernetes pinned in go.mod");
+    let out = common::kubectl(&["version", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version: Value = serde_json::from_slice(&out.stdout).expect("version json");
+    assert_eq!(version["serverVersion"]["gitVersion"], pinned.as_str());
+    assert_eq!(version["clientVersion"]["gitVersion"], pinned.as_str());
+}
+
+#[tokio::test]
+async fn rbac_is_enforced_for_the_non_admin_user() {
+    let ns = fresh_namespace("crd-rbac").await;
+    let user = common::user_client().await;
+    let secrets: Api<Secret> = Api::namespaced(user, &ns);
+    match secrets.list(&ListParams::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("the non-admin user must be forbidden, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_controller_manager_garbage_collects_owned_objects() {
+    let ns = fresh_namespace("crd-gc").await;
+    let client = common::admin_client().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let owner = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "owner"}})).expect("cm"),
+        )
+        .await
+        .expect("owner");
+    let owner_ref = owner.controller_owner_ref(&()).expect("owner ref");
+    let child: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "child", "ownerReferences": [owner_ref]}
+    }))
+    .expect("child");
+    api.create(&PostParams::default(), &child)
+        .await
+        .expect("child");
+    api.delete("owner", &DeleteParams::background())
+        .await
+        .expect("delete owner");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.get_opt("child").await.expect("get child").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the owned ConfigMap was never garbage-collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
