@@ -4,6 +4,8 @@
 //! The library holds everything; the binaries in `src/bin/` only wire it up.
 //! - [`crd`]: the `XeroConnection` custom resource (the CRD's source of truth).
 //! - [`controlplane`]: a real etcd + kube-apiserver on loopback for tests and `make run`.
+//! - [`emulator`]: an emulator of Xero's identity endpoints for tests, benchmarks and `make run`.
 
 pub mod controlplane;
 pub mod crd;
+pub mod emulator;

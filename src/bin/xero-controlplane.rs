@@ -18,7 +18,7 @@ use xero_operator::controlplane::{ControlPlane, Options};
 
 /// Start etcd + kube-apiserver (+ kube-controller-manager) on 127.0.0.1 with a temporary state dir.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Directory with etcd, kube-apiserver and kube-controller-manager. Default: build them (or
     /// reuse the cached build) with tests/controlplane/build.sh.
