@@ -6,6 +6,10 @@
 //! - [`controlplane`]: a real etcd + kube-apiserver on loopback for tests and `make run`.
 //! - [`emulator`]: an emulator of Xero's identity endpoints for tests, benchmarks and `make run`.
 
+pub mod cli;
 pub mod controlplane;
 pub mod crd;
 pub mod emulator;
+pub mod protocol;
+pub mod redact;
+pub mod xero;

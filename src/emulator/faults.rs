@@ -25,6 +25,8 @@ pub enum FaultKind {
     Html,
     /// Answer 200 with JSON cut in the middle.
     TruncatedJson,
+    /// Answer 400 `invalid_grant` without processing the request.
+    InvalidGrant,
 }
 
 /// The endpoints faults can target.

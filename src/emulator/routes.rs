@@ -97,7 +97,12 @@ fn remaining_headers(resp: &mut Response, r: Remaining) {
 /// The answer for an injected fault that replaces processing, or `None` to process the request
 /// (`DropResponse` is applied after processing by [`finish`]).
 async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response> {
-    let resp = match kind? {
+    let kind = kind.filter(|k| *k != FaultKind::DropResponse)?;
+    let latency = shared.lock().faults.latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let resp = match kind {
         FaultKind::Error => {
             (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response()
         }
@@ -120,11 +125,12 @@ async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response>
             r#"{"access_token":"eyJhbGciOi"#,
         )
             .into_response(),
+        FaultKind::InvalidGrant => oauth_error(&OAuthError::InvalidGrant("injected"), false),
         FaultKind::Timeout => {
             tokio::time::sleep(shared.hang).await;
             (StatusCode::GATEWAY_TIMEOUT, "timed out").into_response()
         }
-        FaultKind::DropResponse => return None,
+        FaultKind::DropResponse => unreachable!("filtered above"),
     };
     Some(resp)
 }

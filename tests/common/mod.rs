@@ -147,3 +147,163 @@ pub fn kubectl(args: &[&str]) -> std::process::Output {
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// A token Secret wired to an emulator user, as the controller writes it: the client
+/// credentials, the settings annotations and the seeded refresh token (no access token yet, so
+/// the first `get` refreshes).
+pub struct TokenFixture {
+    pub client: Client,
+    pub namespace: String,
+    pub secret: String,
+    pub emulator: xero_operator::emulator::Emulator,
+    pub user: xero_operator::emulator::SeededUser,
+}
+
+/// Protocol timings for a fixture.
+#[derive(Clone, Copy)]
+pub struct Timings {
+    pub access_token: Duration,
+    pub grace: Duration,
+    pub clock_skew_secs: u64,
+    pub lease_secs: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            access_token: Duration::from_secs(3),
+            grace: Duration::from_secs(120),
+            clock_skew_secs: 1,
+            lease_secs: 5,
+        }
+    }
+}
+
+pub async fn token_fixture(hint: &str, timings: Timings) -> TokenFixture {
+    token_fixture_with(hint, timings, xero_operator::emulator::GraceReuse::SamePair).await
+}
+
+pub async fn token_fixture_with(
+    hint: &str,
+    timings: Timings,
+    grace_reuse: xero_operator::emulator::GraceReuse,
+) -> TokenFixture {
+    use xero_operator::emulator::{
+        Behaviour, Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, Lifetimes, NewUser,
+        RateLimits,
+    };
+    use xero_operator::protocol::format as f;
+    let client = admin_client().await;
+    let namespace = namespace(&client, hint).await;
+    let emulator = Emulator::start(Config {
+        behaviour: Behaviour {
+            lifetimes: Lifetimes {
+                access_token: timings.access_token,
+                grace: timings.grace,
+                ..Lifetimes::default()
+            },
+            grace_reuse,
+            ..Behaviour::default()
+        },
+        // Tests check tokens against /connections often; keep Xero's limits out of the way.
+        limits: RateLimits {
+            app_per_minute: 1_000_000,
+            ..RateLimits::default()
+        },
+        hang: Duration::from_secs(60),
+        ..Config::default()
+    })
+    .await
+    .expect("emulator");
+    let user = emulator
+        .admin()
+        .add_user(&NewUser::default())
+        .await
+        .expect("seed user");
+    let secret = "acme-xero-token".to_owned();
+    let data = serde_json::json!({
+        f::REFRESH_TOKEN: user.refresh_token.clone().expect("refresh token"),
+        f::CLIENT_ID: DEFAULT_CLIENT_ID,
+        f::CLIENT_SECRET: DEFAULT_CLIENT_SECRET,
+        f::TENANT_ID: user.connections[0].tenant_id,
+    });
+    let body: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": secret,
+            "labels": {f::LABEL_CONNECTION: "acme"},
+            "annotations": {
+                f::ANN_TOKEN_URL: emulator.token_url(),
+                f::ANN_CLOCK_SKEW: timings.clock_skew_secs.to_string(),
+                f::ANN_LEASE_DURATION: timings.lease_secs.to_string(),
+            },
+        },
+        "stringData": data,
+    }))
+    .expect("secret json");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &body)
+        .await
+        .expect("create token Secret");
+    TokenFixture {
+        client,
+        namespace,
+        secret,
+        emulator,
+        user,
+    }
+}
+
+impl TokenFixture {
+    /// A consumer-role refresher with the given identity.
+    pub fn refresher(&self, identity: &str) -> xero_operator::protocol::Refresher {
+        xero_operator::protocol::Refresher::new(
+            self.client.clone(),
+            &self.namespace,
+            &self.secret,
+            identity,
+            xero_operator::protocol::Role::Consumer,
+        )
+        .with_max_wait(Duration::from_secs(60))
+    }
+
+    pub fn secrets(&self) -> Api<k8s_openapi::api::core::v1::Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// The token Secret as it is now.
+    pub async fn record(&self) -> xero_operator::protocol::TokenRecord {
+        let s = self.secrets().get(&self.secret).await.expect("read Secret");
+        xero_operator::protocol::TokenRecord::from_secret(&s)
+    }
+
+    /// Merge-patches the token Secret (data values as plain strings).
+    pub async fn patch(&self, string_data: serde_json::Value, annotations: serde_json::Value) {
+        self.secrets()
+            .patch(
+                &self.secret,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "stringData": string_data,
+                    "metadata": {"annotations": annotations},
+                })),
+            )
+            .await
+            .expect("patch Secret");
+    }
+
+    pub async fn report(&self) -> xero_operator::emulator::Report {
+        self.emulator.admin().report().await.expect("report")
+    }
+
+    /// Whether Xero (the emulator) accepts this access token right now.
+    pub async fn accepted_by_xero(&self, access_token: &str) -> bool {
+        reqwest::Client::new()
+            .get(self.emulator.connections_url())
+            .bearer_auth(access_token)
+            .send()
+            .await
+            .expect("connections call")
+            .status()
+            .is_success()
+    }
+}

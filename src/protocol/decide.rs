@@ -1,0 +1,399 @@
+//! The refresh protocol's decision: a pure function of (the token Secret as read, now, who I am,
+//! my role) → the next step. All the I/O around it lives in `refresher.rs`.
+
+use std::time::{Duration, SystemTime};
+
+use super::format::{Expiry, Lease, TokenRecord};
+use crate::crd::Grant;
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A workload: wants a usable token now; refreshes only an expired one.
+    Consumer,
+    /// The controller: refreshes `ahead` before expiry (zero under the default `OnExpiry` policy).
+    Producer { ahead: Duration },
+}
+
+/// What to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The access token is usable (or, for the producer, not due yet).
+    Use,
+    /// Xero refused the refresh token now stored; a person must authorise again.
+    ReauthorizationRequired,
+    /// The grant needs a refresh token and the Secret has none: waiting for the first one.
+    NoRefreshToken,
+    /// The Secret lacks `client_id`/`client_secret`, so no one here can refresh.
+    MissingClientCredentials,
+    /// Someone else holds a live claim, or Xero asked everyone to wait: wait until then (or until
+    /// the Secret changes).
+    Wait {
+        until: SystemTime,
+        reason: WaitReason,
+    },
+    /// Nobody holds a live claim: claim the refresh (a conditional write).
+    Claim { replacing: Option<String> },
+    /// I hold a live claim: call Xero.
+    Refresh,
+}
+
+/// Why a party waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    HeldBy(String),
+    RateLimited,
+}
+
+impl TokenRecord {
+    /// When the stored access token stops being usable (its expiry minus the clock skew), if the
+    /// Secret holds a usable-looking one at all.
+    pub fn usable_until(&self) -> Option<SystemTime> {
+        match (&self.access_token, self.expiry) {
+            (Some(_), Expiry::At(at)) => at.checked_sub(self.settings.clock_skew),
+            _ => None,
+        }
+    }
+
+    /// Whether the access token is usable at `now`.
+    pub fn is_usable(&self, now: SystemTime) -> bool {
+        self.usable_until().is_some_and(|until| now < until)
+    }
+}
+
+/// The next step for `me` in `role`, given the Secret `rec` read at `now`.
+pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
+    let ahead = match role {
+        Role::Consumer => Duration::ZERO,
+        Role::Producer { ahead } => ahead,
+    };
+    let due = match rec.usable_until() {
+        Some(until) => until.checked_sub(ahead).is_none_or(|due_at| now >= due_at),
+        // Missing or unparsable expiry, or no access token: refresh (the safe recovery).
+        None => true,
+    };
+    if !due {
+        return Step::Use;
+    }
+    if rec.settings.grant == Grant::RefreshToken {
+        let Some(refresh_token) = &rec.refresh_token else {
+            return Step::NoRefreshToken;
+        };
+        if rec.reauthorization_required_for.as_deref() == Some(&refresh_token.fingerprint()) {
+            return Step::ReauthorizationRequired;
+        }
+    }
+    if rec.client.is_none() {
+        return Step::MissingClientCredentials;
+    }
+    let skew = rec.settings.clock_skew;
+    match &rec.lease {
+        // My own claim: refresh while it lives; once expired, claim afresh (no skew to wait out).
+        Lease::Held { holder, expires } if holder == me && now < *expires => return Step::Refresh,
+        Lease::Held { holder, .. } if holder == me => {}
+        Lease::Held { holder, expires } if now < *expires + skew => {
+            // A lease further ahead than any holder may take is garbage (a clock far ahead, or
+            // a hand edit): it must not block everyone; take it over.
+            let furthest = now + rec.settings.lease_duration + skew;
+            if *expires <= furthest {
+                return Step::Wait {
+                    until: *expires + skew,
+                    reason: WaitReason::HeldBy(holder.clone()),
+                };
+            }
+        }
+        _ => {}
+    }
+    if let Some(not_before) = rec.retry_not_before
+        && now < not_before
+    {
+        return Step::Wait {
+            until: not_before,
+            reason: WaitReason::RateLimited,
+        };
+    }
+    Step::Claim {
+        replacing: match &rec.lease {
+            Lease::None => None,
+            Lease::Unparsable { holder } | Lease::Held { holder, .. } => Some(holder.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::format::Settings;
+    use crate::redact::Sensitive;
+    use crate::xero::ClientCredentials;
+
+    const ME: &str = "me";
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// A healthy record: token expires at t(100), skew 5 s, lease 30 s.
+    fn rec() -> TokenRecord {
+        TokenRecord {
+            resource_version: Some("1".into()),
+            access_token: Some(Sensitive::new("at")),
+            refresh_token: Some(Sensitive::new("rt")),
+            expiry: Expiry::At(t(100)),
+            token_type: "Bearer".into(),
+            scope: String::new(),
+            tenant_ids: vec![],
+            client: Some(ClientCredentials {
+                client_id: "app".into(),
+                client_secret: Sensitive::new("s"),
+            }),
+            settings: Settings::default(),
+            lease: Lease::None,
+            reauthorization_required_for: None,
+            reauthorization_reason: None,
+            retry_not_before: None,
+            refreshed_by: None,
+            refreshed_at: None,
+            rotation: 0,
+        }
+    }
+
+    fn held(holder: &str, expires: SystemTime) -> Lease {
+        Lease::Held {
+            holder: holder.into(),
+            expires,
+        }
+    }
+
+    #[test]
+    fn a_valid_token_is_used_until_expiry_minus_skew() {
+        let r = rec();
+        assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::Use);
+        assert_eq!(decide(&r, t(94), ME, Role::Consumer), Step::Use);
+        assert_eq!(
+            decide(&r, t(95), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn the_producer_refreshes_on_expiry_by_default_and_early_only_when_asked() {
+        let r = rec();
+        let on_expiry = Role::Producer {
+            ahead: Duration::ZERO,
+        };
+        assert_eq!(decide(&r, t(94), ME, on_expiry), Step::Use);
+        assert_eq!(
+            decide(&r, t(95), ME, on_expiry),
+            Step::Claim { replacing: None }
+        );
+        let ahead = Role::Producer { ahead: 60 * SEC };
+        assert_eq!(decide(&r, t(34), ME, ahead), Step::Use);
+        assert_eq!(
+            decide(&r, t(35), ME, ahead),
+            Step::Claim { replacing: None }
+        );
+        // A margin longer than the token's whole life is simply "due now".
+        assert_eq!(
+            decide(
+                &r,
+                t(0),
+                ME,
+                Role::Producer {
+                    ahead: 10_000 * SEC
+                }
+            ),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn a_consumer_uses_a_valid_token_even_while_the_producer_holds_an_early_claim() {
+        let mut r = rec();
+        r.lease = held("controller", t(40));
+        assert_eq!(decide(&r, t(30), ME, Role::Consumer), Step::Use);
+    }
+
+    #[test]
+    fn an_expired_token_with_a_live_foreign_claim_means_wait_for_it() {
+        let mut r = rec();
+        r.lease = held("other", t(110));
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Wait {
+                until: t(115),
+                reason: WaitReason::HeldBy("other".into())
+            }
+        );
+    }
+
+    #[test]
+    fn an_expired_foreign_claim_is_taken_over_after_the_skew() {
+        let mut r = rec();
+        r.lease = held("crashed", t(110));
+        assert!(matches!(
+            decide(&r, t(114), ME, Role::Consumer),
+            Step::Wait { .. }
+        ));
+        assert_eq!(
+            decide(&r, t(115), ME, Role::Consumer),
+            Step::Claim {
+                replacing: Some("crashed".into())
+            }
+        );
+    }
+
+    #[test]
+    fn my_own_live_claim_means_refresh_and_my_expired_one_means_claim_again() {
+        let mut r = rec();
+        r.lease = held(ME, t(110));
+        assert_eq!(decide(&r, t(100), ME, Role::Consumer), Step::Refresh);
+        assert_eq!(
+            decide(&r, t(110), ME, Role::Consumer),
+            Step::Claim {
+                replacing: Some(ME.into())
+            }
+        );
+    }
+
+    #[test]
+    fn a_lease_from_the_future_does_not_block_anyone() {
+        let mut r = rec();
+        r.lease = held("clock-skewed", t(100 + 3600));
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Claim {
+                replacing: Some("clock-skewed".into())
+            }
+        );
+        // The longest legitimate lease (duration + skew) is still honoured.
+        r.lease = held("other", t(100 + 35));
+        assert!(matches!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn an_unparsable_lease_is_no_lease() {
+        let mut r = rec();
+        r.lease = Lease::Unparsable { holder: "x".into() };
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Claim {
+                replacing: Some("x".into())
+            }
+        );
+    }
+
+    #[test]
+    fn missing_or_unparsable_expiry_or_access_token_means_refresh() {
+        for broken in [
+            TokenRecord {
+                expiry: Expiry::Missing,
+                ..rec()
+            },
+            TokenRecord {
+                expiry: Expiry::Unparsable,
+                ..rec()
+            },
+            TokenRecord {
+                access_token: None,
+                ..rec()
+            },
+        ] {
+            assert_eq!(
+                decide(&broken, t(0), ME, Role::Consumer),
+                Step::Claim { replacing: None }
+            );
+        }
+    }
+
+    #[test]
+    fn no_refresh_token_is_a_clear_state_not_a_call() {
+        let r = TokenRecord {
+            refresh_token: None,
+            expiry: Expiry::Missing,
+            ..rec()
+        };
+        assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::NoRefreshToken);
+        // A valid access token is still handed out meanwhile.
+        let r = TokenRecord {
+            refresh_token: None,
+            ..rec()
+        };
+        assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::Use);
+    }
+
+    #[test]
+    fn client_credentials_need_no_refresh_token() {
+        let mut r = TokenRecord {
+            refresh_token: None,
+            ..rec()
+        };
+        r.settings.grant = Grant::ClientCredentials;
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn reauthorization_required_holds_only_for_the_refused_token() {
+        let mut r = rec();
+        r.reauthorization_required_for = Some(Sensitive::new("rt").fingerprint());
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::ReauthorizationRequired
+        );
+        // Still hands out a valid access token.
+        assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::Use);
+        // A person authorised again: a new refresh token lifts it.
+        r.refresh_token = Some(Sensitive::new("rt-new"));
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn missing_client_credentials_are_reported() {
+        let r = TokenRecord {
+            client: None,
+            ..rec()
+        };
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::MissingClientCredentials
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_makes_everyone_wait() {
+        let mut r = rec();
+        r.retry_not_before = Some(t(130));
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Wait {
+                until: t(130),
+                reason: WaitReason::RateLimited
+            }
+        );
+        assert_eq!(
+            decide(&r, t(130), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn zero_skew_is_allowed() {
+        let mut r = rec();
+        r.settings.clock_skew = Duration::ZERO;
+        assert_eq!(decide(&r, t(99), ME, Role::Consumer), Step::Use);
+        assert_eq!(
+            decide(&r, t(100), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! The token Secret's format: its keys, labels and annotations (`docs/protocol.md`), parsed into
+//! a [`TokenRecord`] and written back as merge patches. Pure: no I/O.
+//!
+//! Parsing never fails: a missing or garbled field becomes a value the decision function handles
+//! safely (an unparsable expiry is an expired token, an unparsable lease is no lease).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::{Value, json};
+
+use crate::crd::{DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_LEASE_DURATION_SECONDS, Grant};
+use crate::redact::Sensitive;
+use crate::xero::{ClientCredentials, TokenSet};
+
+/// Data keys.
+pub const ACCESS_TOKEN: &str = "access_token";
+pub const REFRESH_TOKEN: &str = "refresh_token";
+pub const EXPIRES_AT: &str = "expires_at";
+pub const TOKEN_TYPE: &str = "token_type";
+pub const SCOPE: &str = "scope";
+pub const TENANT_ID: &str = "tenant_id";
+pub const TENANT_IDS: &str = "tenant_ids";
+pub const CLIENT_ID: &str = "client_id";
+pub const CLIENT_SECRET: &str = "client_secret";
+
+/// Label naming the XeroConnection a token Secret belongs to (the controller watches by it).
+pub const LABEL_CONNECTION: &str = "xero-operator.io/connection";
+
+/// Annotations: protocol settings, written by the controller from the connection's spec.
+pub const ANN_GRANT: &str = "xero-operator.io/grant";
+pub const ANN_TOKEN_URL: &str = "xero-operator.io/token-url";
+pub const ANN_SCOPES: &str = "xero-operator.io/scopes";
+pub const ANN_CLOCK_SKEW: &str = "xero-operator.io/clock-skew-seconds";
+pub const ANN_LEASE_DURATION: &str = "xero-operator.io/lease-duration-seconds";
+/// Annotations: the refresh claim.
+pub const ANN_HOLDER: &str = "xero-operator.io/refresh-holder";
+pub const ANN_LEASE_EXPIRES: &str = "xero-operator.io/refresh-lease-expires";
+/// Annotations: the last refresh.
+pub const ANN_REFRESHED_BY: &str = "xero-operator.io/refreshed-by";
+pub const ANN_REFRESHED_AT: &str = "xero-operator.io/refreshed-at";
+pub const ANN_ROTATION: &str = "xero-operator.io/rotation";
+/// Annotations: errors that stop everyone from calling Xero.
+pub const ANN_REAUTH_FOR: &str = "xero-operator.io/reauthorization-required-for";
+pub const ANN_REAUTH_REASON: &str = "xero-operator.io/reauthorization-reason";
+pub const ANN_RETRY_NOT_BEFORE: &str = "xero-operator.io/retry-not-before";
+
+/// When the access token expires, as far as the Secret says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    Missing,
+    Unparsable,
+    At(SystemTime),
+}
+
+/// The refresh claim recorded on the Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lease {
+    None,
+    /// A holder annotation without a readable expiry: treated as no claim.
+    Unparsable {
+        holder: String,
+    },
+    Held {
+        holder: String,
+        expires: SystemTime,
+    },
+}
+
+/// The protocol settings carried by the Secret's annotations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub grant: Grant,
+    pub token_url: Option<String>,
+    pub scopes: Vec<String>,
+    pub clock_skew: Duration,
+    pub lease_duration: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            grant: Grant::RefreshToken,
+            token_url: None,
+            scopes: Vec::new(),
+            clock_skew: Duration::from_secs(DEFAULT_CLOCK_SKEW_SECONDS.into()),
+            lease_duration: Duration::from_secs(DEFAULT_LEASE_DURATION_SECONDS.into()),
+        }
+    }
+}
+
+/// A token Secret as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub resource_version: Option<String>,
+    pub access_token: Option<Sensitive>,
+    pub refresh_token: Option<Sensitive>,
+    pub expiry: Expiry,
+    pub token_type: String,
+    pub scope: String,
+    pub tenant_ids: Vec<String>,
+    pub client: Option<ClientCredentials>,
+    pub settings: Settings,
+    pub lease: Lease,
+    /// Fingerprint of a refresh token Xero refused with `invalid_grant`.
+    pub reauthorization_required_for: Option<String>,
+    pub reauthorization_reason: Option<String>,
+    /// A 429 answered: nobody calls Xero for this token before then.
+    pub retry_not_before: Option<SystemTime>,
+    pub refreshed_by: Option<String>,
+    pub refreshed_at: Option<SystemTime>,
+    pub rotation: u64,
+}
+
+impl PartialEq for ClientCredentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.client_id == other.client_id && self.client_secret == other.client_secret
+    }
+}
+impl Eq for ClientCredentials {}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses RFC 3339 (UTC `Z` or an offset is accepted by humantime's weak parser only for `Z`).
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s.trim()).ok()
+}
+
+fn text(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> Option<String> {
+    let bytes = &data.get(key)?.0;
+    let s = String::from_utf8(bytes.clone()).ok()?;
+    let s = s.trim().to_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+impl TokenRecord {
+    /// Reads a token Secret. Never fails: see the module docs.
+    pub fn from_secret(secret: &Secret) -> Self {
+        let empty = BTreeMap::new();
+        let data = secret.data.as_ref().unwrap_or(&empty);
+        let ann_empty = BTreeMap::new();
+        let ann = secret.metadata.annotations.as_ref().unwrap_or(&ann_empty);
+        Self::from_parts(secret.metadata.resource_version.clone(), data, ann)
+    }
+
+    fn from_parts(
+        resource_version: Option<String>,
+        data: &BTreeMap<String, k8s_openapi::ByteString>,
+        ann: &BTreeMap<String, String>,
+    ) -> Self {
+        let a = |k: &str| {
+            ann.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let seconds = |k: &str, default: Duration| {
+            a(k).and_then(|v| v.parse::<u64>().ok())
+                .map_or(default, Duration::from_secs)
+        };
+        let defaults = Settings::default();
+        let settings = Settings {
+            grant: match a(ANN_GRANT).as_deref() {
+                Some("ClientCredentials") => Grant::ClientCredentials,
+                _ => Grant::RefreshToken,
+            },
+            token_url: a(ANN_TOKEN_URL),
+            scopes: a(ANN_SCOPES)
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            clock_skew: seconds(ANN_CLOCK_SKEW, defaults.clock_skew),
+            lease_duration: seconds(ANN_LEASE_DURATION, defaults.lease_duration),
+        };
+        let expiry = match text(data, EXPIRES_AT) {
+            None => Expiry::Missing,
+            Some(s) => parse_time(&s).map_or(Expiry::Unparsable, Expiry::At),
+        };
+        let lease = match a(ANN_HOLDER) {
+            None => Lease::None,
+            Some(holder) => match a(ANN_LEASE_EXPIRES).as_deref().and_then(parse_time) {
+                Some(expires) => Lease::Held { holder, expires },
+                None => Lease::Unparsable { holder },
+            },
+        };
+        let client = match (text(data, CLIENT_ID), text(data, CLIENT_SECRET)) {
+            (Some(client_id), Some(secret)) => Some(ClientCredentials {
+                client_id,
+                client_secret: Sensitive::new(secret),
+            }),
+            _ => None,
+        };
+        let mut tenant_ids: Vec<String> = text(data, TENANT_IDS)
+            .map(|s| {
+                s.split(',')
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tenant_ids.is_empty()
+            && let Some(t) = text(data, TENANT_ID)
+        {
+            tenant_ids.push(t);
+        }
+        Self {
+            resource_version,
+            access_token: text(data, ACCESS_TOKEN).map(Sensitive::new),
+            refresh_token: text(data, REFRESH_TOKEN).map(Sensitive::new),
+            expiry,
+            token_type: text(data, TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
+            scope: text(data, SCOPE).unwrap_or_default(),
+            tenant_ids,
+            client,
+            settings,
+            lease,
+            reauthorization_required_for: a(ANN_REAUTH_FOR),
+            reauthorization_reason: a(ANN_REAUTH_REASON),
+            retry_not_before: a(ANN_RETRY_NOT_BEFORE).as_deref().and_then(parse_time),
+            refreshed_by: a(ANN_REFRESHED_BY),
+            refreshed_at: a(ANN_REFRESHED_AT).as_deref().and_then(parse_time),
+            rotation: a(ANN_ROTATION).and_then(|v| v.parse().ok()).unwrap_or(0),
+        }
+    }
+
+    /// Reads the kubelet's projection of a token Secret mounted as a directory: one file per key
+    /// (through the `..data` symlink). Only the data keys exist there, no annotations.
+    pub fn from_dir(dir: &std::path::Path) -> std::io::Result<Self> {
+        let mut data = BTreeMap::new();
+        for key in [
+            ACCESS_TOKEN,
+            REFRESH_TOKEN,
+            EXPIRES_AT,
+            TOKEN_TYPE,
+            SCOPE,
+            TENANT_ID,
+            TENANT_IDS,
+        ] {
+            match std::fs::read(dir.join(key)) {
+                Ok(bytes) => {
+                    data.insert(key.to_owned(), k8s_openapi::ByteString(bytes));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if data.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} holds no token keys", dir.display()),
+            ));
+        }
+        Ok(Self::from_parts(None, &data, &BTreeMap::new()))
+    }
+}
+
+fn b64(s: &str) -> Value {
+    Value::String(STANDARD.encode(s))
+}
+
+/// A merge patch, conditional on `resource_version`, setting `annotations` (`None` removes one).
+pub fn annotations_patch(resource_version: &str, annotations: &[(&str, Option<String>)]) -> Value {
+    let ann: serde_json::Map<String, Value> = annotations
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                v.clone().map_or(Value::Null, Value::String),
+            )
+        })
+        .collect();
+    json!({"metadata": {"resourceVersion": resource_version, "annotations": ann}})
+}
+
+/// The claim: this party holds the refresh until `expires`.
+pub fn claim_patch(resource_version: &str, holder: &str, expires: SystemTime) -> Value {
+    annotations_patch(
+        resource_version,
+        &[
+            (ANN_HOLDER, Some(holder.to_owned())),
+            (ANN_LEASE_EXPIRES, Some(format_time(expires))),
+        ],
+    )
+}
+
+/// The release of a claim, optionally recording an error for everyone.
+pub fn release_patch(resource_version: &str, extra: &[(&str, Option<String>)]) -> Value {
+    let mut annotations = vec![(ANN_HOLDER, None), (ANN_LEASE_EXPIRES, None)];
+    annotations.extend_from_slice(extra);
+    annotations_patch(resource_version, &annotations)
+}
+
+/// Writes a new token set and releases the claim in one conditional write. When the answer has
+/// no refresh token (client-credentials grant), the stored one is left as it is.
+pub fn token_patch(
+    resource_version: &str,
+    set: &TokenSet,
+    expires_at: SystemTime,
+    refreshed_by: &str,
+    now: SystemTime,
+    rotation: u64,
+) -> Value {
+    let mut data = serde_json::Map::new();
+    data.insert(ACCESS_TOKEN.into(), b64(set.access_token.expose()));
+    if let Some(rt) = &set.refresh_token {
+        data.insert(REFRESH_TOKEN.into(), b64(rt.expose()));
+    }
+    data.insert(EXPIRES_AT.into(), b64(&format_time(expires_at)));
+    data.insert(TOKEN_TYPE.into(), b64(&set.token_type));
+    data.insert(SCOPE.into(), b64(&set.scope));
+    let mut patch = release_patch(
+        resource_version,
+        &[
+            (ANN_REFRESHED_BY, Some(refreshed_by.to_owned())),
+            (ANN_REFRESHED_AT, Some(format_time(now))),
+            (ANN_ROTATION, Some(rotation.to_string())),
+            (ANN_REAUTH_FOR, None),
+            (ANN_REAUTH_REASON, None),
+            (ANN_RETRY_NOT_BEFORE, None),
+        ],
+    );
+    patch["data"] = Value::Object(data);
+    patch
+}
+
+/// Stores a new refresh token from an unusable answer, with no usable access token, so the
+/// rotated token is not lost; the next party refreshes with it.
+pub fn salvage_patch(resource_version: &str, refresh_token: &Sensitive, now: SystemTime) -> Value {
+    let mut patch = release_patch(resource_version, &[]);
+    patch["data"] = json!({
+        REFRESH_TOKEN: b64(refresh_token.expose()),
+        EXPIRES_AT: b64(&format_time(now)),
+        ACCESS_TOKEN: Value::Null,
+    });
+    patch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn secret(data: &[(&str, &str)], ann: &[(&str, &str)]) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.resource_version = Some("42".into());
+        s.data = Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        );
+        s.metadata.annotations = Some(
+            ann.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        s
+    }
+
+    #[test]
+    fn a_complete_secret_parses() {
+        let r = TokenRecord::from_secret(&secret(
+            &[
+                (ACCESS_TOKEN, "at"),
+                (REFRESH_TOKEN, "rt\n"),
+                (EXPIRES_AT, "2030-01-01T00:00:00Z"),
+                (TENANT_IDS, "t1, t2"),
+                (CLIENT_ID, "app"),
+                (CLIENT_SECRET, "s"),
+            ],
+            &[
+                (ANN_HOLDER, "pod-a"),
+                (ANN_LEASE_EXPIRES, "2030-01-01T00:00:30.000Z"),
+                (ANN_CLOCK_SKEW, "0"),
+                (ANN_GRANT, "ClientCredentials"),
+                (ANN_ROTATION, "7"),
+            ],
+        ));
+        assert_eq!(r.resource_version.as_deref(), Some("42"));
+        assert_eq!(r.refresh_token.as_ref().map(Sensitive::expose), Some("rt"));
+        assert_eq!(
+            r.expiry,
+            Expiry::At(parse_time("2030-01-01T00:00:00Z").expect("time"))
+        );
+        assert_eq!(r.tenant_ids, ["t1", "t2"]);
+        assert_eq!(r.client.as_ref().map(|c| c.client_id.as_str()), Some("app"));
+        assert!(matches!(r.lease, Lease::Held { ref holder, .. } if holder == "pod-a"));
+        assert_eq!(r.settings.clock_skew, Duration::ZERO);
+        assert_eq!(r.settings.grant, Grant::ClientCredentials);
+        assert_eq!(r.rotation, 7);
+    }
+
+    #[test]
+    fn garbage_parses_into_safe_values() {
+        let r = TokenRecord::from_secret(&secret(
+            &[(EXPIRES_AT, "tomorrow-ish"), (ACCESS_TOKEN, "")],
+            &[
+                (ANN_HOLDER, "pod-a"),
+                (ANN_LEASE_EXPIRES, "not a time"),
+                (ANN_CLOCK_SKEW, "-3"),
+                (ANN_LEASE_DURATION, "lots"),
+            ],
+        ));
+        assert_eq!(r.expiry, Expiry::Unparsable);
+        assert!(r.access_token.is_none(), "an empty value is no value");
+        assert_eq!(
+            r.lease,
+            Lease::Unparsable {
+                holder: "pod-a".into()
+            }
+        );
+        assert_eq!(r.settings, Settings::default());
+        let empty = TokenRecord::from_secret(&Secret::default());
+        assert_eq!(empty.expiry, Expiry::Missing);
+        assert!(empty.client.is_none());
+        let binary = TokenRecord::from_secret(&Secret {
+            data: Some([(REFRESH_TOKEN.to_owned(), ByteString(vec![0xff, 0xfe]))].into()),
+            ..Secret::default()
+        });
+        assert!(binary.refresh_token.is_none(), "non-UTF-8 is no token");
+    }
+
+    #[test]
+    fn a_single_tenant_key_is_read_too() {
+        let r = TokenRecord::from_secret(&secret(&[(TENANT_ID, "t9")], &[]));
+        assert_eq!(r.tenant_ids, ["t9"]);
+    }
+
+    #[test]
+    fn the_token_patch_is_conditional_and_releases_the_claim() {
+        let set = TokenSet {
+            access_token: Sensitive::new("at2"),
+            refresh_token: Some(Sensitive::new("rt2")),
+            expires_in: 1800,
+            token_type: "Bearer".into(),
+            scope: "offline_access".into(),
+        };
+        let now = parse_time("2030-01-01T00:00:00Z").expect("t");
+        let p = token_patch("42", &set, now + Duration::from_secs(1800), "pod-a", now, 8);
+        assert_eq!(p["metadata"]["resourceVersion"], "42");
+        assert_eq!(p["metadata"]["annotations"][ANN_HOLDER], Value::Null);
+        assert_eq!(p["metadata"]["annotations"][ANN_ROTATION], "8");
+        assert_eq!(p["data"][REFRESH_TOKEN], STANDARD.encode("rt2"));
+        assert_eq!(
+            p["data"][EXPIRES_AT],
+            STANDARD.encode("2030-01-01T00:30:00.000Z")
+        );
+        let no_rt = TokenSet {
+            refresh_token: None,
+            ..set
+        };
+        let p = token_patch("42", &no_rt, now, "pod-a", now, 9);
+        assert!(
+            p["data"].get(REFRESH_TOKEN).is_none(),
+            "the stored refresh token stays"
+        );
+    }
+
+    #[test]
+    fn from_dir_reads_the_kubelet_layout() {
+        let dir = tempfile::tempdir().expect("dir");
+        // The kubelet writes files in a timestamped dir and links ..data and each key to it.
+        let real = dir.path().join("..2026_01_01_00_00_00.000");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::fs::write(real.join(ACCESS_TOKEN), "at").expect("write");
+        std::fs::write(real.join(EXPIRES_AT), "2030-01-01T00:00:00Z").expect("write");
+        std::os::unix::fs::symlink(&real, dir.path().join("..data")).expect("link");
+        for key in [ACCESS_TOKEN, EXPIRES_AT] {
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.path().join(key))
+                .expect("link");
+        }
+        let r = TokenRecord::from_dir(dir.path()).expect("read");
+        assert_eq!(r.access_token.as_ref().map(Sensitive::expose), Some("at"));
+        assert!(r.resource_version.is_none());
+        let empty = tempfile::tempdir().expect("dir");
+        assert!(TokenRecord::from_dir(empty.path()).is_err());
+    }
+}

@@ -1,0 +1,534 @@
+//! The I/O around [`decide`]: read the token Secret, claim with a `resourceVersion`-conditional
+//! write, call Xero, write the new pair back (retried until it lands), or wait by watching the
+//! Secret. Inside one process, concurrent callers share one cached token and one in-flight
+//! refresh (single flight); across processes the Secret decides.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+
+use super::Error;
+use super::backoff::{WRITE_RETRY, XERO_RETRY};
+use super::decide::{Role, Step, WaitReason, decide};
+use super::format::{
+    ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, Lease, TokenRecord, claim_patch,
+    format_time, release_patch, salvage_patch, token_patch,
+};
+use crate::crd::Grant;
+use crate::redact::Sensitive;
+use crate::xero::{Endpoints, TokenSet, XeroClient, XeroError};
+
+/// Safety margin: stop retrying Xero this long before the claim runs out, so the holder can
+/// still write or release before another party may take over.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// Longest single watch (the API server caps watches at a few minutes anyway).
+const MAX_WATCH: Duration = Duration::from_secs(60);
+
+/// A usable access token, handed to a workload.
+#[derive(Clone, Debug)]
+pub struct AccessToken {
+    pub token: Sensitive,
+    pub token_type: String,
+    /// When Xero said it expires.
+    pub expires_at: SystemTime,
+    /// When this party stops handing it out (expiry minus clock skew).
+    pub usable_until: SystemTime,
+    pub scope: String,
+    pub tenant_ids: Vec<String>,
+    /// Who made the refresh that produced it (from the Secret).
+    pub refreshed_by: Option<String>,
+}
+
+impl AccessToken {
+    fn from_record(rec: &TokenRecord) -> Option<Self> {
+        let usable_until = rec.usable_until()?;
+        let super::format::Expiry::At(expires_at) = rec.expiry else {
+            return None;
+        };
+        Some(Self {
+            token: rec.access_token.clone()?,
+            token_type: rec.token_type.clone(),
+            expires_at,
+            usable_until,
+            scope: rec.scope.clone(),
+            tenant_ids: rec.tenant_ids.clone(),
+            refreshed_by: rec.refreshed_by.clone(),
+        })
+    }
+}
+
+/// One party of the protocol for one token Secret.
+pub struct Refresher {
+    api: Api<Secret>,
+    namespace: String,
+    name: String,
+    identity: String,
+    role: Role,
+    /// Used when the Secret has no token-url annotation (Xero's real endpoint by default).
+    default_endpoints: Endpoints,
+    /// How long one `get` may wait for another party or a rate limit.
+    max_wait: Duration,
+    /// How long one call to Xero may take.
+    xero_timeout: Duration,
+    cache: Mutex<Option<AccessToken>>,
+    flight: tokio::sync::Mutex<()>,
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict())
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
+impl Refresher {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        role: Role,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            identity: identity.to_owned(),
+            role,
+            default_endpoints: Endpoints::default(),
+            max_wait: Duration::from_secs(60),
+            xero_timeout: crate::xero::REQUEST_TIMEOUT,
+            cache: Mutex::new(None),
+            flight: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Endpoints used when the Secret names none.
+    pub fn with_default_endpoints(mut self, endpoints: Endpoints) -> Self {
+        self.default_endpoints = endpoints;
+        self
+    }
+
+    /// How long one [`Refresher::get`] may wait for another party or a rate limit.
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// How long one call to Xero may take before it counts as lost.
+    pub fn with_xero_timeout(mut self, timeout: Duration) -> Self {
+        self.xero_timeout = timeout;
+        self
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn cached(&self, now: SystemTime) -> Option<AccessToken> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.as_ref().filter(|t| now < t.usable_until).cloned()
+    }
+
+    /// A usable access token: from the in-process cache, from the Secret, or by taking over the
+    /// refresh. Concurrent callers in this process share one refresh.
+    pub async fn get(&self) -> Result<AccessToken, Error> {
+        if self.role == Role::Consumer
+            && let Some(t) = self.cached(SystemTime::now())
+        {
+            return Ok(t);
+        }
+        let _flight = self.flight.lock().await;
+        if self.role == Role::Consumer
+            && let Some(t) = self.cached(SystemTime::now())
+        {
+            return Ok(t);
+        }
+        let token = self.run().await?;
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Drops the cached token (after the API answered 401 with it, say).
+    pub fn invalidate(&self) {
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    async fn read(&self) -> Result<TokenRecord, Error> {
+        let mut attempt = 0;
+        loop {
+            match self.api.get(&self.name).await {
+                Ok(secret) => return Ok(TokenRecord::from_secret(&secret)),
+                Err(e) if is_not_found(&e) => {
+                    return Err(Error::SecretNotFound {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                    });
+                }
+                Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+                    return Err(Error::Kube {
+                        action: "reading the token Secret",
+                        source: kube::Error::Api(s),
+                    });
+                }
+                Err(e) if attempt >= 5 => {
+                    return Err(Error::Kube {
+                        action: "reading the token Secret",
+                        source: e,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %self.name, error = %e, "reading the token Secret failed; retrying");
+                    tokio::time::sleep(WRITE_RETRY.delay(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn patch(&self, body: &serde_json::Value) -> Result<Secret, kube::Error> {
+        self.api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
+            .await
+    }
+
+    async fn run(&self) -> Result<AccessToken, Error> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.max_wait;
+        // Refreshes that ended without a usable token (a lost race, an unusable or already
+        // expired answer): each makes the next round wait a little longer, so a Xero that keeps
+        // answering unusable tokens is not hammered.
+        let mut fruitless = 0;
+        loop {
+            if fruitless > 0 {
+                tokio::time::sleep(XERO_RETRY.delay(fruitless - 1)).await;
+            }
+            let rec = self.read().await?;
+            let now = SystemTime::now();
+            let step = decide(&rec, now, &self.identity, self.role);
+            tracing::debug!(secret = %self.name, ?step, "protocol step");
+            match step {
+                Step::Use => {
+                    if let Some(token) = AccessToken::from_record(&rec) {
+                        return Ok(token);
+                    }
+                }
+                Step::ReauthorizationRequired => {
+                    return Err(Error::ReauthorizationRequired(
+                        rec.reauthorization_reason
+                            .unwrap_or_else(|| "invalid_grant".to_owned()),
+                    ));
+                }
+                Step::NoRefreshToken => return Err(Error::NoRefreshToken),
+                Step::MissingClientCredentials => return Err(Error::MissingClientCredentials),
+                Step::Wait { until, reason } => {
+                    let wait = until.duration_since(now).unwrap_or_default();
+                    if tokio::time::Instant::now() + wait > deadline {
+                        let why = match reason {
+                            WaitReason::HeldBy(h) => format!("the refresh is held by {h}"),
+                            WaitReason::RateLimited => "Xero asked to wait (429)".to_owned(),
+                        };
+                        return Err(Error::Timeout(self.max_wait, why));
+                    }
+                    self.wait_for_change(rec.resource_version.as_deref(), wait)
+                        .await;
+                }
+                Step::Claim { replacing } => {
+                    let lease_end = now + rec.settings.lease_duration;
+                    let rv = rec.resource_version.clone().unwrap_or_default();
+                    match self
+                        .patch(&claim_patch(&rv, &self.identity, lease_end))
+                        .await
+                    {
+                        Ok(secret) => {
+                            if let Some(previous) = replacing {
+                                tracing::info!(secret = %self.name, previous, "took over an expired refresh claim");
+                            }
+                            let claimed = TokenRecord::from_secret(&secret);
+                            if let Some(token) = self.refresh(claimed, lease_end).await? {
+                                return Ok(token);
+                            }
+                            fruitless += 1;
+                        }
+                        Err(e) if is_conflict(&e) => {
+                            tracing::debug!(secret = %self.name, "claim lost to another party; re-reading");
+                        }
+                        Err(e) => {
+                            return Err(Error::Kube {
+                                action: "claiming the refresh",
+                                source: e,
+                            });
+                        }
+                    }
+                }
+                Step::Refresh => {
+                    let lease_end = match rec.lease {
+                        Lease::Held { expires, .. } => expires,
+                        _ => now + rec.settings.lease_duration,
+                    };
+                    if let Some(token) = self.refresh(rec, lease_end).await? {
+                        return Ok(token);
+                    }
+                    fruitless += 1;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Timeout(
+                    self.max_wait,
+                    "the token kept changing".to_owned(),
+                ));
+            }
+        }
+    }
+
+    /// Waits until the Secret changes from `resource_version` or `wait` passes.
+    async fn wait_for_change(&self, resource_version: Option<&str>, wait: Duration) {
+        let wait = wait.min(MAX_WATCH);
+        let Some(rv) = resource_version else {
+            tokio::time::sleep(wait).await;
+            return;
+        };
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .timeout(u32::try_from(wait.as_secs() + 1).unwrap_or(60));
+        let watched = async {
+            match self.api.watch(&params, rv).await {
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(event) = stream.next().await {
+                        match event {
+                            Ok(WatchEvent::Bookmark(_)) => continue,
+                            _ => return,
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "watch failed; sleeping instead");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, watched).await;
+    }
+
+    /// Calls Xero while holding the claim. `Ok(None)` means: start over from a fresh read.
+    async fn refresh(
+        &self,
+        rec: TokenRecord,
+        lease_end: SystemTime,
+    ) -> Result<Option<AccessToken>, Error> {
+        let Some(app) = rec.client.clone() else {
+            return Err(Error::MissingClientCredentials);
+        };
+        let mut endpoints = self.default_endpoints.clone();
+        if let Some(url) = &rec.settings.token_url {
+            endpoints.token_url = url.clone();
+        }
+        let xero = XeroClient::with_timeout(endpoints, self.xero_timeout);
+        let presented = rec.refresh_token.clone();
+        let mut attempt = 0;
+        loop {
+            let answer = match (rec.settings.grant, &presented) {
+                (Grant::RefreshToken, Some(rt)) => xero.refresh(&app, rt).await,
+                (Grant::RefreshToken, None) => return Err(Error::NoRefreshToken),
+                (Grant::ClientCredentials, _) => {
+                    xero.client_credentials(&app, &rec.settings.scopes).await
+                }
+            };
+            let err = match answer {
+                Ok(set) => return self.persist(&rec, set).await,
+                Err(e) => e,
+            };
+            tracing::info!(secret = %self.name, error = %err, attempt, "refresh attempt failed");
+            match err {
+                XeroError::InvalidGrant(description) => {
+                    return self.on_invalid_grant(&rec, description).await;
+                }
+                XeroError::Malformed {
+                    refresh_token: Some(new_rt),
+                    ref reason,
+                } if Some(&new_rt) != presented.as_ref() => {
+                    // Xero rotated the token but the answer is unusable: keep the new refresh
+                    // token (never lose it) and start over with it after a pause.
+                    tracing::warn!(secret = %self.name, reason, "storing the rotated refresh token from an unusable answer");
+                    self.write_until_landed(&rec, |rv| {
+                        salvage_patch(rv, &new_rt, SystemTime::now())
+                    })
+                    .await?;
+                    return Ok(None);
+                }
+                XeroError::RateLimited { retry_after, .. } => {
+                    if SystemTime::now() + retry_after + LEASE_MARGIN < lease_end {
+                        tokio::time::sleep(retry_after).await;
+                    } else {
+                        let until = SystemTime::now() + retry_after;
+                        self.release(&rec, &[(ANN_RETRY_NOT_BEFORE, Some(format_time(until)))])
+                            .await;
+                        return Err(Error::Xero(err));
+                    }
+                }
+                e if e.is_retryable() => {
+                    let delay = XERO_RETRY.delay(attempt);
+                    if SystemTime::now() + delay + LEASE_MARGIN >= lease_end {
+                        self.release(&rec, &[]).await;
+                        return Err(Error::Xero(e));
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                e => {
+                    self.release(&rec, &[]).await;
+                    return Err(Error::Xero(e));
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// `invalid_grant`: if the Secret's refresh token changed meanwhile, another party rotated it
+    /// (a lost race, not a revocation): start over. Otherwise record that a person must authorise
+    /// again, so nobody retries until the refresh token changes.
+    async fn on_invalid_grant(
+        &self,
+        rec: &TokenRecord,
+        description: Option<String>,
+    ) -> Result<Option<AccessToken>, Error> {
+        let fresh = self.read().await?;
+        if fresh.refresh_token != rec.refresh_token {
+            tracing::info!(secret = %self.name, "invalid_grant, but the refresh token changed meanwhile: using the new one");
+            if matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity) {
+                self.release(&fresh, &[]).await;
+            }
+            return Ok(None);
+        }
+        let reason = match description {
+            Some(d) => format!("invalid_grant: {d}"),
+            None => "invalid_grant".to_owned(),
+        };
+        let fingerprint = rec.refresh_token.as_ref().map(Sensitive::fingerprint);
+        tracing::error!(secret = %self.name, reason, "Xero refused the refresh token: re-authorisation required");
+        self.release(
+            &fresh,
+            &[
+                (ANN_REAUTH_FOR, fingerprint),
+                (ANN_REAUTH_REASON, Some(reason.clone())),
+            ],
+        )
+        .await;
+        Err(Error::ReauthorizationRequired(reason))
+    }
+
+    /// Writes the new token set. Xero has already rotated the refresh token, so this write is
+    /// retried until it lands: on a conflict with the freshest resourceVersion as long as the
+    /// Secret still holds the token we presented (our answer is its successor); if another party
+    /// already stored a successor, ours is not needed.
+    async fn persist(
+        &self,
+        rec: &TokenRecord,
+        set: TokenSet,
+    ) -> Result<Option<AccessToken>, Error> {
+        let now = SystemTime::now();
+        let expires_at = set.expires_at(now);
+        let rotation = rec.rotation + 1;
+        let identity = self.identity.clone();
+        let written = self
+            .write_until_landed(rec, |rv| {
+                token_patch(rv, &set, expires_at, &identity, now, rotation)
+            })
+            .await?;
+        let stored = TokenRecord::from_secret(&written);
+        tracing::info!(
+            secret = %self.name,
+            refreshed_by = %identity,
+            rotation,
+            expires_at = %format_time(expires_at),
+            "token refreshed"
+        );
+        // A grace-period replay can carry an access token that has already expired: it is stored
+        // (its refresh token is what matters) but not handed out; the caller refreshes again.
+        Ok(AccessToken::from_record(&stored).filter(|t| SystemTime::now() < t.usable_until))
+    }
+
+    /// Applies `patch(resourceVersion)` until it lands. On a conflict it re-reads: if the Secret
+    /// still holds the token state of `rec`, it retries with the new resourceVersion; if not,
+    /// another party stored a newer token and the Secret as it now is is returned instead.
+    async fn write_until_landed(
+        &self,
+        rec: &TokenRecord,
+        patch: impl Fn(&str) -> serde_json::Value,
+    ) -> Result<Secret, Error> {
+        let mut rv = rec.resource_version.clone().unwrap_or_default();
+        let mut attempt = 0;
+        loop {
+            match self.patch(&patch(&rv)).await {
+                Ok(secret) => return Ok(secret),
+                Err(e) if is_conflict(&e) => match self.api.get(&self.name).await {
+                    Ok(secret) => {
+                        let fresh = TokenRecord::from_secret(&secret);
+                        if fresh.refresh_token != rec.refresh_token
+                            || fresh.access_token != rec.access_token
+                        {
+                            tracing::info!(secret = %self.name, "another party already stored a newer token; ours is not needed");
+                            return Ok(secret);
+                        }
+                        rv = fresh.resource_version.unwrap_or_default();
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(secret = %self.name, error = %e, "re-reading after a conflict failed; retrying")
+                    }
+                },
+                Err(e) if is_not_found(&e) => {
+                    tracing::error!(secret = %self.name, "the token Secret was deleted while a new token was being stored");
+                    return Err(Error::SecretNotFound {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %self.name, error = %e, attempt, "storing the new token failed; retrying until it lands");
+                }
+            }
+            tokio::time::sleep(WRITE_RETRY.delay(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// Releases this party's claim (best effort: an expired claim is taken over anyway).
+    async fn release(&self, rec: &TokenRecord, extra: &[(&str, Option<String>)]) {
+        let mut rv = rec.resource_version.clone().unwrap_or_default();
+        for _ in 0..5 {
+            match self.patch(&release_patch(&rv, extra)).await {
+                Ok(_) => return,
+                Err(e) if is_conflict(&e) => match self.api.get(&self.name).await {
+                    Ok(secret) => {
+                        let fresh = TokenRecord::from_secret(&secret);
+                        let mine = matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity);
+                        if !mine && extra.is_empty() {
+                            return;
+                        }
+                        rv = fresh.resource_version.unwrap_or_default();
+                    }
+                    Err(_) => return,
+                },
+                Err(e) => {
+                    tracing::warn!(secret = %self.name, error = %e, "releasing the refresh claim failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A default identity for this process: `<hostname>/<pid>-<random>`, unique per process so a
+/// restarted pod never mistakes its predecessor's claim for its own.
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{host}/{}-{:04x}", std::process::id(), fastrand::u16(..))
+}

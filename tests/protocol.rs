@@ -1,0 +1,546 @@
+//! The refresh protocol against the real API server and the Xero emulator: single flight, many
+//! parties, lost answers, crashed holders, two claimers reaching Xero, Xero's errors and garbage
+//! in the Secret.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Timings, token_fixture, token_fixture_with};
+use serde_json::json;
+use xero_operator::emulator::{FaultKind, Faults, GraceReuse, RateLimits};
+use xero_operator::protocol::format as f;
+use xero_operator::protocol::{Error, Refresher};
+use xero_operator::redact::Sensitive;
+
+async fn set_script(fx: &common::TokenFixture, script: &[FaultKind]) {
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            script: script.iter().copied().collect(),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+}
+
+#[tokio::test]
+async fn the_first_get_refreshes_and_everyone_else_uses_the_stored_token() {
+    let fx = token_fixture("proto-basic", Timings::default()).await;
+    let a = fx
+        .refresher("consumer-a")
+        .get()
+        .await
+        .expect("a gets a token");
+    assert!(fx.accepted_by_xero(a.token.expose()).await);
+    assert_eq!(a.tenant_ids, [fx.user.connections[0].tenant_id.clone()]);
+    let b = fx
+        .refresher("consumer-b")
+        .get()
+        .await
+        .expect("b gets a token");
+    assert_eq!(a.token, b.token);
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 1);
+    let rec = fx.record().await;
+    assert_eq!(rec.refreshed_by.as_deref(), Some("consumer-a"));
+    assert_eq!(rec.rotation, 1);
+    assert_eq!(
+        rec.lease,
+        f::Lease::None,
+        "the claim is released with the write"
+    );
+    assert_ne!(
+        rec.refresh_token.as_ref().map(Sensitive::expose),
+        fx.user.refresh_token.as_deref()
+    );
+}
+
+#[tokio::test]
+async fn concurrent_gets_in_one_process_share_one_refresh() {
+    let fx = token_fixture("proto-flight", Timings::default()).await;
+    let r = Arc::new(fx.refresher("one-process"));
+    let gets = (0..50).map(|_| {
+        let r = r.clone();
+        tokio::spawn(async move { r.get().await })
+    });
+    let tokens: Vec<_> = futures_util::future::join_all(gets).await;
+    let first = tokens[0]
+        .as_ref()
+        .expect("joined")
+        .as_ref()
+        .expect("token")
+        .token
+        .clone();
+    for t in &tokens {
+        assert_eq!(
+            t.as_ref().expect("joined").as_ref().expect("token").token,
+            first
+        );
+    }
+    assert_eq!(fx.report().await.counters.token_calls, 1);
+}
+
+#[tokio::test]
+async fn many_parties_at_one_expiry_make_one_call_per_expiry() {
+    let fx = token_fixture("proto-many", Timings::default()).await;
+    let parties: Vec<Arc<Refresher>> = (0..10)
+        .map(|i| Arc::new(fx.refresher(&format!("party-{i}"))))
+        .collect();
+    for round in 1..=3u64 {
+        let gets = parties.iter().map(|p| {
+            let p = p.clone();
+            tokio::spawn(async move { p.get().await })
+        });
+        for t in futures_util::future::join_all(gets).await {
+            let t = t.expect("joined").expect("token");
+            assert!(
+                fx.accepted_by_xero(t.token.expose()).await,
+                "round {round}: handed an expired token"
+            );
+        }
+        let report = fx.report().await;
+        assert_eq!(report.counters.token_calls, round, "one call per expiry");
+        // Wait for this token to expire (3 s lifetime, 1 s skew).
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+    }
+    let chain = &fx.report().await.chains[0];
+    assert_eq!(
+        (chain.rotations, chain.grace_reuses, chain.broken),
+        (3, 0, false)
+    );
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_recovered_by_retrying_within_the_grace_period() {
+    let fx = token_fixture("proto-lost", Timings::default()).await;
+    set_script(&fx, &[FaultKind::DropResponse]).await;
+    let t = fx.refresher("consumer").get().await.expect("recovered");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    let chain = &report.chains[0];
+    assert_eq!(report.counters.token_calls, 2);
+    assert_eq!(
+        (chain.rotations, chain.grace_reuses, chain.broken),
+        (1, 1, false)
+    );
+    // The stored refresh token is the one Xero rotated to: the next refresh works.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    fx.refresher("consumer-2")
+        .get()
+        .await
+        .expect("next rotation");
+    assert!(!fx.report().await.chains[0].broken);
+}
+
+#[tokio::test]
+async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recovered() {
+    let fx = token_fixture(
+        "proto-kill",
+        Timings {
+            lease_secs: 3,
+            ..Timings::default()
+        },
+    )
+    .await;
+    // Xero processes the refresh at once but answers only after 3 s: the holder is killed in
+    // between, so the rotated pair never reaches the Secret.
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            latency: Duration::from_secs(3),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let env = common::env();
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
+        .args([
+            "get",
+            "--secret",
+            &fx.secret,
+            "--namespace",
+            &fx.namespace,
+            "--identity",
+            "doomed-holder",
+        ])
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start xero-token");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fx.report().await.chains[0].rotations == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never reached Xero"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let rec = fx.record().await;
+    assert!(matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "doomed-holder"));
+    assert_eq!(
+        rec.refresh_token.as_ref().map(Sensitive::expose),
+        fx.user.refresh_token.as_deref()
+    );
+
+    // Recovery without human action: the next party waits out the dead claim, claims, and
+    // presents the old refresh token inside Xero's grace period.
+    fx.emulator
+        .admin()
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults off");
+    let t = fx.refresher("rescuer").get().await.expect("recovered");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    let chain = &report.chains[0];
+    // The replay recovered the lost rotation (grace reuse); its access token, issued before the
+    // kill, had already expired with this test's 3 s lifetime, so the rescuer refreshed once
+    // more with the recovered refresh token. With Xero's 30 minutes the replay would be used.
+    assert_eq!(
+        (chain.grace_reuses, chain.rotations, chain.broken),
+        (1, 2, false),
+        "{chain:?}"
+    );
+    assert_eq!(fx.record().await.refreshed_by.as_deref(), Some("rescuer"));
+}
+
+/// Two claimers reach Xero with the same refresh token: the first holder's claim runs out while
+/// Xero is slow, a second party claims and calls too. Both answers are valid; the one written
+/// first wins, the other is dropped, and the chain stays whole.
+async fn two_claimers_reach_xero(grace_reuse: GraceReuse) {
+    let fx = token_fixture_with(
+        "proto-two",
+        Timings {
+            // Longer than Xero's 4 s delay below, so the answers are still valid on arrival.
+            access_token: Duration::from_secs(10),
+            lease_secs: 2,
+            clock_skew_secs: 0,
+            ..Timings::default()
+        },
+        grace_reuse,
+    )
+    .await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            latency: Duration::from_secs(4),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let a = Arc::new(fx.refresher("slow-a"));
+    let b = Arc::new(fx.refresher("late-b"));
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.get().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = tokio::spawn({
+        let b = b.clone();
+        async move { b.get().await }
+    });
+    let ta = first.await.expect("join").expect("a's token");
+    let tb = second.await.expect("join").expect("b's token");
+    fx.emulator
+        .admin()
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults off");
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 2, "both claimers reached Xero");
+    let stored = fx.record().await;
+    assert!(fx.accepted_by_xero(ta.token.expose()).await);
+    assert!(fx.accepted_by_xero(tb.token.expose()).await);
+    // The stored refresh token works: the chain goes on (a producer refreshing well ahead).
+    Refresher::new(
+        fx.client.clone(),
+        &fx.namespace,
+        &fx.secret,
+        "next",
+        xero_operator::protocol::Role::Producer {
+            ahead: Duration::from_secs(3600),
+        },
+    )
+    .get()
+    .await
+    .expect("the stored refresh token still works");
+    let chain = &fx.report().await.chains[0];
+    assert!(!chain.broken, "{chain:?}");
+    assert_eq!(chain.grace_reuses, 1);
+    assert!(stored.refresh_token.is_some());
+}
+
+#[tokio::test]
+async fn two_claimers_reaching_xero_keep_the_chain_when_grace_returns_the_same_pair() {
+    two_claimers_reach_xero(GraceReuse::SamePair).await;
+}
+
+#[tokio::test]
+async fn two_claimers_reaching_xero_keep_the_chain_when_grace_forks_it() {
+    two_claimers_reach_xero(GraceReuse::Fork).await;
+}
+
+#[tokio::test]
+async fn invalid_grant_records_reauthorization_and_stops_all_calls_until_a_new_token() {
+    let fx = token_fixture("proto-reauth", Timings::default()).await;
+    fx.patch(json!({f::REFRESH_TOKEN: "revoked-or-garbage"}), json!({}))
+        .await;
+    let err = fx.refresher("a").get().await.expect_err("refused");
+    assert!(matches!(err, Error::ReauthorizationRequired(_)), "{err}");
+    assert_eq!(err.exit_code(), 3);
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.refresh_token.as_ref().map(Sensitive::expose),
+        Some("revoked-or-garbage"),
+        "Secret intact"
+    );
+    assert_eq!(
+        rec.reauthorization_required_for,
+        Some(Sensitive::new("revoked-or-garbage").fingerprint())
+    );
+    assert_eq!(rec.lease, f::Lease::None);
+    // Nobody calls Xero again for that token.
+    let calls = fx.report().await.counters.token_calls;
+    assert!(matches!(
+        fx.refresher("b").get().await,
+        Err(Error::ReauthorizationRequired(_))
+    ));
+    assert_eq!(fx.report().await.counters.token_calls, calls);
+    // A person authorises again: the new refresh token lifts it.
+    fx.patch(
+        json!({f::REFRESH_TOKEN: fx.user.refresh_token.clone().expect("rt")}),
+        json!({}),
+    )
+    .await;
+    fx.refresher("c").get().await.expect("works again");
+    assert_eq!(fx.record().await.reauthorization_required_for, None);
+}
+
+#[tokio::test]
+async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_revocation() {
+    let fx = token_fixture("proto-race", Timings::default()).await;
+    // Xero answers invalid_grant after 2 s; meanwhile a person re-authorises and a new refresh
+    // token lands in the Secret.
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            latency: Duration::from_secs(2),
+            script: [FaultKind::InvalidGrant].into(),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let pending = tokio::spawn({
+        let r = fx.refresher("a");
+        async move { r.get().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let family = fx
+        .emulator
+        .admin()
+        .add_user(&xero_operator::emulator::NewUser::default())
+        .await
+        .expect("second authorisation");
+    fx.patch(
+        json!({f::REFRESH_TOKEN: family.refresh_token.clone().expect("rt")}),
+        json!({}),
+    )
+    .await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults off");
+    let t = pending.await.expect("join").expect("the new token is used");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    assert_eq!(fx.record().await.reauthorization_required_for, None);
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_or_shared_with_everyone() {
+    let fx = token_fixture("proto-429", Timings::default()).await;
+    // A short Retry-After inside the claim: waited out, then success.
+    set_script(&fx, &[FaultKind::RateLimit]).await;
+    fx.refresher("a").get().await.expect("after the 429");
+    assert_eq!(fx.report().await.counters.token_calls, 2);
+    // A Retry-After longer than the claim: the claim is released with a retry-not-before that
+    // keeps everyone from calling Xero.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    fx.emulator
+        .admin()
+        .set_limits(&RateLimits {
+            app_per_minute: 1,
+            ..RateLimits::default()
+        })
+        .await
+        .expect("limits");
+    let err = fx.refresher("b").get().await.expect_err("rate limited");
+    assert!(
+        matches!(
+            err,
+            Error::Xero(xero_operator::xero::XeroError::RateLimited { .. })
+        ),
+        "{err}"
+    );
+    let rec = fx.record().await;
+    assert!(rec.retry_not_before.is_some());
+    let calls = fx.report().await.counters.token_calls;
+    let waiting = fx
+        .refresher("c")
+        .with_max_wait(Duration::from_secs(1))
+        .get()
+        .await;
+    assert!(matches!(waiting, Err(Error::Timeout(..))), "{waiting:?}");
+    assert_eq!(
+        fx.report().await.counters.token_calls,
+        calls,
+        "no call while told to wait"
+    );
+}
+
+#[tokio::test]
+async fn server_errors_and_timeouts_are_retried_within_the_claim() {
+    let fx = token_fixture("proto-5xx", Timings::default()).await;
+    set_script(
+        &fx,
+        &[FaultKind::Error, FaultKind::Unavailable, FaultKind::Timeout],
+    )
+    .await;
+    let t = fx
+        .refresher("a")
+        .with_xero_timeout(Duration::from_millis(500))
+        .get()
+        .await
+        .expect("after retries");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 4);
+    assert!(!report.chains[0].broken);
+}
+
+#[tokio::test]
+async fn xero_down_for_longer_than_the_claim_is_an_error_with_the_secret_intact() {
+    let fx = token_fixture(
+        "proto-down",
+        Timings {
+            lease_secs: 3,
+            ..Timings::default()
+        },
+    )
+    .await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let err = fx.refresher("a").get().await.expect_err("Xero down");
+    assert!(
+        matches!(
+            err,
+            Error::Xero(xero_operator::xero::XeroError::Unavailable(500))
+        ),
+        "{err}"
+    );
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.refresh_token.as_ref().map(Sensitive::expose),
+        fx.user.refresh_token.as_deref()
+    );
+    assert_eq!(rec.lease, f::Lease::None, "the claim was released");
+}
+
+#[tokio::test]
+async fn an_unusable_answer_keeps_the_rotated_refresh_token() {
+    let fx = token_fixture("proto-html", Timings::default()).await;
+    set_script(&fx, &[FaultKind::Html, FaultKind::TruncatedJson]).await;
+    let t = fx
+        .refresher("a")
+        .get()
+        .await
+        .expect("after unusable answers");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    assert!(!fx.report().await.chains[0].broken);
+}
+
+#[tokio::test]
+async fn garbage_in_the_secret_gives_clear_errors_or_safe_recovery() {
+    // No refresh token at all: a clear state, no call.
+    let fx = token_fixture("proto-garbage", Timings::default()).await;
+    fx.patch(json!({f::REFRESH_TOKEN: ""}), json!({})).await;
+    assert!(matches!(
+        fx.refresher("a").get().await,
+        Err(Error::NoRefreshToken)
+    ));
+    assert_eq!(fx.report().await.counters.token_calls, 0);
+
+    // Unparsable expiry and a lease "from the future": refreshed and repaired.
+    let fx = token_fixture("proto-garbage", Timings::default()).await;
+    fx.patch(
+        json!({f::ACCESS_TOKEN: "stale", f::EXPIRES_AT: "next tuesday"}),
+        json!({f::ANN_HOLDER: "time-traveller", f::ANN_LEASE_EXPIRES: "2999-01-01T00:00:00Z"}),
+    )
+    .await;
+    let t = fx.refresher("a").get().await.expect("recovered");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let rec = fx.record().await;
+    assert!(matches!(rec.expiry, f::Expiry::At(_)));
+    assert_eq!(rec.lease, f::Lease::None);
+
+    // Missing client credentials: a clear error, refresh token untouched.
+    let fx = token_fixture("proto-garbage", Timings::default()).await;
+    fx.secrets()
+        .patch(
+            &fx.secret,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {f::CLIENT_SECRET: null}})),
+        )
+        .await
+        .expect("patch");
+    assert!(matches!(
+        fx.refresher("a").get().await,
+        Err(Error::MissingClientCredentials)
+    ));
+    assert_eq!(
+        fx.record()
+            .await
+            .refresh_token
+            .as_ref()
+            .map(Sensitive::expose),
+        fx.user.refresh_token.as_deref()
+    );
+
+    // Binary garbage in the refresh token is no refresh token (never a panic).
+    let fx = token_fixture("proto-garbage", Timings::default()).await;
+    fx.secrets()
+        .patch(
+            &fx.secret,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {f::REFRESH_TOKEN: "//79"}})),
+        )
+        .await
+        .expect("patch");
+    assert!(matches!(
+        fx.refresher("a").get().await,
+        Err(Error::NoRefreshToken)
+    ));
+
+    // A missing Secret.
+    let gone = Refresher::new(
+        fx.client.clone(),
+        &fx.namespace,
+        "no-such-secret",
+        "a",
+        xero_operator::protocol::Role::Consumer,
+    );
+    assert!(matches!(
+        gone.get().await,
+        Err(Error::SecretNotFound { .. })
+    ));
+}
