@@ -1,0 +1,247 @@
+//! `xero-token authorize`: the one-time authorization-code flow with PKCE that bootstraps a
+//! connection. It prints the authorize URL, receives the redirect on 127.0.0.1, exchanges the code
+//! and stores the first token pair in the token Secret (creating it if needed), so nobody copies
+//! refresh tokens by hand. Also the way back from `ReauthorizationRequired`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::Query;
+use axum::routing::get;
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use ring::rand::SecureRandom;
+
+use super::{Args, EXIT_OTHER, namespace};
+use crate::protocol::format::{self, TokenRecord, format_time, token_patch};
+use crate::protocol::refresher::default_identity;
+use crate::redact::Sensitive;
+use crate::xero::{ClientCredentials, Endpoints, XeroClient};
+
+/// How long to wait for the person to approve in the browser.
+const APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(clap::Args, Debug)]
+pub struct AuthorizeArgs {
+    /// Xero's authorize endpoint (or the emulator's).
+    #[arg(
+        long,
+        default_value = "https://login.xero.com/identity/connect/authorize"
+    )]
+    authorize_url: String,
+
+    /// Token endpoint. Default: the token Secret's token-url annotation, else Xero's.
+    #[arg(long)]
+    token_url: Option<String>,
+
+    /// The app's client id. Default: the token Secret's client_id.
+    #[arg(long, env = "XERO_CLIENT_ID")]
+    client_id: Option<String>,
+
+    /// A file holding the app's client secret. Default: the token Secret's client_secret.
+    #[arg(long)]
+    client_secret_file: Option<PathBuf>,
+
+    /// Scopes to request; `offline_access` is needed for a refresh token.
+    #[arg(
+        long,
+        default_value = "offline_access accounting.transactions openid profile email"
+    )]
+    scopes: String,
+
+    /// Local port of the redirect: register http://localhost:PORT/callback with the app.
+    #[arg(long, default_value_t = 5000)]
+    port: u16,
+
+    /// Passed to the authorize endpoint as login_hint (the emulator takes a user id).
+    #[arg(long)]
+    login_hint: Option<String>,
+}
+
+fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf))
+}
+
+pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
+    let secret_name = args
+        .secret
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--secret (or XERO_TOKEN_SECRET) is required"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+    let ns = namespace(args, &client);
+    let api: Api<Secret> = Api::namespaced(client, &ns);
+    let existing = api.get_opt(&secret_name).await?;
+    let rec = existing.as_ref().map(TokenRecord::from_secret);
+
+    let client_id = a
+        .client_id
+        .clone()
+        .or_else(|| {
+            rec.as_ref()
+                .and_then(|r| r.client.as_ref().map(|c| c.client_id.clone()))
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no client id: pass --client-id or let the controller create the Secret"
+            )
+        })?;
+    let client_secret = match &a.client_secret_file {
+        Some(path) => Sensitive::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                .trim(),
+        ),
+        None => rec
+            .as_ref()
+            .and_then(|r| r.client.as_ref().map(|c| c.client_secret.clone()))
+            .ok_or_else(|| anyhow::anyhow!("no client secret: pass --client-secret-file"))?,
+    };
+    let app = ClientCredentials {
+        client_id: client_id.clone(),
+        client_secret,
+    };
+    let token_url = a
+        .token_url
+        .clone()
+        .or_else(|| rec.as_ref().and_then(|r| r.settings.token_url.clone()))
+        .unwrap_or_else(|| crate::crd::XERO_TOKEN_URL.to_owned());
+    let endpoints = Endpoints {
+        token_url: token_url.clone(),
+        ..Endpoints::default()
+    };
+
+    let verifier = random_urlsafe(48)?;
+    let challenge = crate::emulator::state::pkce_challenge(&verifier);
+    let state = random_urlsafe(16)?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?;
+    let redirect_uri = format!(
+        "http://localhost:{}/callback",
+        listener.local_addr()?.port()
+    );
+    let mut query = vec![
+        ("response_type", "code"),
+        ("client_id", client_id.as_str()),
+        ("redirect_uri", redirect_uri.as_str()),
+        ("scope", a.scopes.as_str()),
+        ("state", state.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    if let Some(hint) = &a.login_hint {
+        query.push(("login_hint", hint));
+    }
+    let url = format!(
+        "{}?{}",
+        a.authorize_url,
+        serde_urlencoded::to_string(&query)?
+    );
+    eprintln!("Open this URL in a browser and approve access:\n  {url}");
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<HashMap<String, String>>(1);
+    let app_router = axum::Router::new().route(
+        "/callback",
+        get(move |Query(q): Query<HashMap<String, String>>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(q).await;
+                axum::response::Html("<p>xero-token: authorised. You can close this window.</p>")
+            }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app_router).await });
+    let mut rx = rx;
+    let callback = tokio::time::timeout(APPROVAL_TIMEOUT, rx.recv()).await;
+    server.abort();
+    let params = match callback {
+        Ok(Some(p)) => p,
+        _ => {
+            eprintln!("xero-token: no approval within {APPROVAL_TIMEOUT:?}");
+            return Ok(ExitCode::from(EXIT_OTHER));
+        }
+    };
+    if let Some(error) = params.get("error") {
+        eprintln!("xero-token: authorisation refused: {error}");
+        return Ok(ExitCode::from(EXIT_OTHER));
+    }
+    if params.get("state") != Some(&state) {
+        eprintln!("xero-token: the redirect's state does not match: ignoring it (possible CSRF)");
+        return Ok(ExitCode::from(EXIT_OTHER));
+    }
+    let code = params
+        .get("code")
+        .ok_or_else(|| anyhow::anyhow!("the redirect carried no code"))?;
+    let set = XeroClient::new(endpoints)
+        .exchange_code(&app, code, &redirect_uri, &verifier)
+        .await
+        .map_err(|e| anyhow::anyhow!("exchanging the code failed: {e}"))?;
+    if set.refresh_token.is_none() {
+        anyhow::bail!("Xero issued no refresh token: request the offline_access scope");
+    }
+
+    let now = SystemTime::now();
+    let expires_at = now + Duration::from_secs(set.expires_in);
+    let actor = format!(
+        "authorize/{}",
+        args.identity.clone().unwrap_or_else(default_identity)
+    );
+    match existing {
+        Some(_) => {
+            // A fresh authorisation supersedes whatever is stored: write over it, re-reading
+            // on a conflict.
+            loop {
+                let current = TokenRecord::from_secret(&api.get(&secret_name).await?);
+                let rv = current.resource_version.clone().unwrap_or_default();
+                let patch = token_patch(&rv, &set, expires_at, &actor, now, current.rotation + 1);
+                match api
+                    .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(kube::Error::Api(s)) if s.is_conflict() => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        None => {
+            let mut data = BTreeMap::new();
+            let mut put = |k: &str, v: &str| {
+                data.insert(k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec()));
+            };
+            put(format::ACCESS_TOKEN, set.access_token.expose());
+            if let Some(rt) = &set.refresh_token {
+                put(format::REFRESH_TOKEN, rt.expose());
+            }
+            put(format::EXPIRES_AT, &format_time(expires_at));
+            put(format::TOKEN_TYPE, &set.token_type);
+            put(format::SCOPE, &set.scope);
+            put(format::CLIENT_ID, &app.client_id);
+            put(format::CLIENT_SECRET, app.client_secret.expose());
+            let mut secret = Secret {
+                data: Some(data),
+                ..Secret::default()
+            };
+            secret.metadata.name = Some(secret_name.clone());
+            secret.metadata.annotations = Some(BTreeMap::from([
+                (format::ANN_REFRESHED_BY.to_owned(), actor.clone()),
+                (format::ANN_REFRESHED_AT.to_owned(), format_time(now)),
+                (format::ANN_TOKEN_URL.to_owned(), token_url),
+            ]));
+            api.create(&PostParams::default(), &secret).await?;
+        }
+    }
+    println!(
+        "stored a new token pair in {ns}/{secret_name} (access token expires at {})",
+        format_time(expires_at)
+    );
+    Ok(ExitCode::SUCCESS)
+}
