@@ -7,6 +7,7 @@
 //! - [`emulator`]: an emulator of Xero's identity endpoints for tests, benchmarks and `make run`.
 
 pub mod cli;
+pub mod controller;
 pub mod controlplane;
 pub mod crd;
 pub mod emulator;

@@ -1,0 +1,168 @@
+//! The `Ready` condition: which reason a person sees for each state of a connection, and when a
+//! change is a transition worth an Event. Pure.
+
+use std::time::SystemTime;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// The states a connection can be in, each with its `Ready` reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The token Secret holds a usable access token.
+    TokenValid,
+    /// No refresh token yet: someone must run `xero-token authorize`.
+    WaitingForAuthorization,
+    /// Xero refused the refresh token; a person must authorise again.
+    ReauthorizationRequired(String),
+    /// Xero answered 429; waiting it out.
+    RateLimited(String),
+    /// Xero failed (5xx, timeouts, unusable answers); retrying with backoff.
+    XeroUnavailable(String),
+    /// Xero refused the app's client id or secret.
+    InvalidClientCredentials(String),
+    /// The client Secret is missing, or lacks a key.
+    MissingClientSecret(String),
+    /// The spec is valid for the schema but cannot work (e.g. the token Secret is the client
+    /// Secret).
+    InvalidSpec(String),
+    /// Another party is refreshing right now.
+    Refreshing(String),
+    /// The Kubernetes API failed.
+    ApiError(String),
+}
+
+impl State {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TokenValid => "TokenValid",
+            Self::WaitingForAuthorization => "WaitingForAuthorization",
+            Self::ReauthorizationRequired(_) => "ReauthorizationRequired",
+            Self::RateLimited(_) => "RateLimited",
+            Self::XeroUnavailable(_) => "XeroUnavailable",
+            Self::InvalidClientCredentials(_) => "InvalidClientCredentials",
+            Self::MissingClientSecret(_) => "MissingClientSecret",
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::Refreshing(_) => "Refreshing",
+            Self::ApiError(_) => "KubernetesApiError",
+        }
+    }
+
+    /// A sentence for `kubectl describe`. Never holds a token.
+    pub fn message(&self) -> String {
+        match self {
+            Self::TokenValid => "the token Secret holds a valid access token".to_owned(),
+            Self::WaitingForAuthorization => {
+                "no refresh token yet: run `xero-token authorize --secret <token secret>` to authorise the app".to_owned()
+            }
+            Self::ReauthorizationRequired(why) => format!(
+                "Xero refused the refresh token ({why}); run `xero-token authorize` to authorise the app again"
+            ),
+            Self::RateLimited(why)
+            | Self::XeroUnavailable(why)
+            | Self::InvalidClientCredentials(why)
+            | Self::MissingClientSecret(why)
+            | Self::InvalidSpec(why)
+            | Self::Refreshing(why)
+            | Self::ApiError(why) => why.clone(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::TokenValid | Self::Refreshing(_))
+    }
+}
+
+/// The `Ready` condition for `state`, keeping `lastTransitionTime` when the status and reason
+/// did not change.
+pub fn ready_condition(
+    state: &State,
+    previous: Option<&Condition>,
+    generation: Option<i64>,
+    now: SystemTime,
+) -> Condition {
+    let status = if state.is_ready() { "True" } else { "False" };
+    let unchanged = previous.is_some_and(|p| p.status == status && p.reason == state.reason());
+    let last_transition_time = match previous {
+        Some(p) if unchanged => p.last_transition_time.clone(),
+        _ => Time(
+            k8s_openapi::jiff::Timestamp::try_from(now)
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ),
+    };
+    Condition {
+        type_: "Ready".to_owned(),
+        status: status.to_owned(),
+        reason: state.reason().to_owned(),
+        message: state.message(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether going from `previous` to `state` deserves an Event (a transition, not steady state).
+pub fn is_transition(previous: Option<&Condition>, state: &State) -> bool {
+    previous.is_none_or(|p| p.reason != state.reason())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)
+    }
+
+    #[test]
+    fn ready_is_true_only_with_a_usable_token() {
+        assert_eq!(
+            ready_condition(&State::TokenValid, None, Some(1), t(0)).status,
+            "True"
+        );
+        for s in [
+            State::WaitingForAuthorization,
+            State::ReauthorizationRequired("invalid_grant".into()),
+            State::RateLimited("429".into()),
+            State::XeroUnavailable("500".into()),
+            State::MissingClientSecret("x".into()),
+            State::InvalidSpec("x".into()),
+        ] {
+            let c = ready_condition(&s, None, Some(1), t(0));
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", s.reason())
+            );
+        }
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_a_change() {
+        let first = ready_condition(&State::TokenValid, None, Some(1), t(10));
+        let same = ready_condition(&State::TokenValid, Some(&first), Some(2), t(20));
+        assert_eq!(same.last_transition_time, first.last_transition_time);
+        assert_eq!(same.observed_generation, Some(2));
+        let changed = ready_condition(
+            &State::XeroUnavailable("500".into()),
+            Some(&same),
+            Some(2),
+            t(30),
+        );
+        assert_ne!(changed.last_transition_time, first.last_transition_time);
+    }
+
+    #[test]
+    fn events_only_on_transitions() {
+        let valid = ready_condition(&State::TokenValid, None, None, t(0));
+        assert!(is_transition(None, &State::TokenValid));
+        assert!(!is_transition(Some(&valid), &State::TokenValid));
+        assert!(is_transition(
+            Some(&valid),
+            &State::RateLimited("429".into())
+        ));
+    }
+
+    #[test]
+    fn the_reauthorization_message_says_what_to_do() {
+        let m = State::ReauthorizationRequired("invalid_grant".into()).message();
+        assert!(m.contains("xero-token authorize"), "{m}");
+    }
+}

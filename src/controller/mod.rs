@@ -1,0 +1,717 @@
+//! The controller: the producer role of the refresh protocol for every `XeroConnection`.
+//!
+//! Reconcile, per connection: validate the spec → read the client Secret → bring the token
+//! Secret's controller-owned fields in line (labels, settings, the app's credentials) → grant the
+//! listed consumers access → take part in the protocol as the producer (refresh only when due:
+//! on expiry by default) → fetch the tenants when the token changed → write status, an Event per
+//! transition, and requeue at the instant the token is due.
+
+pub mod conditions;
+pub mod metrics;
+pub mod resources;
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{Tenant, XeroConnection};
+use crate::protocol::format::{self as f, TokenRecord};
+use crate::protocol::{Error as ProtocolError, Refresher, Role as ProtocolRole};
+use crate::redact::Sensitive;
+use crate::xero::{ClientCredentials, Endpoints, XeroClient, XeroError};
+use conditions::State;
+use metrics::{ConnectionLabels, Metrics, ReasonLabels, RefreshLabels};
+
+/// Field manager and Event reporter name.
+pub const MANAGER: &str = "xero-operator";
+/// Finalizer on every connection (revocation and keeping the token Secret need a say on delete).
+pub const FINALIZER: &str = "xero-operator.io/cleanup";
+/// How long the controller waits for a consumer that holds the refresh claim before it
+/// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
+const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Recheck interval for states that only a person or another object can change (missing client
+/// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries
+/// no label of ours, and caching every Secret is not an option).
+const RECHECK: Duration = Duration::from_secs(30);
+/// Backoff of transient failures per connection: 1 s doubling to 5 minutes.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+/// Errors that end a reconcile and go to `error_policy`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error while {action}: {source}")]
+    Kube {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
+/// What reconciles share.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// The controller's identity in the refresh protocol.
+    pub identity: String,
+    /// Endpoints used when a connection names none (Xero's).
+    pub default_endpoints: Endpoints,
+    /// Recheck interval for states only a person can fix (default [`RECHECK`]).
+    pub recheck: Duration,
+    /// Consecutive transient failures per connection uid (for the backoff).
+    failures: Mutex<HashMap<String, u32>>,
+    /// The rotation last seen per connection uid (to count refreshes by actor).
+    rotations: Mutex<HashMap<String, u64>>,
+}
+
+impl Context {
+    pub fn new(client: Client, identity: String, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(identity.clone()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            identity,
+            default_endpoints: Endpoints::default(),
+            recheck: RECHECK,
+            failures: Mutex::new(HashMap::new()),
+            rotations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn backoff(&self, uid: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(uid.to_owned()).or_default();
+        *n = n.saturating_add(1);
+        let factor = 1u32.checked_shl((*n - 1).min(16)).unwrap_or(u32::MAX);
+        BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_CAP)
+    }
+
+    fn clear_backoff(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. Fails at once, with a clear message, when
+/// the CRD is not installed.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let conns: Api<XeroConnection> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(e) = conns.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "cannot list XeroConnections ({e}): is the CRD installed? run `kubectl apply -f crds/` (or install the Helm chart with CRDs)"
+        );
+    }
+    let secrets: Api<Secret> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Token Secrets only, by label: the controller never caches every Secret in the cluster.
+    let token_secrets = watcher::Config::default().labels(f::LABEL_CONNECTION);
+    Controller::new(conns, watcher::Config::default())
+        .watches(secrets, token_secrets, |s: Secret| {
+            let ns = s.namespace();
+            s.labels().get(f::LABEL_CONNECTION).map(|name| {
+                ObjectRef::<XeroConnection>::new(name).within(ns.as_deref().unwrap_or_default())
+            })
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile ended with an error");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn error_policy(conn: Arc<XeroConnection>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&conn.uid().unwrap_or_default());
+    tracing::warn!(connection = %conn.name_any(), error = %err, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+async fn reconcile(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
+    let ns = conn.namespace().unwrap_or_default();
+    let api: Api<XeroConnection> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, conn, |event| async {
+        match event {
+            Finalizer::Apply(conn) => apply(conn, ctx.clone()).await,
+            Finalizer::Cleanup(conn) => cleanup(conn, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+/// The outcome of the token step.
+struct TokenOutcome {
+    state: State,
+    requeue: Duration,
+    record: Option<TokenRecord>,
+}
+
+async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = conn.namespace().unwrap_or_default();
+    let uid = conn.uid().unwrap_or_default();
+    let outcome = match prepare(&conn, &ctx).await? {
+        Err(state) => TokenOutcome {
+            state,
+            requeue: ctx.recheck,
+            record: None,
+        },
+        Ok(()) => token_step(&conn, &ctx).await?,
+    };
+    if !matches!(
+        outcome.state,
+        State::XeroUnavailable(_) | State::ApiError(_)
+    ) {
+        ctx.clear_backoff(&uid);
+    }
+    let requeue = match outcome.state {
+        State::XeroUnavailable(_) | State::ApiError(_) => ctx.backoff(&uid),
+        _ => outcome.requeue,
+    };
+    let tenants = match (&outcome.state, &outcome.record) {
+        (State::TokenValid, Some(rec)) => refresh_tenants(&conn, &ctx, rec).await,
+        _ => None,
+    };
+    write_status(&conn, &ctx, &outcome, tenants).await?;
+    if !outcome.state.is_ready() {
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&ReasonLabels {
+                reason: outcome.state.reason().to_owned(),
+            })
+            .inc();
+    }
+    tracing::debug!(connection = %conn.name_any(), namespace = %ns, reason = outcome.state.reason(), ?requeue, "reconciled");
+    Ok(Action::requeue(requeue))
+}
+
+/// Spec checks, the client Secret, the token Secret's controller-owned fields, consumer RBAC.
+/// `Ok(Err(state))` is a state a person must fix.
+async fn prepare(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), State>, Error> {
+    if let Err(why) = resources::validate(conn) {
+        return Ok(Err(State::InvalidSpec(why)));
+    }
+    let ns = conn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let app = match read_client_secret(conn, &secrets).await? {
+        Ok(app) => app,
+        Err(state) => return Ok(Err(state)),
+    };
+    let token_url = conn
+        .spec
+        .endpoints
+        .as_ref()
+        .and_then(|e| e.token_url.clone())
+        .unwrap_or_else(|| ctx.default_endpoints.token_url.clone());
+    let owner = (!conn.spec.keep_token_secret_on_delete).then(|| {
+        conn.controller_owner_ref(&())
+            .expect("a stored object has a name and uid")
+    });
+    let name = conn.token_secret_name();
+    match secrets
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("reading the token Secret"))?
+    {
+        Some(current) => {
+            if let Some(patch) =
+                resources::token_secret_patch(&current, conn, &token_url, &app, owner)
+            {
+                secrets
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(kube_err("updating the token Secret"))?;
+            }
+        }
+        None => {
+            let mut secret = Secret::default();
+            secret.metadata.name = Some(name.clone());
+            secret.metadata.namespace = Some(ns.clone());
+            let patch = resources::token_secret_patch(&secret, conn, &token_url, &app, owner)
+                .expect("an empty Secret always needs the controller's fields");
+            let mut body: serde_json::Value = serde_json::to_value(&secret).expect("serializable");
+            json_merge(&mut body, patch);
+            let secret: Secret =
+                serde_json::from_value(body).expect("a merged Secret deserializes");
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret")
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(kube_err("creating the token Secret")(e)),
+            }
+        }
+    }
+    sync_consumer_rbac(conn, ctx).await?;
+    Ok(Ok(()))
+}
+
+fn json_merge(target: &mut serde_json::Value, patch: serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                json_merge(t.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+async fn read_client_secret(
+    conn: &XeroConnection,
+    secrets: &Api<Secret>,
+) -> Result<Result<ClientCredentials, State>, Error> {
+    let r = &conn.spec.client_secret_ref;
+    let Some(secret) = secrets
+        .get_opt(&r.name)
+        .await
+        .map_err(kube_err("reading the client Secret"))?
+    else {
+        return Ok(Err(State::MissingClientSecret(format!(
+            "client Secret {:?} not found",
+            r.name
+        ))));
+    };
+    let data = secret.data.unwrap_or_default();
+    let value = |key: &str| {
+        data.get(key)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    match (value(&r.client_id_key), value(&r.client_secret_key)) {
+        (Some(client_id), Some(secret)) => Ok(Ok(ClientCredentials {
+            client_id,
+            client_secret: Sensitive::new(secret),
+        })),
+        (id, _) => {
+            let missing = if id.is_none() {
+                &r.client_id_key
+            } else {
+                &r.client_secret_key
+            };
+            Ok(Err(State::MissingClientSecret(format!(
+                "client Secret {:?} has no non-empty key {missing:?}",
+                r.name
+            ))))
+        }
+    }
+}
+
+async fn sync_consumer_rbac(conn: &XeroConnection, ctx: &Context) -> Result<(), Error> {
+    let ns = conn.namespace().unwrap_or_default();
+    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = resources::consumer_role_name(conn);
+    if conn.spec.consumers.is_empty() {
+        for result in [
+            bindings
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(drop),
+            roles
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(drop),
+        ] {
+            match result {
+                Ok(()) | Err(kube::Error::Api(_)) => {}
+                Err(e) => return Err(kube_err("removing the consumer Role")(e)),
+            }
+        }
+        return Ok(());
+    }
+    let owner = conn
+        .controller_owner_ref(&())
+        .expect("a stored object has a name and uid");
+    let apply = PatchParams::apply(MANAGER).force();
+    let mut role =
+        serde_json::to_value(resources::consumer_role(conn, owner.clone())).expect("serializable");
+    role["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
+    role["kind"] = json!("Role");
+    roles
+        .patch(&name, &apply, &Patch::Apply(&role))
+        .await
+        .map_err(kube_err("applying the consumer Role"))?;
+    let mut binding =
+        serde_json::to_value(resources::consumer_role_binding(conn, owner)).expect("serializable");
+    binding["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
+    binding["kind"] = json!("RoleBinding");
+    bindings
+        .patch(&name, &apply, &Patch::Apply(&binding))
+        .await
+        .map_err(kube_err("applying the consumer RoleBinding"))?;
+    Ok(())
+}
+
+/// The producer's part in the protocol.
+async fn token_step(conn: &XeroConnection, ctx: &Context) -> Result<TokenOutcome, Error> {
+    let ns = conn.namespace().unwrap_or_default();
+    let ahead = resources::ahead_of_expiry(conn);
+    let refresher = Refresher::new(
+        ctx.client.clone(),
+        &ns,
+        &conn.token_secret_name(),
+        &ctx.identity,
+        ProtocolRole::Producer { ahead },
+    )
+    .with_default_endpoints(ctx.default_endpoints.clone())
+    .with_max_wait(PRODUCER_MAX_WAIT);
+    let started = std::time::Instant::now();
+    let result = refresher.get().await;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let record = secrets
+        .get_opt(&conn.token_secret_name())
+        .await
+        .map_err(kube_err("reading the token Secret"))?
+        .map(|s| TokenRecord::from_secret(&s));
+    if let Some(rec) = &record {
+        count_refreshes(conn, ctx, rec, started.elapsed());
+    }
+    let outcome = match result {
+        Ok(token) => {
+            let now = SystemTime::now();
+            let due = token.usable_until.checked_sub(ahead).unwrap_or(now);
+            ctx.metrics
+                .seconds_until_expiry
+                .get_or_create(&ConnectionLabels {
+                    namespace: ns.clone(),
+                    name: conn.name_any(),
+                })
+                .set(
+                    token
+                        .expires_at
+                        .duration_since(now)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+            TokenOutcome {
+                state: State::TokenValid,
+                requeue: due
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(200)),
+                record,
+            }
+        }
+        Err(e) => {
+            let (state, requeue) = classify(&e, record.as_ref(), ctx.recheck);
+            if !matches!(state, State::Refreshing(_)) {
+                ctx.metrics
+                    .refreshes
+                    .get_or_create(&RefreshLabels {
+                        actor: "controller".into(),
+                        result: state.reason().to_owned(),
+                    })
+                    .inc();
+            }
+            TokenOutcome {
+                state,
+                requeue,
+                record,
+            }
+        }
+    };
+    Ok(outcome)
+}
+
+/// Maps a protocol error to the state a person sees and when to look again.
+fn classify(e: &ProtocolError, rec: Option<&TokenRecord>, recheck: Duration) -> (State, Duration) {
+    match e {
+        ProtocolError::ReauthorizationRequired(why) => {
+            (State::ReauthorizationRequired(why.clone()), recheck * 10)
+        }
+        ProtocolError::NoRefreshToken => (State::WaitingForAuthorization, recheck * 10),
+        ProtocolError::MissingClientCredentials => (
+            State::MissingClientSecret("the token Secret lacks the app's credentials".into()),
+            recheck,
+        ),
+        ProtocolError::Xero(XeroError::RateLimited {
+            retry_after,
+            problem,
+        }) => (
+            State::RateLimited(format!(
+                "Xero rate limit ({problem}); retrying after {}s",
+                retry_after.as_secs()
+            )),
+            *retry_after,
+        ),
+        ProtocolError::Xero(XeroError::InvalidClient) => (
+            State::InvalidClientCredentials(
+                "Xero refused the app's client id or secret (invalid_client)".into(),
+            ),
+            recheck,
+        ),
+        ProtocolError::Xero(XeroError::OAuth { code, .. }) => (
+            State::InvalidClientCredentials(format!("Xero refused the request ({code})")),
+            recheck,
+        ),
+        ProtocolError::Xero(other) => (State::XeroUnavailable(other.to_string()), BACKOFF_BASE),
+        ProtocolError::Timeout(_, why) => {
+            let until = rec.and_then(|r| r.retry_not_before);
+            match until {
+                Some(t) => (
+                    State::RateLimited("Xero asked to wait (429)".into()),
+                    t.duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .max(Duration::from_secs(1)),
+                ),
+                None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
+            }
+        }
+        ProtocolError::SecretNotFound { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
+        ProtocolError::Kube { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
+    }
+}
+
+/// Counts the rotations that happened since the last reconcile, by who made them.
+fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elapsed: Duration) {
+    let uid = conn.uid().unwrap_or_default();
+    let mut seen = ctx.rotations.lock().unwrap_or_else(|e| e.into_inner());
+    let last = seen.insert(uid, rec.rotation);
+    let Some(last) = last else { return };
+    if rec.rotation <= last {
+        return;
+    }
+    let by_me = rec.refreshed_by.as_deref() == Some(ctx.identity.as_str());
+    let actor = if by_me { "controller" } else { "consumer" };
+    ctx.metrics
+        .refreshes
+        .get_or_create(&RefreshLabels {
+            actor: actor.into(),
+            result: "ok".into(),
+        })
+        .inc_by(rec.rotation - last);
+    if by_me {
+        ctx.metrics
+            .token_endpoint_seconds
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Fetches the tenants when the token changed since the status last listed them, and publishes
+/// them in the token Secret. `None`: keep what the status has.
+async fn refresh_tenants(
+    conn: &XeroConnection,
+    ctx: &Context,
+    rec: &TokenRecord,
+) -> Option<Vec<Tenant>> {
+    let status = conn.status.as_ref();
+    let known = status.is_some_and(|s| !s.tenants.is_empty() && s.refresh_count == rec.rotation);
+    if known {
+        return None;
+    }
+    let access_token = rec.access_token.clone()?;
+    let mut endpoints = ctx.default_endpoints.clone();
+    if let Some(url) = conn
+        .spec
+        .endpoints
+        .as_ref()
+        .and_then(|e| e.connections_url.clone())
+    {
+        endpoints.connections_url = url;
+    }
+    let list = match XeroClient::new(endpoints).connections(&access_token).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not list the tenants");
+            return None;
+        }
+    };
+    let ids: Vec<String> = list.iter().map(|t| t.tenant_id.clone()).collect();
+    if ids != rec.tenant_ids {
+        let secrets: Api<Secret> =
+            Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let patch = json!({"data": {
+            f::TENANT_ID: b64(ids.first().map(String::as_str).unwrap_or_default()),
+            f::TENANT_IDS: b64(&ids.join(",")),
+        }});
+        if let Err(e) = secrets
+            .patch(
+                &conn.token_secret_name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
+        }
+    }
+    Some(
+        list.into_iter()
+            .map(|t| Tenant {
+                tenant_id: t.tenant_id,
+                tenant_type: t.tenant_type,
+                tenant_name: t.tenant_name,
+                connection_id: Some(t.id),
+            })
+            .collect(),
+    )
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+async fn write_status(
+    conn: &XeroConnection,
+    ctx: &Context,
+    outcome: &TokenOutcome,
+    tenants: Option<Vec<Tenant>>,
+) -> Result<(), Error> {
+    let previous = conn.status.clone().unwrap_or_default();
+    let prev_ready = previous.conditions.iter().find(|c| c.type_ == "Ready");
+    let now = SystemTime::now();
+    let ready =
+        conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);
+    if conditions::is_transition(prev_ready, &outcome.state) {
+        let event = KubeEvent {
+            type_: if outcome.state.is_ready() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: outcome.state.reason().to_owned(),
+            note: Some(outcome.state.message()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish an Event");
+        }
+        tracing::info!(connection = %conn.name_any(), reason = outcome.state.reason(), message = %outcome.state.message(), "Ready changed");
+    }
+    let mut status = previous.clone();
+    status.conditions = vec![ready];
+    status.observed_generation = conn.metadata.generation;
+    status.token_secret_name = Some(conn.token_secret_name());
+    if let Some(rec) = &outcome.record {
+        if let f::Expiry::At(at) = rec.expiry {
+            status.access_token_expires_at = to_time(at);
+        }
+        status.last_refresh_time = rec.refreshed_at.and_then(to_time);
+        status.last_refreshed_by = rec.refreshed_by.clone();
+        status.refresh_count = rec.rotation;
+    }
+    if let Some(t) = tenants {
+        status.tenants = t;
+    }
+    if status == previous {
+        return Ok(());
+    }
+    let api: Api<XeroConnection> =
+        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+    let body = json!({
+        "apiVersion": XeroConnection::api_version(&()),
+        "kind": XeroConnection::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &conn.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err("writing status"))?;
+    Ok(())
+}
+
+/// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
+async fn cleanup(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = conn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = conn.token_secret_name();
+    if conn.spec.revoke_on_delete
+        && let Some(secret) = secrets
+            .get_opt(&name)
+            .await
+            .map_err(kube_err("reading the token Secret"))?
+    {
+        let rec = TokenRecord::from_secret(&secret);
+        if let (Some(app), Some(rt)) = (rec.client.clone(), rec.refresh_token.clone()) {
+            let mut endpoints = ctx.default_endpoints.clone();
+            if let Some(url) = conn
+                .spec
+                .endpoints
+                .as_ref()
+                .and_then(|e| e.revocation_url.clone())
+            {
+                endpoints.revocation_url = url;
+            }
+            match XeroClient::new(endpoints).revoke(&app, &rt).await {
+                Ok(()) => {
+                    tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
+                }
+                // Deletion must not hang on Xero: log and go on.
+                Err(e) => {
+                    tracing::warn!(connection = %conn.name_any(), error = %e, "revoking the refresh token failed")
+                }
+            }
+        }
+    }
+    if conn.spec.keep_token_secret_on_delete
+        && let Some(secret) = secrets
+            .get_opt(&name)
+            .await
+            .map_err(kube_err("reading the token Secret"))?
+    {
+        let owners: Vec<_> = secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| o.kind != "XeroConnection")
+            .collect();
+        secrets
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
+            )
+            .await
+            .map_err(kube_err("keeping the token Secret"))?;
+    }
+    Ok(Action::await_change())
+}

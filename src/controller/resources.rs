@@ -1,0 +1,336 @@
+//! What the controller creates for a connection, built as plain values (pure): the token
+//! Secret's controller-owned fields, and the Role/RoleBinding that let the listed ServiceAccounts
+//! use and refresh that one Secret.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde_json::{Value, json};
+
+use crate::crd::{Grant, RefreshPolicy, XeroConnection};
+use crate::protocol::format as f;
+use crate::xero::ClientCredentials;
+
+/// `app.kubernetes.io/managed-by` value on everything the controller creates.
+pub const MANAGED_BY: &str = "xero-operator";
+
+/// The annotations the controller owns on the token Secret (protocol settings).
+pub fn settings_annotations(conn: &XeroConnection, token_url: &str) -> BTreeMap<String, String> {
+    let spec = &conn.spec;
+    let grant = match spec.grant {
+        Grant::RefreshToken => "RefreshToken",
+        Grant::ClientCredentials => "ClientCredentials",
+    };
+    let mut a = BTreeMap::from([
+        (f::ANN_GRANT.to_owned(), grant.to_owned()),
+        (f::ANN_TOKEN_URL.to_owned(), token_url.to_owned()),
+        (
+            f::ANN_CLOCK_SKEW.to_owned(),
+            spec.refresh.clock_skew_seconds.to_string(),
+        ),
+        (
+            f::ANN_LEASE_DURATION.to_owned(),
+            spec.refresh.lease_duration_seconds.to_string(),
+        ),
+    ]);
+    if !spec.scopes.is_empty() {
+        a.insert(f::ANN_SCOPES.to_owned(), spec.scopes.join(" "));
+    }
+    a
+}
+
+/// The labels on the token Secret: the controller finds its Secrets by them.
+pub fn token_secret_labels(conn: &XeroConnection) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            f::LABEL_CONNECTION.to_owned(),
+            conn.metadata.name.clone().unwrap_or_default(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
+    ])
+}
+
+/// How far ahead of expiry the controller refreshes.
+pub fn ahead_of_expiry(conn: &XeroConnection) -> std::time::Duration {
+    match conn.spec.refresh.policy {
+        RefreshPolicy::OnExpiry => std::time::Duration::ZERO,
+        RefreshPolicy::AheadOfExpiry => std::time::Duration::from_secs(
+            conn.spec
+                .refresh
+                .ahead_of_expiry_seconds
+                .unwrap_or(0)
+                .into(),
+        ),
+    }
+}
+
+/// A merge patch bringing the token Secret's controller-owned fields to what the spec says:
+/// labels, settings annotations, the app's credentials and (unless kept on delete) the owner.
+/// Returns `None` when nothing differs, so steady state costs no write (every write would make
+/// concurrent claimers retry).
+pub fn token_secret_patch(
+    current: &k8s_openapi::api::core::v1::Secret,
+    conn: &XeroConnection,
+    token_url: &str,
+    app: &ClientCredentials,
+    owner: Option<OwnerReference>,
+) -> Option<Value> {
+    let mut patch = json!({"metadata": {}});
+    let mut changed = false;
+    let labels = token_secret_labels(conn);
+    let have_labels = current.metadata.labels.clone().unwrap_or_default();
+    if labels.iter().any(|(k, v)| have_labels.get(k) != Some(v)) {
+        patch["metadata"]["labels"] = json!(labels);
+        changed = true;
+    }
+    let annotations = settings_annotations(conn, token_url);
+    let have = current.metadata.annotations.clone().unwrap_or_default();
+    let mut ann = serde_json::Map::new();
+    for (k, v) in &annotations {
+        if have.get(k) != Some(v) {
+            ann.insert(k.clone(), json!(v));
+        }
+    }
+    if conn.spec.scopes.is_empty() && have.contains_key(f::ANN_SCOPES) {
+        ann.insert(f::ANN_SCOPES.to_owned(), Value::Null);
+    }
+    if !ann.is_empty() {
+        patch["metadata"]["annotations"] = Value::Object(ann);
+        changed = true;
+    }
+    let data = current.data.clone().unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let mut new_data = serde_json::Map::new();
+    if text(f::CLIENT_ID).as_deref() != Some(app.client_id.as_str()) {
+        new_data.insert(f::CLIENT_ID.into(), b64(&app.client_id));
+    }
+    if text(f::CLIENT_SECRET).as_deref() != Some(app.client_secret.expose()) {
+        new_data.insert(f::CLIENT_SECRET.into(), b64(app.client_secret.expose()));
+    }
+    if !new_data.is_empty() {
+        patch["data"] = Value::Object(new_data);
+        changed = true;
+    }
+    let owners = current
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    match owner {
+        Some(o) if !owners.iter().any(|x| x.uid == o.uid) => {
+            let mut all = owners;
+            all.push(o);
+            patch["metadata"]["ownerReferences"] = json!(all);
+            changed = true;
+        }
+        None if owners.iter().any(|x| x.kind == "XeroConnection") => {
+            let kept: Vec<_> = owners
+                .into_iter()
+                .filter(|x| x.kind != "XeroConnection")
+                .collect();
+            patch["metadata"]["ownerReferences"] = json!(kept);
+            changed = true;
+        }
+        _ => {}
+    }
+    changed.then_some(patch)
+}
+
+fn b64(s: &str) -> Value {
+    use base64::Engine;
+    Value::String(base64::engine::general_purpose::STANDARD.encode(s))
+}
+
+/// The name of the consumers' Role and RoleBinding.
+pub fn consumer_role_name(conn: &XeroConnection) -> String {
+    format!(
+        "{}-xero-token-consumer",
+        conn.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The Role letting consumers read, watch and refresh exactly the token Secret.
+pub fn consumer_role(conn: &XeroConnection, owner: OwnerReference) -> Role {
+    Role {
+        metadata: ObjectMeta {
+            name: Some(consumer_role_name(conn)),
+            namespace: conn.metadata.namespace.clone(),
+            labels: Some(token_secret_labels(conn)),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_owned()]),
+            resource_names: Some(vec![conn.token_secret_name()]),
+            // get/list/watch to read and wait (a watch by metadata.name), patch/update to claim
+            // and store: the refresh protocol needs no more.
+            verbs: ["get", "list", "watch", "patch", "update"]
+                .map(str::to_owned)
+                .to_vec(),
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// The RoleBinding of the listed ServiceAccounts to [`consumer_role`].
+pub fn consumer_role_binding(conn: &XeroConnection, owner: OwnerReference) -> RoleBinding {
+    let ns = conn.metadata.namespace.clone().unwrap_or_default();
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(consumer_role_name(conn)),
+            namespace: conn.metadata.namespace.clone(),
+            labels: Some(token_secret_labels(conn)),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "Role".to_owned(),
+            name: consumer_role_name(conn),
+        },
+        subjects: Some(
+            conn.spec
+                .consumers
+                .iter()
+                .map(|c| Subject {
+                    kind: "ServiceAccount".to_owned(),
+                    name: c.service_account.clone(),
+                    namespace: Some(c.namespace.clone().unwrap_or_else(|| ns.clone())),
+                    ..Subject::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Checks what the schema cannot: problems that span the connection and its cluster.
+pub fn validate(conn: &XeroConnection) -> Result<(), String> {
+    if conn.token_secret_name() == conn.spec.client_secret_ref.name {
+        return Err(format!(
+            "the token Secret and the client Secret are both {:?}: they must differ",
+            conn.spec.client_secret_ref.name
+        ));
+    }
+    if conn.spec.client_secret_ref.client_id_key == conn.spec.client_secret_ref.client_secret_key {
+        return Err("clientIdKey and clientSecretKey name the same key".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::Sensitive;
+    use k8s_openapi::api::core::v1::Secret;
+
+    fn conn(spec: Value) -> XeroConnection {
+        serde_json::from_value(json!({
+            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+            "metadata": {"name": "acme", "namespace": "ns", "uid": "u1"},
+            "spec": spec,
+        }))
+        .expect("connection")
+    }
+
+    fn app() -> ClientCredentials {
+        ClientCredentials {
+            client_id: "id".into(),
+            client_secret: Sensitive::new("s"),
+        }
+    }
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "xero-operator.io/v1alpha1".into(),
+            kind: "XeroConnection".into(),
+            name: "acme".into(),
+            uid: "u1".into(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        }
+    }
+
+    #[test]
+    fn a_bare_secret_gets_everything_and_a_complete_one_nothing() {
+        let c = conn(json!({"clientSecretRef": {"name": "app"}}));
+        let patch = token_secret_patch(
+            &Secret::default(),
+            &c,
+            "http://x/token",
+            &app(),
+            Some(owner()),
+        )
+        .expect("needs a patch");
+        assert_eq!(patch["metadata"]["labels"][f::LABEL_CONNECTION], "acme");
+        assert_eq!(patch["metadata"]["annotations"][f::ANN_CLOCK_SKEW], "5");
+        assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "u1");
+        // Apply it by hand and ask again: nothing left to do.
+        let mut s = Secret::default();
+        s.metadata.labels = Some(token_secret_labels(&c));
+        s.metadata.annotations = Some(settings_annotations(&c, "http://x/token"));
+        s.metadata.owner_references = Some(vec![owner()]);
+        s.data = Some(BTreeMap::from([
+            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
+            (
+                f::CLIENT_SECRET.into(),
+                k8s_openapi::ByteString(b"s".to_vec()),
+            ),
+        ]));
+        assert_eq!(
+            token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())),
+            None
+        );
+        // Keeping the Secret on delete drops our owner reference.
+        let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
+        assert_eq!(p["metadata"]["ownerReferences"], json!([]));
+    }
+
+    #[test]
+    fn the_consumer_role_covers_exactly_the_token_secret() {
+        let c = conn(json!({"clientSecretRef": {"name": "app"}, "consumers": [
+            {"serviceAccount": "worker"}, {"serviceAccount": "other", "namespace": "elsewhere"}]}));
+        let role = consumer_role(&c, owner());
+        let rule = &role.rules.expect("rules")[0];
+        assert_eq!(
+            rule.resource_names.as_deref(),
+            Some(&["acme-xero-token".to_owned()][..])
+        );
+        assert!(
+            !rule.verbs.contains(&"delete".to_owned())
+                && !rule.verbs.contains(&"create".to_owned())
+        );
+        let binding = consumer_role_binding(&c, owner());
+        let subjects = binding.subjects.expect("subjects");
+        assert_eq!(subjects[0].namespace.as_deref(), Some("ns"));
+        assert_eq!(subjects[1].namespace.as_deref(), Some("elsewhere"));
+    }
+
+    #[test]
+    fn specs_the_schema_cannot_catch_are_refused() {
+        let same = conn(json!({"clientSecretRef": {"name": "acme-xero-token"}}));
+        assert!(validate(&same).unwrap_err().contains("must differ"));
+        let keys = conn(
+            json!({"clientSecretRef": {"name": "app", "clientIdKey": "k", "clientSecretKey": "k"}}),
+        );
+        assert!(validate(&keys).is_err());
+        assert!(validate(&conn(json!({"clientSecretRef": {"name": "app"}}))).is_ok());
+    }
+
+    #[test]
+    fn ahead_of_expiry_follows_the_policy() {
+        let on = conn(json!({"clientSecretRef": {"name": "app"}}));
+        assert_eq!(ahead_of_expiry(&on), std::time::Duration::ZERO);
+        let ahead = conn(
+            json!({"clientSecretRef": {"name": "app"}, "refresh": {"policy": "AheadOfExpiry", "aheadOfExpirySeconds": 90}}),
+        );
+        assert_eq!(ahead_of_expiry(&ahead), std::time::Duration::from_secs(90));
+    }
+}

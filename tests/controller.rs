@@ -1,0 +1,536 @@
+//! The controller against the real API server and the emulator: Ready and refresh on expiry only,
+//! consumers refreshing first, error conditions and recovery, consumer RBAC checked as the
+//! ServiceAccount itself, and no secret in any log, Event or status.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Timings, token_fixture};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::crd::XeroConnection;
+use xero_operator::emulator::{FaultKind, Faults};
+use xero_operator::protocol::format as f;
+
+const CONTROLLER_ID: &str = "controller/test";
+
+/// A controller running in this test process, watching one namespace; stops when dropped.
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+fn start_controller(client: &Client, ns: &str) -> Running {
+    let mut ctx = Context::new(
+        client.clone(),
+        CONTROLLER_ID.to_owned(),
+        Arc::new(Metrics::default()),
+    );
+    ctx.recheck = Duration::from_secs(1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(
+        Arc::new(ctx),
+        Some(ns.to_owned()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Creates the client Secret and the XeroConnection `acme` for a token fixture.
+async fn create_connection(
+    fx: &common::TokenFixture,
+    timings: Timings,
+    extra_spec: serde_json::Value,
+) {
+    common::install_crds(&fx.client).await;
+    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app"},
+        "stringData": {"client_id": xero_operator::emulator::DEFAULT_CLIENT_ID, "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET},
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &app)
+        .await
+        .expect("client Secret");
+    let mut spec = json!({
+        "clientSecretRef": {"name": "xero-app"},
+        "refresh": {"clockSkewSeconds": timings.clock_skew_secs, "leaseDurationSeconds": timings.lease_secs.max(5)},
+        "endpoints": {
+            "tokenUrl": fx.emulator.token_url(),
+            "connectionsUrl": fx.emulator.connections_url(),
+            "revocationUrl": fx.emulator.revocation_url(),
+        },
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": "acme"}, "spec": spec,
+    }))
+    .expect("connection");
+    connections(fx)
+        .create(&PostParams::default(), &conn)
+        .await
+        .expect("create connection");
+}
+
+fn connections(fx: &common::TokenFixture) -> Api<XeroConnection> {
+    Api::namespaced(fx.client.clone(), &fx.namespace)
+}
+
+/// Waits until `acme`'s Ready condition has `reason`.
+async fn wait_for_reason(
+    fx: &common::TokenFixture,
+    reason: &str,
+    within: Duration,
+) -> XeroConnection {
+    let deadline = Instant::now() + within;
+    loop {
+        let conn = connections(fx).get("acme").await.expect("get connection");
+        let current = conn
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.reason.clone());
+        if current.as_deref() == Some(reason) {
+            return conn;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Ready never became {reason}; last {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
+    // 5 s tokens, 1 s skew: due every 4 s; 42 s cover 10 expiries.
+    let timings = Timings {
+        access_token: Duration::from_secs(5),
+        ..Timings::default()
+    };
+    let fx = token_fixture("ctl-producer", timings).await;
+    create_connection(&fx, timings, json!({})).await;
+    let _controller = start_controller(&fx.client, &fx.namespace);
+    let conn = wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    let started = Instant::now();
+    let status = conn.status.expect("status");
+    assert_eq!(status.last_refreshed_by.as_deref(), Some(CONTROLLER_ID));
+    assert_eq!(
+        status.tenants[0].tenant_name.as_deref(),
+        Some("Demo Company")
+    );
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.tenant_ids,
+        [fx.user.connections[0].tenant_id.clone()],
+        "tenants published in the Secret"
+    );
+    while fx.report().await.chains[0].rotations < 11 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "fewer than 10 refreshes in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let elapsed = started.elapsed();
+    let report = fx.report().await;
+    let chain = &report.chains[0];
+    assert_eq!(
+        report.counters.token_calls, chain.rotations,
+        "one call per expiry"
+    );
+    assert_eq!((chain.grace_reuses, chain.broken), (0, false));
+    // Never early: 10 refreshes after the first need at least 10 usable windows of 4 s.
+    assert!(
+        elapsed >= Duration::from_secs(39),
+        "10 refreshes in {elapsed:?}: too early"
+    );
+    let rec = fx.record().await;
+    assert_eq!(rec.refreshed_by.as_deref(), Some(CONTROLLER_ID));
+    assert!(
+        fx.accepted_by_xero(rec.access_token.as_ref().expect("token").expose())
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-consumer", timings).await;
+    create_connection(&fx, timings, json!({})).await;
+    let controller = start_controller(&fx.client, &fx.namespace);
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    drop(controller);
+    // The token expires while the controller is away; a consumer takes over.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    fx.refresher("consumer-pod")
+        .get()
+        .await
+        .expect("consumer refreshes");
+    let calls = fx.report().await.counters.token_calls;
+    let _controller = start_controller(&fx.client, &fx.namespace);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = connections(&fx)
+            .get("acme")
+            .await
+            .expect("get")
+            .status
+            .expect("status");
+        if status.last_refreshed_by.as_deref() == Some("consumer-pod") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never recorded the consumer: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fx.report().await.counters.token_calls,
+        calls,
+        "no call for a token a consumer refreshed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-errors", timings).await;
+    // Start with no client Secret at all.
+    common::install_crds(&fx.client).await;
+    create_connection(&fx, timings, json!({})).await;
+    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    secrets
+        .delete("xero-app", &Default::default())
+        .await
+        .expect("remove client Secret");
+    let _controller = start_controller(&fx.client, &fx.namespace);
+    let conn = wait_for_reason(&fx, "MissingClientSecret", Duration::from_secs(30)).await;
+    let message = &conn.status.expect("status").conditions[0].message;
+    assert!(message.contains("xero-app"), "{message}");
+    // A client Secret without the secret key.
+    let partial: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "xero-app"}, "stringData": {"client_id": "emulator-client"}}),
+    )
+    .expect("s");
+    secrets
+        .create(&PostParams::default(), &partial)
+        .await
+        .expect("create");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let conn = wait_for_reason(&fx, "MissingClientSecret", Duration::from_secs(5)).await;
+        if conn.status.expect("status").conditions[0]
+            .message
+            .contains("\"client_secret\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the message never named the missing key"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    secrets
+        .patch(
+            "xero-app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"client_secret": "emulator-secret"}})),
+        )
+        .await
+        .expect("fix");
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+
+    // Xero failing: XeroUnavailable, then recovery.
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    wait_for_reason(&fx, "XeroUnavailable", Duration::from_secs(30)).await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults off");
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(60)).await;
+
+    // Xero refusing the refresh token: ReauthorizationRequired, then a person authorises again.
+    fx.patch(
+        json!({f::REFRESH_TOKEN: "revoked", f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({}),
+    )
+    .await;
+    wait_for_reason(&fx, "ReauthorizationRequired", Duration::from_secs(30)).await;
+    let calls = fx.report().await.counters.token_calls;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fx.report().await.counters.token_calls,
+        calls,
+        "no retry storm"
+    );
+    let again = fx
+        .emulator
+        .admin()
+        .add_user(&Default::default())
+        .await
+        .expect("re-authorise");
+    fx.patch(
+        json!({f::REFRESH_TOKEN: again.refresh_token.expect("rt")}),
+        json!({}),
+    )
+    .await;
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+
+    // Rate limited: named, then recovered.
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            script: [FaultKind::RateLimit; 30].into_iter().collect(),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
+        .await;
+    wait_for_reason(&fx, "RateLimited", Duration::from_secs(30)).await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults off");
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(60)).await;
+
+    // One Event per transition, none on steady state.
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in [
+        "MissingClientSecret",
+        "TokenValid",
+        "XeroUnavailable",
+        "ReauthorizationRequired",
+        "RateLimited",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} Event in {reasons:?}"
+        );
+    }
+    assert!(reasons.len() <= 12, "Events on steady state: {reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-rbac", timings).await;
+    let sas: Api<ServiceAccount> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "worker"}})).expect("sa"),
+    )
+    .await
+    .expect("create SA");
+    create_connection(
+        &fx,
+        timings,
+        json!({"consumers": [{"serviceAccount": "worker"}]}),
+    )
+    .await;
+    let _controller = start_controller(&fx.client, &fx.namespace);
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+
+    // A client that is the ServiceAccount (impersonated by the admin), checked by the real RBAC.
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&common::env().admin_kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{}:worker", fx.namespace));
+    let as_worker = Client::try_from(config).expect("client");
+    let worker_secrets: Api<Secret> = Api::namespaced(as_worker.clone(), &fx.namespace);
+    worker_secrets
+        .get(&fx.secret)
+        .await
+        .expect("can get its token Secret");
+    worker_secrets
+        .patch(
+            &fx.secret,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"probe": "1"}}})),
+        )
+        .await
+        .expect("can patch its token Secret");
+    let forbidden =
+        |r: Result<Secret, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    assert!(
+        forbidden(worker_secrets.get("xero-app").await),
+        "must not read the client Secret"
+    );
+    assert!(
+        forbidden(
+            worker_secrets
+                .patch(
+                    "xero-app",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({}))
+                )
+                .await
+        ),
+        "must not patch another Secret"
+    );
+    assert!(
+        matches!(worker_secrets.list(&ListParams::default()).await, Err(kube::Error::Api(s)) if s.code == 403)
+    );
+    // And the protocol works with exactly these rights.
+    let t = xero_operator::protocol::Refresher::new(
+        as_worker,
+        &fx.namespace,
+        &fx.secret,
+        "worker-pod",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .get()
+    .await
+    .expect("the ServiceAccount gets a token");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-secrets", timings).await;
+    create_connection(&fx, timings, json!({})).await;
+    let env = common::env();
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_xero-operator"))
+        .args([
+            "--namespace",
+            &fx.namespace,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            CONTROLLER_ID,
+        ])
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .env("RUST_LOG", "trace")
+        .stdout(log.reopen().expect("log"))
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("start xero-operator");
+    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    // A consumer at trace level too, through an expiry, an invalid_grant and a lost answer.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    fx.emulator
+        .admin()
+        .set_faults(&Faults {
+            script: [FaultKind::DropResponse].into(),
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let consumer = tokio::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
+        .args([
+            "--secret",
+            &fx.secret,
+            "--namespace",
+            &fx.namespace,
+            "get",
+            "--json",
+        ])
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .env("RUST_LOG", "trace")
+        .output()
+        .await
+        .expect("consumer");
+    let rec = fx.record().await;
+    fx.patch(
+        json!({f::REFRESH_TOKEN: "refused-token-value", f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({}),
+    )
+    .await;
+    wait_for_reason(&fx, "ReauthorizationRequired", Duration::from_secs(30)).await;
+    let _ = controller.kill();
+    let _ = controller.wait();
+
+    let mut secrets: Vec<String> = vec![
+        xero_operator::emulator::DEFAULT_CLIENT_SECRET.to_owned(),
+        "refused-token-value".to_owned(),
+        fx.user.refresh_token.clone().expect("rt"),
+    ];
+    secrets.extend(rec.access_token.map(|t| t.expose().to_owned()));
+    secrets.extend(rec.refresh_token.map(|t| t.expose().to_owned()));
+    // Their base64 forms too (Secret data as the API returns it).
+    use base64::Engine;
+    let encoded: Vec<String> = secrets
+        .iter()
+        .map(|v| base64::engine::general_purpose::STANDARD.encode(v))
+        .collect();
+    secrets.extend(encoded);
+    let controller_log = std::fs::read_to_string(log.path()).expect("read log");
+    assert!(
+        controller_log.contains("TRACE") || controller_log.contains("DEBUG"),
+        "trace logging was on"
+    );
+    let consumer_log = String::from_utf8_lossy(&consumer.stderr).into_owned();
+    let status = serde_json::to_string(&connections(&fx).get("acme").await.expect("get").status)
+        .expect("json");
+    let events = serde_json::to_string(
+        &Api::<Event>::namespaced(fx.client.clone(), &fx.namespace)
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items,
+    )
+    .expect("json");
+    for (place, text) in [
+        ("controller log", &controller_log),
+        ("consumer log", &consumer_log),
+        ("status", &status),
+        ("events", &events),
+    ] {
+        for value in &secrets {
+            assert!(
+                !text.contains(value.as_str()),
+                "a secret value appears in the {place}"
+            );
+        }
+    }
+}
