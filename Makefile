@@ -43,8 +43,9 @@ controlplane: prerequisites
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir"
 
-## run: the controller on a local control plane with the Xero emulator (arrives with issue #5).
-run:
-	@echo "make run needs the controller (issue #5) and the Xero emulator (issue #3); until they land," >&2
-	@echo "'make controlplane' starts the local API server with the CRD ready to apply (kubectl apply -f crds/)." >&2
-	@exit 1
+## run: the controller on a local control plane with the Xero emulator, an example connection and
+## a consumer, narrated. Runs until Ctrl-C; RUN_FOR=60s stops by itself (exit 0).
+run: prerequisites
+	$(CARGO) build --locked --bin xero-run
+	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
+	target/debug/xero-run --bin-dir "$$bin_dir"

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod controlplane;
 pub mod crd;
+pub mod devrun;
 pub mod emulator;
 pub mod protocol;
 pub mod redact;

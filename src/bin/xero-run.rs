@@ -1,0 +1,68 @@
+//! `make run`: the controller on a local control plane with the Xero emulator, an example
+//! connection and a consumer, narrated. `RUN_FOR=60s` stops it by itself (exit 0); otherwise it
+//! runs until Ctrl-C. See `src/devrun.rs`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use xero_operator::controlplane::Options;
+use xero_operator::devrun::{RunOptions, run};
+
+/// Run xero-operator end to end on this machine: local control plane, Xero emulator, controller.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Directory with etcd, kube-apiserver, kube-controller-manager (default: build or reuse
+    /// them with tests/controlplane/build.sh).
+    #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+
+    /// Stop after this long, e.g. "60s" (default: run until Ctrl-C).
+    #[arg(long, env = "RUN_FOR", value_parser = humantime::parse_duration)]
+    run_for: Option<Duration>,
+
+    /// Access-token lifetime in the emulator.
+    #[arg(long, env = "XERO_RUN_TOKEN_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    token_lifetime: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let controlplane = match args.bin_dir {
+        Some(bin_dir) => Options {
+            bin_dir,
+            controller_manager: true,
+        },
+        None => match Options::from_build_script(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("xero-run: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    match run(RunOptions {
+        controlplane,
+        token_lifetime: args.token_lifetime,
+        run_for: args.run_for,
+    })
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xero-run: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! `make run`: the whole product on an embedded default — a local control plane, the Xero
+//! emulator, the CRD, the controller, an example connection and a consumer — narrated in plain
+//! lines a person can follow: the controller refreshing on expiry, a consumer taking over while
+//! the controller is away, and the status changing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::controller::{self, Context, metrics::Metrics};
+use crate::controlplane::{ControlPlane, Options};
+use crate::crd::XeroConnection;
+use crate::emulator::{self, Emulator, Lifetimes, NewUser};
+use crate::protocol::format::{self as f, TokenRecord, format_time};
+use crate::protocol::{Refresher, Role};
+
+/// Settings of a demo run.
+pub struct RunOptions {
+    pub controlplane: Options,
+    /// Access-token lifetime in the emulator (short, to see several refreshes).
+    pub token_lifetime: Duration,
+    /// Stop after this long (`RUN_FOR`); `None` runs until Ctrl-C.
+    pub run_for: Option<Duration>,
+}
+
+const NS: &str = "xero-demo";
+
+fn say(line: impl AsRef<str>) {
+    println!(
+        "[{}] {}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        line.as_ref()
+    );
+}
+
+fn describe(rec: &TokenRecord) -> String {
+    let expires = match rec.expiry {
+        f::Expiry::At(t) => format_time(t),
+        _ => "unknown".to_owned(),
+    };
+    format!(
+        "rotation {} by {}, access token {} expires {expires}",
+        rec.rotation,
+        rec.refreshed_by.as_deref().unwrap_or("nobody yet"),
+        rec.access_token
+            .as_ref()
+            .map(|t| t.fingerprint())
+            .unwrap_or_else(|| "-".into()),
+    )
+}
+
+/// Runs the demo. Returns when `run_for` has passed or on Ctrl-C.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    say("starting a local control plane (etcd, kube-apiserver, kube-controller-manager)…");
+    let cp = ControlPlane::start(&opts.controlplane).await?;
+    say(format!(
+        "control plane ready at {} — kubectl: export KUBECONFIG={}",
+        cp.server,
+        cp.admin_kubeconfig.display()
+    ));
+    let emu = Emulator::start(emulator::Config {
+        behaviour: emulator::Behaviour {
+            lifetimes: Lifetimes {
+                access_token: opts.token_lifetime,
+                grace: opts.token_lifetime * 3,
+                ..Lifetimes::default()
+            },
+            ..emulator::Behaviour::default()
+        },
+        ..emulator::Config::default()
+    })
+    .await?;
+    say(format!(
+        "Xero emulator at {} (access tokens live {:?})",
+        emu.base_url(),
+        opts.token_lifetime
+    ));
+
+    let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+    )?;
+    install_crd(&client).await?;
+    say("installed the XeroConnection CRD");
+    let user = emu.admin().add_user(&NewUser::default()).await?;
+    seed(&client, &emu, &user).await?;
+    say(format!(
+        "created namespace {NS}: Secret xero-app (client id/secret), XeroConnection demo, and the first refresh token in demo-xero-token (as `xero-token authorize` would)"
+    ));
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        "controller/make-run".into(),
+        Arc::new(Metrics::default()),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut controller_task = Some((
+        stop_tx,
+        tokio::spawn(controller::run(ctx.clone(), Some(NS.into()), async move {
+            let _ = stop_rx.await;
+        })),
+    ));
+    say("controller started (producer: refreshes only when the access token has expired)");
+
+    let consumer = Refresher::new(
+        client.clone(),
+        NS,
+        "demo-xero-token",
+        "consumer/demo-worker",
+        Role::Consumer,
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let conns: Api<XeroConnection> = Api::namespaced(client.clone(), NS);
+    let started = Instant::now();
+    let mut last_rotation = u64::MAX;
+    let mut last_status = String::new();
+    let outage_at = opts.token_lifetime * 3;
+    let mut outage_until: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { say("Ctrl-C: stopping"); break; }
+            _ = ticker.tick() => {}
+        }
+        if opts.run_for.is_some_and(|d| started.elapsed() >= d) {
+            say("RUN_FOR reached: stopping");
+            break;
+        }
+        // One token lifetime without the controller, to show a consumer taking over.
+        if outage_until.is_none() && started.elapsed() >= outage_at {
+            if let Some((stop, task)) = controller_task.take() {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            outage_until = Some(Instant::now() + opts.token_lifetime + Duration::from_secs(2));
+            say(
+                "stopping the controller for one token lifetime: the consumer will find the token expired and take over",
+            );
+        }
+        if let Some(until) = outage_until
+            && controller_task.is_none()
+            && Instant::now() >= until
+        {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            controller_task = Some((
+                stop_tx,
+                tokio::spawn(controller::run(ctx.clone(), Some(NS.into()), async move {
+                    let _ = stop_rx.await;
+                })),
+            ));
+            say("controller back: it sees a fresh token and only records who refreshed it");
+        }
+        match consumer.get().await {
+            Ok(_) => {}
+            Err(e) => say(format!("consumer: no token: {e}")),
+        }
+        if let Some(secret) = secrets.get_opt("demo-xero-token").await? {
+            let rec = TokenRecord::from_secret(&secret);
+            if rec.rotation != last_rotation && rec.refreshed_by.is_some() {
+                last_rotation = rec.rotation;
+                let who = rec.refreshed_by.clone().unwrap_or_default();
+                let role = if who.starts_with("controller") {
+                    "the controller"
+                } else {
+                    "a consumer"
+                };
+                say(format!("token refreshed by {role}: {}", describe(&rec)));
+            }
+        }
+        if let Some(status) = conns.get_opt("demo").await?.and_then(|c| c.status) {
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+            let line = format!(
+                "status: Ready={} reason={} lastRefreshedBy={} refreshCount={} tenants={}",
+                ready.map(|c| c.status.as_str()).unwrap_or("?"),
+                ready.map(|c| c.reason.as_str()).unwrap_or("?"),
+                status.last_refreshed_by.as_deref().unwrap_or("-"),
+                status.refresh_count,
+                status
+                    .tenants
+                    .iter()
+                    .filter_map(|t| t.tenant_name.clone())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            if line != last_status {
+                say(&line);
+                last_status = line;
+            }
+        }
+    }
+    if let Some((stop, task)) = controller_task.take() {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    let report = emu.admin().report().await?;
+    say(format!(
+        "Xero saw {} token calls for {} rotations; broken chains: {}",
+        report.counters.token_calls,
+        report.chains.iter().map(|c| c.rotations).sum::<u64>(),
+        report.broken_chains()
+    ));
+    drop(cp);
+    say("stopped the control plane and removed its state");
+    Ok(())
+}
+
+async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = crate::crd::definition();
+    let name = crd["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    api.patch(
+        &name,
+        &PatchParams::apply("make-run").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    let established = kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established).await??;
+    Ok(())
+}
+
+async fn seed(client: &Client, emu: &Emulator, user: &emulator::SeededUser) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+        )
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app"},
+        "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET},
+    }))?;
+    secrets.create(&PostParams::default(), &app).await?;
+    let token: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "demo-xero-token"},
+        "stringData": {f::REFRESH_TOKEN: user.refresh_token.clone().unwrap_or_default()},
+    }))?;
+    secrets.create(&PostParams::default(), &token).await?;
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "clientSecretRef": {"name": "xero-app"},
+            "refresh": {"clockSkewSeconds": 2, "leaseDurationSeconds": 10},
+            "endpoints": {"tokenUrl": emu.token_url(), "connectionsUrl": emu.connections_url(), "revocationUrl": emu.revocation_url()},
+            "consumers": [{"serviceAccount": "demo-worker"}],
+        },
+    }))?;
+    Api::<XeroConnection>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &conn)
+        .await?;
+    Ok(())
+}
