@@ -29,6 +29,36 @@ struct Args {
     #[arg(long, env = "XERO_OPERATOR_IDENTITY")]
     identity: Option<String>,
 
+    /// Elect a leader with a Lease so that only one replica reconciles (set it when running more
+    /// than one replica).
+    #[arg(long, env = "XERO_OPERATOR_LEADER_ELECTION")]
+    leader_election: bool,
+
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "XERO_OPERATOR_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "XERO_OPERATOR_LEASE_NAME",
+        default_value = "xero-operator"
+    )]
+    lease_name: String,
+
+    /// Seconds a leader's lease lasts after its last renewal (how long a dead leader blocks).
+    #[arg(long, env = "XERO_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+
+    /// At most this many token calls per Xero app (client id) per minute from this controller,
+    /// in bursts of a tenth of it.
+    #[arg(
+        long,
+        env = "XERO_OPERATOR_APP_CALLS_PER_MINUTE",
+        default_value_t = 1000
+    )]
+    app_calls_per_minute: u32,
+
     /// Log as JSON lines.
     #[arg(long, env = "XERO_OPERATOR_LOG_JSON")]
     log_json: bool,
@@ -72,7 +102,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics.clone(),
         ready.clone(),
     ));
-    let ctx = Arc::new(Context::new(client, identity, metrics));
+    let mut ctx = Context::new(client, identity, metrics);
+    let per_minute = std::num::NonZeroU32::new(args.app_calls_per_minute)
+        .ok_or_else(|| anyhow::anyhow!("--app-calls-per-minute must be at least 1"))?;
+    ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
+        per_minute,
+    ));
+    let ctx = Arc::new(ctx);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler works on Unix");
@@ -83,7 +119,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing the reconciles in flight");
     };
     ready.store(true, Ordering::Relaxed);
-    let result = controller::run(ctx, args.namespace, shutdown).await;
+    let result = if args.leader_election {
+        let lease = controller::leader::LeaseSettings {
+            namespace: args
+                .lease_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".to_owned()),
+            name: args.lease_name,
+            duration_secs: args.lease_seconds.max(2),
+            grace_secs: (args.lease_seconds / 3).max(1),
+        };
+        controller::leader::run_as_leader(ctx, args.namespace, lease, shutdown).await
+    } else {
+        controller::run(ctx, args.namespace, shutdown).await
+    };
     server.abort();
     result
 }

@@ -7,6 +7,7 @@
 //! transition, and requeue at the instant the token is due.
 
 pub mod conditions;
+pub mod leader;
 pub mod metrics;
 pub mod resources;
 pub mod server;
@@ -79,6 +80,8 @@ pub struct Context {
     pub default_endpoints: Endpoints,
     /// Recheck interval for states only a person can fix (default [`RECHECK`]).
     pub recheck: Duration,
+    /// The per-app token bucket of this controller's calls to Xero.
+    pub gate: Option<crate::protocol::gate::AppGate>,
     /// Consecutive transient failures per connection uid (for the backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// The rotation last seen per connection uid (to count refreshes by actor).
@@ -98,6 +101,7 @@ impl Context {
             identity,
             default_endpoints: Endpoints::default(),
             recheck: RECHECK,
+            gate: None,
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
         }
@@ -131,10 +135,16 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    if let Err(e) = conns.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "cannot list XeroConnections ({e}): is the CRD installed? run `kubectl apply -f crds/` (or install the Helm chart with CRDs)"
-        );
+    match conns.list(&ListParams::default().limit(1)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+            "the XeroConnection CRD is not installed: run `kubectl apply -f crds/` (or install the Helm chart with CRDs)"
+        ),
+        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+            "not allowed to list XeroConnections ({}): check the controller's RBAC",
+            s.message
+        ),
+        Err(e) => anyhow::bail!("cannot list XeroConnections: {e}"),
     }
     let secrets: Api<Secret> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -397,6 +407,10 @@ async fn token_step(conn: &XeroConnection, ctx: &Context) -> Result<TokenOutcome
     )
     .with_default_endpoints(ctx.default_endpoints.clone())
     .with_max_wait(PRODUCER_MAX_WAIT);
+    let refresher = match &ctx.gate {
+        Some(gate) => refresher.with_gate(gate.clone()),
+        None => refresher,
+    };
     let started = std::time::Instant::now();
     let result = refresher.get().await;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);

@@ -27,6 +27,12 @@ pub enum FaultKind {
     TruncatedJson,
     /// Answer 400 `invalid_grant` without processing the request.
     InvalidGrant,
+    /// Answer 200 with a token response that has no `access_token`.
+    NoAccessToken,
+    /// Answer 200 with `expires_in: 0`.
+    ExpiresInZero,
+    /// Answer 200 with `expires_in` of a year.
+    ExpiresInYear,
 }
 
 /// The endpoints faults can target.

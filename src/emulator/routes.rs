@@ -126,6 +126,17 @@ async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response>
         )
             .into_response(),
         FaultKind::InvalidGrant => oauth_error(&OAuthError::InvalidGrant("injected"), false),
+        FaultKind::NoAccessToken => {
+            Json(json!({"token_type": "Bearer", "expires_in": 1800})).into_response()
+        }
+        FaultKind::ExpiresInZero => {
+            Json(json!({"access_token": "injected", "token_type": "Bearer", "expires_in": 0}))
+                .into_response()
+        }
+        FaultKind::ExpiresInYear => Json(
+            json!({"access_token": "injected", "token_type": "Bearer", "expires_in": 31_536_000}),
+        )
+        .into_response(),
         FaultKind::Timeout => {
             tokio::time::sleep(shared.hang).await;
             (StatusCode::GATEWAY_TIMEOUT, "timed out").into_response()

@@ -5,11 +5,13 @@
 //! - [`format`]: the Secret's keys and annotations, parsed and patched (pure).
 //! - [`decide`]: the decision function (pure, unit-tested exhaustively).
 //! - [`backoff`]: retry delays.
+//! - [`gate`]: one token bucket per Xero app for the controller's calls.
 //! - [`refresher`]: the I/O around the decision, with single flight inside one process.
 
 pub mod backoff;
 pub mod decide;
 pub mod format;
+pub mod gate;
 pub mod refresher;
 
 pub use decide::{Role, Step, decide};

@@ -74,6 +74,8 @@ pub struct Refresher {
     max_wait: Duration,
     /// How long one call to Xero may take.
     xero_timeout: Duration,
+    /// The per-app token bucket every call waits on, if any.
+    gate: Option<super::gate::AppGate>,
     cache: Mutex<Option<AccessToken>>,
     flight: tokio::sync::Mutex<()>,
 }
@@ -103,6 +105,7 @@ impl Refresher {
             default_endpoints: Endpoints::default(),
             max_wait: Duration::from_secs(60),
             xero_timeout: crate::xero::REQUEST_TIMEOUT,
+            gate: None,
             cache: Mutex::new(None),
             flight: tokio::sync::Mutex::new(()),
         }
@@ -123,6 +126,12 @@ impl Refresher {
     /// How long one call to Xero may take before it counts as lost.
     pub fn with_xero_timeout(mut self, timeout: Duration) -> Self {
         self.xero_timeout = timeout;
+        self
+    }
+
+    /// Makes every call to Xero wait for a permit of its app's token bucket.
+    pub fn with_gate(mut self, gate: super::gate::AppGate) -> Self {
+        self.gate = Some(gate);
         self
     }
 
@@ -239,6 +248,12 @@ impl Refresher {
                         .await;
                 }
                 Step::Claim { replacing } => {
+                    // The app's token bucket is waited on before claiming, so a long wait in a
+                    // storm never eats into the claim.
+                    if let (Some(gate), Some(app)) = (&self.gate, &rec.client) {
+                        gate.until_ready(&app.client_id).await;
+                    }
+                    let now = SystemTime::now();
                     let lease_end = now + rec.settings.lease_duration;
                     let rv = rec.resource_version.clone().unwrap_or_default();
                     match self

@@ -1,0 +1,431 @@
+//! The controller in operation: two replicas with leader election, the per-app token bucket,
+//! deletion (revoke, keep), a missing CRD, the metrics and health endpoints, and bad inputs that
+//! must end in a named condition, never a panic or a hot loop.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Timings, token_fixture};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::crd::XeroConnection;
+use xero_operator::emulator::{FaultKind, Faults};
+use xero_operator::protocol::format as f;
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn create_connection(
+    fx: &common::TokenFixture,
+    name: &str,
+    token_secret: &str,
+    timings: Timings,
+    extra: serde_json::Value,
+) {
+    common::install_crds(&fx.client).await;
+    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app"},
+        "stringData": {"client_id": "emulator-client", "client_secret": "emulator-secret"},
+    }))
+    .expect("secret");
+    let _ = secrets.create(&PostParams::default(), &app).await;
+    let mut spec = json!({
+        "clientSecretRef": {"name": "xero-app"},
+        "tokenSecretName": token_secret,
+        "refresh": {"clockSkewSeconds": timings.clock_skew_secs, "leaseDurationSeconds": timings.lease_secs.max(5)},
+        "endpoints": {
+            "tokenUrl": fx.emulator.token_url(),
+            "connectionsUrl": fx.emulator.connections_url(),
+            "revocationUrl": fx.emulator.revocation_url(),
+        },
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        spec[k] = v.clone();
+    }
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("connection");
+    Api::<XeroConnection>::namespaced(fx.client.clone(), &fx.namespace)
+        .create(&PostParams::default(), &conn)
+        .await
+        .expect("create connection");
+}
+
+async fn ready_reason(fx: &common::TokenFixture, name: &str) -> Option<String> {
+    let conn = Api::<XeroConnection>::namespaced(fx.client.clone(), &fx.namespace)
+        .get(name)
+        .await
+        .ok()?;
+    conn.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason)
+}
+
+async fn wait_for_reason(fx: &common::TokenFixture, name: &str, reason: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = ready_reason(fx, name).await;
+        if now.as_deref() == Some(reason) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: Ready never became {reason}; last {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_xero-operator"))
+        .args([
+            "--namespace",
+            &fx.namespace,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            identity,
+        ])
+        .args(extra)
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start xero-operator")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_only_the_leader_calls_xero_and_the_other_takes_over() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-leader", timings).await;
+    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let lease = [
+        "--leader-election",
+        "--lease-namespace",
+        &fx.namespace,
+        "--lease-name",
+        "xo-test",
+        "--lease-seconds",
+        "4",
+    ];
+    let mut a = Procs(vec![operator(&fx, "controller/a", &lease)]);
+    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    let b = Procs(vec![operator(&fx, "controller/b", &lease)]);
+    // Three token lifetimes with both replicas up: every refresh is the leader's.
+    let start_rotation = fx.record().await.rotation;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let rec = fx.record().await;
+    assert!(
+        rec.rotation >= start_rotation + 2,
+        "the leader kept refreshing"
+    );
+    assert_eq!(rec.refreshed_by.as_deref(), Some("controller/a"));
+    // Kill the leader: the follower takes over once the lease runs out.
+    let _ = a.0[0].kill();
+    let _ = a.0[0].wait();
+    a.0.clear();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while fx.record().await.refreshed_by.as_deref() != Some("controller/b") {
+        assert!(Instant::now() < deadline, "the follower never took over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(b);
+    let report = fx.report().await;
+    let chain = &report.chains[0];
+    assert_eq!(
+        report.counters.token_calls, chain.rotations,
+        "no duplicate calls across replicas"
+    );
+    assert!(!chain.broken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_app_token_bucket_holds_back_a_storm() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-gate", timings).await;
+    // Three connections of one app; a bucket of one call a minute lets exactly one through.
+    for (name, secret) in [
+        ("one", "one-token"),
+        ("two", "two-token"),
+        ("three", "three-token"),
+    ] {
+        let user = fx
+            .emulator
+            .admin()
+            .add_user(&Default::default())
+            .await
+            .expect("user");
+        let s: Secret = serde_json::from_value(json!({"metadata": {"name": secret}, "stringData": {f::REFRESH_TOKEN: user.refresh_token}})).expect("s");
+        fx.secrets()
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("token secret");
+        create_connection(&fx, name, secret, timings, json!({})).await;
+    }
+    let mut ctx = Context::new(
+        fx.client.clone(),
+        "controller/gated".into(),
+        Arc::new(Metrics::default()),
+    );
+    ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
+        std::num::NonZeroU32::new(1).expect("1"),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(
+        Arc::new(ctx),
+        Some(fx.namespace.clone()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ready = 0;
+        for name in ["one", "two", "three"] {
+            if ready_reason(&fx, name).await.as_deref() == Some("TokenValid") {
+                ready += 1;
+            }
+        }
+        if ready >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fx.report().await.counters.token_calls,
+        1,
+        "the bucket let only one call through"
+    );
+    let _ = stop.send(());
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-delete", timings).await;
+    create_connection(
+        &fx,
+        "acme",
+        &fx.secret,
+        timings,
+        json!({"revokeOnDelete": true}),
+    )
+    .await;
+    let second = fx
+        .emulator
+        .admin()
+        .add_user(&Default::default())
+        .await
+        .expect("user");
+    let kept: Secret = serde_json::from_value(json!({"metadata": {"name": "kept-token"}, "stringData": {f::REFRESH_TOKEN: second.refresh_token}})).expect("s");
+    fx.secrets()
+        .create(&PostParams::default(), &kept)
+        .await
+        .expect("create");
+    create_connection(
+        &fx,
+        "keeper",
+        "kept-token",
+        timings,
+        json!({"keepTokenSecretOnDelete": true}),
+    )
+    .await;
+    let _controller = Procs(vec![operator(&fx, "controller/del", &[])]);
+    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    wait_for_reason(&fx, "keeper", "TokenValid", Duration::from_secs(30)).await;
+    let conns: Api<XeroConnection> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    conns
+        .delete("acme", &DeleteParams::default())
+        .await
+        .expect("delete");
+    conns
+        .delete("keeper", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while conns.get_opt("acme").await.expect("get").is_some()
+        || conns.get_opt("keeper").await.expect("get").is_some()
+    {
+        assert!(Instant::now() < deadline, "the finalizer never finished");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = fx.report().await;
+    assert_eq!(report.counters.revocation_calls, 1, "revoked exactly once");
+    assert!(
+        report
+            .chains
+            .iter()
+            .any(|c| c.ended == Some(xero_operator::emulator::state::FamilyEnd::Revoked))
+    );
+    // The owned Secret is garbage-collected; the kept one stays, without our owner reference.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fx
+        .secrets()
+        .get_opt(&fx.secret)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the owned token Secret was never garbage-collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let kept = fx.secrets().get("kept-token").await.expect("kept");
+    assert!(
+        kept.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
+#[test]
+fn without_the_crd_the_controller_exits_with_a_clear_message() {
+    // A control plane of its own, where the CRD was never installed.
+    let out = Command::new(env!("CARGO_BIN_EXE_xero-controlplane"))
+        .args([
+            "--no-controller-manager",
+            "--",
+            env!("CARGO_BIN_EXE_xero-operator"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("XERO_CONTROLPLANE_BIN_DIR", &common::env().bin_dir)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the XeroConnection CRD is not installed: run `kubectl apply -f crds/`"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_endpoints_answer() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-metrics", timings).await;
+    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _controller = Procs(vec![
+        Command::new(env!("CARGO_BIN_EXE_xero-operator"))
+            .args([
+                "--namespace",
+                &fx.namespace,
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--identity",
+                "controller/m",
+            ])
+            .env("KUBECONFIG", &common::env().admin_kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    ]);
+    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // one more refresh
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "xero_operator_reconciles_total",
+        "xero_operator_refreshes_total{actor=\"controller\",result=\"ok\"}",
+        "xero_operator_seconds_until_expiry{",
+        "xero_operator_token_endpoint_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "no {name} in:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-bad", timings).await;
+    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let _controller = Procs(vec![operator(&fx, "controller/bad", &[])]);
+    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    for kind in [
+        FaultKind::Html,
+        FaultKind::TruncatedJson,
+        FaultKind::NoAccessToken,
+        FaultKind::ExpiresInZero,
+        FaultKind::ExpiresInYear,
+    ] {
+        let rt_before = fx.record().await.refresh_token;
+        fx.emulator
+            .admin()
+            .set_faults(&Faults {
+                script: std::iter::repeat_n(kind, 500).collect(),
+                ..Faults::default()
+            })
+            .await
+            .expect("faults");
+        fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
+            .await;
+        wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
+        let calls = fx.report().await.counters.token_calls;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let more = fx.report().await.counters.token_calls - calls;
+        assert!(more <= 15, "{kind:?}: {more} calls in 5 s is a hot loop");
+        assert_eq!(
+            fx.record().await.refresh_token,
+            rt_before,
+            "{kind:?}: the refresh token is intact"
+        );
+        fx.emulator
+            .admin()
+            .set_faults(&Faults::default())
+            .await
+            .expect("faults off");
+        wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
+    }
+    assert!(!fx.report().await.chains[0].broken);
+}
