@@ -55,7 +55,7 @@ pub const TOKEN_SECRET_SUFFIX: &str = "-xero-token";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.grant != 'ClientCredentials' || !self.revokeOnDelete").message("revokeOnDelete needs a refresh token: it cannot be set with grant ClientCredentials"),
+    validation = Rule::new("self.grant != 'ClientCredentials' || !has(self.revokeOnDelete) || !self.revokeOnDelete").message("revokeOnDelete needs a refresh token: it cannot be set with grant ClientCredentials"),
     validation = Rule::new("has(self.tokenSecretName) == has(oldSelf.tokenSecretName)").message("tokenSecretName cannot be added or removed after creation: consumers would lose track of the Secret"),
 )]
 pub struct XeroConnectionSpec {

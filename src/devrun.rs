@@ -100,7 +100,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut controller_task = Some((
         stop_tx,
-        tokio::spawn(controller::run(ctx.clone(), Some(NS.into()), async move {
+        tokio::spawn(controller::run(ctx.clone(), vec![NS.into()], async move {
             let _ = stop_rx.await;
         })),
     ));
@@ -148,7 +148,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             controller_task = Some((
                 stop_tx,
-                tokio::spawn(controller::run(ctx.clone(), Some(NS.into()), async move {
+                tokio::spawn(controller::run(ctx.clone(), vec![NS.into()], async move {
                     let _ = stop_rx.await;
                 })),
             ));

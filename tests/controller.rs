@@ -45,7 +45,7 @@ fn start_controller(client: &Client, ns: &str) -> Running {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(
         Arc::new(ctx),
-        Some(ns.to_owned()),
+        vec![ns.to_owned()],
         async move {
             let _ = stopped.await;
         },

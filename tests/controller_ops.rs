@@ -193,7 +193,7 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(
         Arc::new(ctx),
-        Some(fx.namespace.clone()),
+        vec![fx.namespace.clone()],
         async move {
             let _ = stopped.await;
         },

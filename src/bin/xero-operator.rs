@@ -13,9 +13,13 @@ use xero_operator::controller::{self, Context, metrics::Metrics};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "XERO_OPERATOR_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces (repeatable or comma-separated; default: all namespaces).
+    #[arg(
+        long = "namespace",
+        env = "XERO_OPERATOR_NAMESPACES",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
 
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
@@ -129,9 +133,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             duration_secs: args.lease_seconds.max(2),
             grace_secs: (args.lease_seconds / 3).max(1),
         };
-        controller::leader::run_as_leader(ctx, args.namespace, lease, shutdown).await
+        controller::leader::run_as_leader(ctx, args.namespaces, lease, shutdown).await
     } else {
-        controller::run(ctx, args.namespace, shutdown).await
+        controller::run(ctx, args.namespaces, shutdown).await
     };
     server.abort();
     result

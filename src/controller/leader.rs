@@ -23,7 +23,7 @@ pub struct LeaseSettings {
 /// Waits for leadership, then runs the controller until `shutdown` or until leadership is lost.
 pub async fn run_as_leader(
     ctx: Arc<Context>,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     lease: LeaseSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
@@ -70,7 +70,7 @@ pub async fn run_as_leader(
             } => {}
         }
     };
-    super::run(ctx.clone(), namespace, controller_stop).await?;
+    super::run(ctx.clone(), namespaces, controller_stop).await?;
     // Stopped by neither a signal: the lease was lost, or its manager died (API unreachable).
     let manager_alive = leading.has_changed().is_ok();
     let lost_leadership = !*stop.borrow_and_update() && (!manager_alive || !*leading.borrow());

@@ -123,20 +123,45 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown` resolves. Fails at once, with a clear message, when
-/// the CRD is not installed.
+/// Runs the controller until `shutdown` resolves: over all namespaces (`namespaces` empty) or
+/// over each listed one. Fails at once, with a clear message, when the CRD is not installed.
 pub async fn run(
     ctx: Arc<Context>,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let client = ctx.client.clone();
-    let conns: Api<XeroConnection> = match &namespace {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    for scope in &scopes {
+        check_crd(&ctx.client, scope.as_deref()).await?;
+    }
+    // One shutdown signal fanned out to a controller per scope.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let controllers = scopes.into_iter().map(|scope| {
+        let mut stop = stop_rx.clone();
+        run_scope(ctx.clone(), scope, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+    });
+    futures_util::future::join_all(controllers).await;
+    signal.abort();
+    Ok(())
+}
+
+async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let conns: Api<XeroConnection> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     match conns.list(&ListParams::default().limit(1)).await {
-        Ok(_) => {}
+        Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
             "the XeroConnection CRD is not installed: run `kubectl apply -f crds/` (or install the Helm chart with CRDs)"
         ),
@@ -146,9 +171,20 @@ pub async fn run(
         ),
         Err(e) => anyhow::bail!("cannot list XeroConnections: {e}"),
     }
-    let secrets: Api<Secret> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+}
+
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (conns, secrets): (Api<XeroConnection>, Api<Secret>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     // Token Secrets only, by label: the controller never caches every Secret in the cluster.
     let token_secrets = watcher::Config::default().labels(f::LABEL_CONNECTION);
@@ -167,7 +203,6 @@ pub async fn run(
             }
         })
         .await;
-    Ok(())
 }
 
 fn error_policy(conn: Arc<XeroConnection>, err: &Error, ctx: Arc<Context>) -> Action {
