@@ -4,6 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 CONTROLPLANE_BUILD := tests/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
+CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
 .PHONY: test prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
@@ -11,6 +12,7 @@ CRD_FILE := crds/xeroconnection.yaml
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache).
 test: prerequisites fmt-check clippy crd-drift
 	$(CARGO) build --locked --all-targets
+	bash scripts/helm.sh >/dev/null
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- $(CARGO) test --locked --all-targets
 
@@ -26,13 +28,16 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-## crds: regenerate the committed CRD YAML from the Rust types.
+## crds: regenerate the committed CRD YAML from the Rust types (and the chart's copy).
 crds:
 	$(CARGO) run --locked -q --bin crdgen > $(CRD_FILE)
+	cp $(CRD_FILE) $(CHART_CRD_FILE)
 
 crd-drift:
 	@$(CARGO) run --locked -q --bin crdgen | diff -u $(CRD_FILE) - \
 	  || { echo "$(CRD_FILE) differs from the Rust types: run 'make crds' and commit" >&2; exit 1; }
+	@diff -u $(CRD_FILE) $(CHART_CRD_FILE) \
+	  || { echo "$(CHART_CRD_FILE) differs from $(CRD_FILE): run 'make crds' and commit" >&2; exit 1; }
 
 controlplane-bin:
 	@bash $(CONTROLPLANE_BUILD)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs Helm from the Go module proxy (no release-binary download) into a cache directory
+# outside the work tree, once; prints the path of the helm binary.
+set -euo pipefail
+version="v3.22.0"
+dir="${XERO_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xero-operator/tools}/helm-$version"
+if [ ! -x "$dir/helm" ]; then
+  echo "installing helm $version from the Go module proxy into $dir (a few minutes, once)" >&2
+  mkdir -p "$dir"
+  CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN="$dir" GOFLAGS=-mod=mod \
+    go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$version" \
+    "helm.sh/helm/v3/cmd/helm@$version" >&2
+fi
+echo "$dir/helm"

@@ -1,0 +1,283 @@
+//! The Helm chart and the examples against the real API server: lint, templates with default and
+//! non-default values applied with `--dry-run=server`, a real `helm install`, the values schema
+//! refusing a wrong type, and every example applied.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Api;
+
+/// Helm from the Go module proxy, installed once by the repo's own script.
+fn helm_path() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(common::repo_path("scripts/helm.sh"))
+        .output()
+        .expect("run scripts/helm.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+fn helm(args: &[&str]) -> Output {
+    Command::new(helm_path())
+        .args(args)
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .output()
+        .expect("run helm")
+}
+
+fn chart() -> String {
+    common::repo_path("charts/xero-operator")
+        .display()
+        .to_string()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Applies rendered YAML with a server-side dry run in `ns`.
+fn dry_run_apply(yaml: &str, ns: &str) {
+    use std::io::Write;
+    let env = common::env();
+    let mut child = Command::new(env.bin_dir.join("kubectl"))
+        .args(["apply", "--dry-run=server", "-n", ns, "-f", "-"])
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    ok(&out, "kubectl apply --dry-run=server");
+}
+
+#[test]
+fn the_chart_lints() {
+    ok(&helm(&["lint", &chart(), "--strict"]), "helm lint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_and_custom_templates_are_accepted_by_the_api_server() {
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let ns = common::namespace(&client, "helm-template").await;
+    let defaults = ok(
+        &helm(&[
+            "template",
+            "t1",
+            &chart(),
+            "-n",
+            &ns,
+            "--kube-version",
+            "1.35.4",
+        ]),
+        "helm template (defaults)",
+    );
+    assert!(defaults.contains("kind: CustomResourceDefinition"));
+    assert!(defaults.contains("helm.sh/resource-policy: keep"));
+    assert!(defaults.contains("kind: ClusterRole"));
+    dry_run_apply(&defaults, &ns);
+    let custom = ok(
+        &helm(&[
+            "template",
+            "t2",
+            &chart(),
+            "-n",
+            &ns,
+            "--kube-version",
+            "1.35.4",
+            "--set",
+            "replicaCount=3",
+            "--set",
+            &format!("watchNamespaces={{{ns}}}"),
+            "--set",
+            "crds.install=false",
+            "--set",
+            "podDisruptionBudget.enabled=true",
+            "--set",
+            "logJson=true",
+            "--set",
+            "logLevel=debug",
+            "--set",
+            "appCallsPerMinute=60",
+            "--set",
+            "nodeSelector.kubernetes\\.io/os=linux",
+            "--set",
+            "extraEnv[0].name=HTTPS_PROXY,extraEnv[0].value=http://proxy:3128",
+        ]),
+        "helm template (custom)",
+    );
+    assert!(!custom.contains("kind: CustomResourceDefinition"));
+    assert!(
+        custom.contains("- --leader-election"),
+        "leader election on with 3 replicas"
+    );
+    assert!(custom.contains(&format!("- --namespace={ns}")));
+    assert!(custom.contains("kind: PodDisruptionBudget"));
+    assert!(
+        !custom.contains("kind: ClusterRole\n"),
+        "a Role per watched namespace instead"
+    );
+    dry_run_apply(&custom, &ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_creates_the_expected_objects() {
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let ns = common::namespace(&client, "helm-install").await;
+    let release = format!("xo-{}", &ns[ns.len() - 5..]);
+    // The CRD is already installed (and owned) by the test suite; the chart's copy is checked
+    // by the template test.
+    ok(
+        &helm(&[
+            "install",
+            &release,
+            &chart(),
+            "-n",
+            &ns,
+            "--set",
+            "crds.install=false",
+        ]),
+        "helm install",
+    );
+    let name = format!("{release}-xero-operator");
+    let deploy = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .expect("Deployment");
+    let pod = deploy.spec.expect("spec").template.spec.expect("pod spec");
+    let container = &pod.containers[0];
+    let sc = container
+        .security_context
+        .as_ref()
+        .expect("container securityContext");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    assert!(container.liveness_probe.is_some() && container.readiness_probe.is_some());
+    assert!(
+        container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some()
+    );
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .expect("ServiceAccount");
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .get(&format!("{name}-metrics"))
+        .await
+        .expect("metrics Service");
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get(&name)
+        .await
+        .expect("ClusterRole");
+    assert!(
+        role.rules
+            .unwrap_or_default()
+            .iter()
+            .all(|r| !r.verbs.iter().any(|v| v == "*"
+                || v == "delete"
+                    && r.resources
+                        .as_ref()
+                        .is_some_and(|x| x.contains(&"secrets".to_owned())))),
+        "least privilege: no wildcard verbs, no deleting Secrets"
+    );
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .get(&name)
+        .await
+        .expect("ClusterRoleBinding");
+    ok(&helm(&["uninstall", &release, "-n", &ns]), "helm uninstall");
+}
+
+#[test]
+fn the_values_schema_refuses_wrong_types_and_typos() {
+    let wrong_type = helm(&[
+        "template",
+        "t",
+        &chart(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        "replicaCount=two",
+    ]);
+    assert!(!wrong_type.status.success());
+    assert!(String::from_utf8_lossy(&wrong_type.stderr).contains("replicaCount"));
+    let typo = helm(&[
+        "template",
+        "t",
+        &chart(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        "replicaCont=2",
+    ]);
+    assert!(!typo.status.success(), "an unknown key is refused");
+    let bad_enum = helm(&[
+        "template",
+        "t",
+        &chart(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        "image.pullPolicy=Sometimes",
+    ]);
+    assert!(!bad_enum.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_applies() {
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let ns = common::namespace(&client, "examples").await;
+    let out = common::kubectl(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &common::repo_path("examples").display().to_string(),
+    ]);
+    let text = ok(&out, "kubectl apply -f examples/");
+    for object in [
+        "secret/xero-app",
+        "xeroconnection.xero-operator.io/acme",
+        "xeroconnection.xero-operator.io/acme-custom",
+        "deployment.apps/billing-worker",
+        "serviceaccount/billing-worker",
+    ] {
+        assert!(text.contains(object), "{object} not applied:\n{text}");
+    }
+}
