@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := tests/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: test prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench test prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache).
@@ -54,3 +54,10 @@ run: prerequisites
 	$(CARGO) build --locked --bin xero-run
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-run --bin-dir "$$bin_dir"
+
+## bench: the refresh-economy benchmark (naive vs per-process vs protocol) against the real API
+## server and the emulator; prints a table and writes target/bench/refresh.json. Release build.
+bench: prerequisites
+	$(CARGO) build --locked --release --bin xero-bench
+	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
+	target/release/xero-bench refresh --bin-dir "$$bin_dir" $(BENCH_ARGS)

@@ -361,6 +361,33 @@ fn reflow_descriptions(value: &mut serde_json::Value) {
     }
 }
 
+/// Installs (server-side apply) the CRD and waits until the API server serves it.
+pub async fn install(client: &kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = definition();
+    let name = crd["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    api.patch(
+        &name,
+        &PatchParams::apply("xero-operator").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    let established = kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    // Establishing takes well under a second; give up after 30 s and let the caller's next call
+    // report what is wrong.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), established).await;
+    Ok(())
+}
+
 impl XeroConnection {
     /// The name of the token Secret: the spec's, or `<connection name>-xero-token`.
     pub fn token_secret_name(&self) -> String {

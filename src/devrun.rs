@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -84,7 +84,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let client = Client::try_from(
         kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
     )?;
-    install_crd(&client).await?;
+    crate::crd::install(&client).await?;
     say("installed the XeroConnection CRD");
     let user = emu.admin().add_user(&NewUser::default()).await?;
     seed(&client, &emu, &user).await?;
@@ -205,29 +205,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     drop(cp);
     say("stopped the control plane and removed its state");
-    Ok(())
-}
-
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = crate::crd::definition();
-    let name = crd["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    api.patch(
-        &name,
-        &PatchParams::apply("make-run").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    let established = kube::runtime::wait::await_condition(
-        api,
-        &name,
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), established).await??;
     Ok(())
 }
 

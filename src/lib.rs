@@ -6,6 +6,7 @@
 //! - [`controlplane`]: a real etcd + kube-apiserver on loopback for tests and `make run`.
 //! - [`emulator`]: an emulator of Xero's identity endpoints for tests, benchmarks and `make run`.
 
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod controlplane;

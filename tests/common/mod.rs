@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
@@ -109,28 +108,9 @@ pub async fn namespace(client: &Client, hint: &str) -> String {
 
 /// Installs the XeroConnection CRD generated from the Rust types and waits until it is served.
 pub async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = xero_operator::crd::definition();
-    let name = crd["metadata"]["name"]
-        .as_str()
-        .expect("crd name")
-        .to_owned();
-    api.patch(
-        &name,
-        &PatchParams::apply("xero-operator-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    let established = kube::runtime::wait::await_condition(
-        api,
-        &name,
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), established)
+    xero_operator::crd::install(client)
         .await
-        .expect("CRD established within 30 s")
-        .expect("watch CRD");
+        .expect("install the CRD");
 }
 
 /// Runs the control plane's own kubectl (same release as the server) as the admin.

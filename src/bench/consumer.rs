@@ -1,0 +1,174 @@
+//! One benchmark consumer process: `threads` workers asking for a token in a loop, the way one of
+//! three designs would, and a summary of what they were handed (as one JSON line on stdout).
+//!
+//! - `naive`: every worker refreshes on its own when it sees an expired token (read the Secret,
+//!   call Xero, write the Secret back; last write wins).
+//! - `per-process`: the workers of a process share one cache and one refresh (an SDK's token
+//!   cache), but processes do not coordinate.
+//! - `protocol`: this project's refresh protocol (`Refresher`, single flight, claims).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::format::{self as f, TokenRecord, format_time};
+use crate::protocol::{Refresher, Role};
+use crate::redact::Sensitive;
+use crate::xero::{Endpoints, XeroClient};
+
+/// The three designs compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Naive,
+    PerProcess,
+    Protocol,
+}
+
+/// What one consumer process measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConsumerReport {
+    pub gets: u64,
+    pub errors: u64,
+    /// Tokens handed out whose JWT `exp` had already passed.
+    pub expired_handed_out: u64,
+    /// Latencies of gets served while the token stayed the same (microseconds).
+    pub warm_us: Vec<u64>,
+    /// Latencies of gets that returned a new token: the moment of expiry (microseconds).
+    pub at_expiry_us: Vec<u64>,
+}
+
+/// Runs `threads` workers for `duration` and returns what they saw.
+pub async fn run(
+    client: kube::Client,
+    namespace: &str,
+    secret: &str,
+    mode: Mode,
+    threads: usize,
+    duration: Duration,
+) -> ConsumerReport {
+    let identity = crate::protocol::refresher::default_identity();
+    let refresher = Arc::new(Refresher::new(
+        client.clone(),
+        namespace,
+        secret,
+        &identity,
+        Role::Consumer,
+    ));
+    let shared_cache: Arc<tokio::sync::Mutex<Option<(Sensitive, SystemTime)>>> = Arc::default();
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let deadline = Instant::now() + duration;
+    let workers = (0..threads).map(|_| {
+        let (refresher, cache, api, secret) = (
+            refresher.clone(),
+            shared_cache.clone(),
+            api.clone(),
+            secret.to_owned(),
+        );
+        tokio::spawn(async move {
+            let mut report = ConsumerReport::default();
+            let mut own_cache: Option<(Sensitive, SystemTime)> = None;
+            let mut last: Option<Sensitive> = None;
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let got = match mode {
+                    Mode::Protocol => refresher.get().await.ok().map(|t| t.token),
+                    Mode::Naive => naive_get(&api, &secret, &mut own_cache).await,
+                    Mode::PerProcess => {
+                        let mut guard = cache.lock().await;
+                        naive_get(&api, &secret, &mut guard).await
+                    }
+                };
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                report.gets += 1;
+                match got {
+                    None => report.errors += 1,
+                    Some(token) => {
+                        if crate::xero::jwt_expiry(token.expose())
+                            .is_some_and(|exp| SystemTime::now() > exp + Duration::from_secs(1))
+                        {
+                            report.expired_handed_out += 1;
+                        }
+                        if last.as_ref() == Some(&token) {
+                            report.warm_us.push(micros);
+                        } else {
+                            report.at_expiry_us.push(micros);
+                        }
+                        last = Some(token);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            report
+        })
+    });
+    let mut total = ConsumerReport::default();
+    for r in futures_util::future::join_all(workers)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        total.gets += r.gets;
+        total.errors += r.errors;
+        total.expired_handed_out += r.expired_handed_out;
+        total.warm_us.extend(r.warm_us);
+        total.at_expiry_us.extend(r.at_expiry_us);
+    }
+    total
+}
+
+/// Read the Secret; refresh on our own if the token is expired; write the pair back without any
+/// coordination. The cache is this worker's (naive) or the process's (per-process).
+async fn naive_get(
+    api: &Api<Secret>,
+    name: &str,
+    cache: &mut Option<(Sensitive, SystemTime)>,
+) -> Option<Sensitive> {
+    let now = SystemTime::now();
+    if let Some((token, until)) = cache.as_ref()
+        && now < *until
+    {
+        return Some(token.clone());
+    }
+    let rec = TokenRecord::from_secret(&api.get(name).await.ok()?);
+    if rec.is_usable(now) {
+        let until = rec.usable_until()?;
+        let token = rec.access_token.clone()?;
+        *cache = Some((token.clone(), until));
+        return Some(token);
+    }
+    let app = rec.client.clone()?;
+    let endpoints = Endpoints {
+        token_url: rec.settings.token_url.clone()?,
+        ..Endpoints::default()
+    };
+    let set = XeroClient::new(endpoints)
+        .refresh(&app, rec.refresh_token.as_ref()?)
+        .await
+        .ok()?;
+    let expires_at = set.expires_at(now);
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut data = serde_json::json!({
+        f::ACCESS_TOKEN: b64(set.access_token.expose()),
+        f::EXPIRES_AT: b64(&format_time(expires_at)),
+    });
+    if let Some(rt) = &set.refresh_token {
+        data[f::REFRESH_TOKEN] = serde_json::json!(b64(rt.expose()));
+    }
+    // Last write wins: no resourceVersion, no claim.
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"data": data})),
+    )
+    .await
+    .ok()?;
+    let until = expires_at.checked_sub(rec.settings.clock_skew)?;
+    *cache = Some((set.access_token.clone(), until));
+    Some(set.access_token)
+}

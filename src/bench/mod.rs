@@ -1,0 +1,332 @@
+//! `make bench`: figures, printed and written as JSON, never asserted as timings in tests.
+//!
+//! The refresh economy: the same workload — N consumer processes, each asking for a token in a
+//! loop over K access-token lifetimes — run three ways (naive, per-process cache, this project's
+//! protocol with the controller running) against the real API server and the emulator.
+
+pub mod consumer;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{PostParams, WatchEvent, WatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+use crate::controller::{self, Context, metrics::Metrics};
+use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
+use crate::protocol::format as f;
+use consumer::{ConsumerReport, Mode};
+
+/// Inputs of the refresh-economy benchmark.
+#[derive(Clone, Debug)]
+pub struct RefreshBench {
+    pub n_values: Vec<usize>,
+    /// Access-token lifetimes to run through.
+    pub lifetimes: u32,
+    pub token_lifetime: Duration,
+    pub clock_skew: Duration,
+    /// Workers (threads) per consumer process.
+    pub threads: usize,
+    /// The `xero-bench` executable (it runs the consumer processes).
+    pub exe: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// Runs every (way, N) and returns the JSON document.
+pub async fn refresh_economy(cfg: &RefreshBench, client: &Client) -> anyhow::Result<Value> {
+    let mut doc = json!({
+        "inputs": {
+            "n": cfg.n_values,
+            "lifetimes": cfg.lifetimes,
+            "token_lifetime_s": cfg.token_lifetime.as_secs_f64(),
+            "clock_skew_s": cfg.clock_skew.as_secs_f64(),
+            "threads_per_process": cfg.threads,
+            "xero_operator_version": env!("CARGO_PKG_VERSION"),
+            "kubernetes_version": kubernetes_version(client).await,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        },
+        "naive": [], "per_process": [], "protocol": [],
+    });
+    for (mode, key) in [
+        (Mode::Naive, "naive"),
+        (Mode::PerProcess, "per_process"),
+        (Mode::Protocol, "protocol"),
+    ] {
+        for &n in &cfg.n_values {
+            let row = run_one(cfg, client, mode, n).await?;
+            eprintln!("{key:>11} n={n:<3} {row}");
+            doc[key].as_array_mut().expect("array").push(row);
+        }
+    }
+    Ok(doc)
+}
+
+async fn kubernetes_version(client: &Client) -> String {
+    client
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn run_one(
+    cfg: &RefreshBench,
+    client: &Client,
+    mode: Mode,
+    n: usize,
+) -> anyhow::Result<Value> {
+    let emu = Emulator::start(emulator::Config {
+        behaviour: emulator::Behaviour {
+            lifetimes: Lifetimes {
+                access_token: cfg.token_lifetime,
+                // Xero's grace period equals its access-token lifetime (30 minutes each).
+                grace: cfg.token_lifetime,
+                ..Lifetimes::default()
+            },
+            ..emulator::Behaviour::default()
+        },
+        limits: RateLimits {
+            app_per_minute: 1_000_000,
+            ..RateLimits::default()
+        },
+        ..emulator::Config::default()
+    })
+    .await?;
+    let user = emu.admin().add_user(&NewUser::default()).await?;
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    let ns = ns_api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"generateName": "bench-"}}))?,
+        )
+        .await?
+        .metadata
+        .name
+        .unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret_name = "bench-xero-token";
+    let seed: Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret_name, "labels": {f::LABEL_CONNECTION: "bench"},
+            "annotations": {f::ANN_TOKEN_URL: emu.token_url(), f::ANN_CLOCK_SKEW: cfg.clock_skew.as_secs().to_string(), f::ANN_LEASE_DURATION: "5"}},
+        "stringData": {f::REFRESH_TOKEN: user.refresh_token.clone().unwrap_or_default(),
+            f::CLIENT_ID: emulator::DEFAULT_CLIENT_ID, f::CLIENT_SECRET: emulator::DEFAULT_CLIENT_SECRET},
+    }))?;
+    secrets.create(&PostParams::default(), &seed).await?;
+
+    // Count the Secret's writes while the run lasts.
+    let writes = Arc::new(AtomicU64::new(0));
+    let rv = secrets
+        .get(secret_name)
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let watcher = {
+        let (secrets, writes) = (secrets.clone(), writes.clone());
+        tokio::spawn(async move {
+            let params = WatchParams::default()
+                .fields(&format!("metadata.name={secret_name}"))
+                .timeout(290);
+            if let Ok(stream) = secrets.watch(&params, &rv).await {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(Ok(event)) = stream.next().await {
+                    if matches!(event, WatchEvent::Modified(_)) {
+                        writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+
+    let controller = if mode == Mode::Protocol {
+        crate::crd::install(client).await?;
+        create_connection(client, &ns, &emu, cfg).await?;
+        let ctx = Context::new(
+            client.clone(),
+            "controller/bench".into(),
+            Arc::new(Metrics::default()),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(
+            Arc::new(ctx),
+            vec![ns.clone()],
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Some((stop, task))
+    } else {
+        None
+    };
+
+    let window = cfg.token_lifetime.saturating_sub(cfg.clock_skew);
+    let duration = window * cfg.lifetimes;
+    let mode_arg = match mode {
+        Mode::Naive => "naive",
+        Mode::PerProcess => "per-process",
+        Mode::Protocol => "protocol",
+    };
+    let started = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::process::Command::new(&cfg.exe)
+                .args([
+                    "consumer",
+                    "--namespace",
+                    &ns,
+                    "--secret",
+                    secret_name,
+                    "--mode",
+                    mode_arg,
+                ])
+                .args([
+                    "--threads",
+                    &cfg.threads.to_string(),
+                    "--duration",
+                    &format!("{}ms", duration.as_millis()),
+                ])
+                .env("KUBECONFIG", &cfg.kubeconfig)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut total = ConsumerReport::default();
+    for child in children {
+        let out = child.wait_with_output().await?;
+        if let Ok(r) = serde_json::from_slice::<ConsumerReport>(&out.stdout) {
+            total.gets += r.gets;
+            total.errors += r.errors;
+            total.expired_handed_out += r.expired_handed_out;
+            total.warm_us.extend(r.warm_us);
+            total.at_expiry_us.extend(r.at_expiry_us);
+        } else {
+            total.errors += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    if let Some((stop, task)) = controller {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    watcher.abort();
+    let report = emu.admin().report().await?;
+    let rotations: u64 = report.chains.iter().map(|c| c.rotations).sum();
+    // The expiries this run lived through: the first token, then one per usable window.
+    let lifetimes = (elapsed.as_secs_f64() / window.as_secs_f64()).floor() as u64 + 1;
+    total.warm_us.sort_unstable();
+    total.at_expiry_us.sort_unstable();
+    let _ = ns_api.delete(&ns, &Default::default()).await;
+    Ok(json!({
+        "n": n,
+        "lifetimes": lifetimes,
+        "token_calls": report.counters.token_calls,
+        "rotations": rotations,
+        "calls_per_lifetime": round2(report.counters.token_calls as f64 / lifetimes as f64),
+        "broken_chains": report.broken_chains(),
+        "expired_handed_out": total.expired_handed_out,
+        "api_writes_per_rotation": round2(writes.load(Ordering::Relaxed) as f64 / rotations.max(1) as f64),
+        "gets": total.gets,
+        "errors": total.errors,
+        "get_token_p50_ms": round3(percentile(&total.warm_us, 0.50)),
+        "get_token_p99_ms": round3(percentile(&total.warm_us, 0.99)),
+        "get_token_at_expiry_p99_ms": round3(percentile(&total.at_expiry_us, 0.99)),
+    }))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+async fn create_connection(
+    client: &Client,
+    ns: &str,
+    emu: &Emulator,
+    cfg: &RefreshBench,
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app"},
+        "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET},
+    }))?;
+    secrets.create(&PostParams::default(), &app).await?;
+    let conn: crate::crd::XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "clientSecretRef": {"name": "xero-app"},
+            "tokenSecretName": "bench-xero-token",
+            "refresh": {"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5},
+            "endpoints": {"tokenUrl": emu.token_url(), "connectionsUrl": emu.connections_url()},
+        },
+    }))?;
+    Api::<crate::crd::XeroConnection>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &conn)
+        .await?;
+    Ok(())
+}
+
+/// Prints the refresh-economy table.
+pub fn print_table(doc: &Value) {
+    println!(
+        "{:<12} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+        "way",
+        "N",
+        "lifetimes",
+        "calls/life",
+        "broken",
+        "expired",
+        "writes/rotate",
+        "p50 ms",
+        "p99 ms",
+        "expiry p99 ms"
+    );
+    for key in ["naive", "per_process", "protocol"] {
+        for row in doc[key].as_array().into_iter().flatten() {
+            let cell = |k: &str| row[k].to_string();
+            println!(
+                "{:<12} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+                key,
+                cell("n"),
+                cell("lifetimes"),
+                cell("calls_per_lifetime"),
+                cell("broken_chains"),
+                cell("expired_handed_out"),
+                cell("api_writes_per_rotation"),
+                cell("get_token_p50_ms"),
+                cell("get_token_p99_ms"),
+                cell("get_token_at_expiry_p99_ms"),
+            );
+        }
+    }
+}
+
+/// Writes `doc` to `path`, creating the directory.
+pub fn write_json(path: &Path, doc: &Value) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(doc).expect("JSON values serialize"),
+    )
+}

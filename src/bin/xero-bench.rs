@@ -1,0 +1,116 @@
+//! `xero-bench`: the benchmarks of `make bench` (see `src/bench/`). Figures are printed and
+//! written to `target/bench/*.json`; nothing here asserts a timing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use xero_operator::bench::{self, RefreshBench, consumer};
+use xero_operator::controlplane::{ControlPlane, Options};
+
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Refresh economy: naive vs per-process cache vs the protocol, for each N.
+    Refresh {
+        /// Consumer process counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        n: Vec<usize>,
+        /// Access-token lifetimes to live through per run.
+        #[arg(long, default_value_t = 5)]
+        lifetimes: u32,
+        /// Access-token lifetime in the emulator.
+        #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// Workers per consumer process.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Where to write the JSON.
+        #[arg(long, default_value = "target/bench/refresh.json")]
+        out: PathBuf,
+        /// Control plane binaries (default: tests/controlplane/build.sh).
+        #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// One consumer process (run by `refresh`; prints its report as JSON).
+    #[command(hide = true)]
+    Consumer {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        secret: String,
+        #[arg(long, value_enum)]
+        mode: consumer::Mode,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Args::parse().command {
+        Command::Consumer {
+            namespace,
+            secret,
+            mode,
+            threads,
+            duration,
+        } => {
+            let client = kube::Client::try_default().await?;
+            let report = consumer::run(client, &namespace, &secret, mode, threads, duration).await;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Refresh {
+            n,
+            lifetimes,
+            token_lifetime,
+            threads,
+            out,
+            bin_dir,
+        } => {
+            let opts = match bin_dir {
+                Some(bin_dir) => Options {
+                    bin_dir,
+                    controller_manager: true,
+                },
+                None => Options::from_build_script(
+                    &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
+                )?,
+            };
+            let cp = ControlPlane::start(&opts).await?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
+            let client = kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?;
+            let cfg = RefreshBench {
+                n_values: n,
+                lifetimes,
+                token_lifetime,
+                clock_skew: Duration::from_secs(1),
+                threads,
+                exe: std::env::current_exe()?,
+                kubeconfig: cp.admin_kubeconfig.clone(),
+            };
+            let doc = bench::refresh_economy(&cfg, &client).await?;
+            bench::print_table(&doc);
+            bench::write_json(&out, &doc)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
