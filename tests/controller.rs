@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Timings, token_fixture};
@@ -13,131 +12,23 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use xero_operator::controller::{self, Context, metrics::Metrics};
-use xero_operator::crd::XeroConnection;
 use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
 
-const CONTROLLER_ID: &str = "controller/test";
-
-/// A controller running in this test process, watching one namespace; stops when dropped.
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
-
-fn start_controller(client: &Client, ns: &str) -> Running {
-    let mut ctx = Context::new(
-        client.clone(),
-        CONTROLLER_ID.to_owned(),
-        Arc::new(Metrics::default()),
-    );
-    ctx.recheck = Duration::from_secs(1);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(
-        Arc::new(ctx),
-        vec![ns.to_owned()],
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        stop: Some(stop),
-        task,
-    }
-}
-
-/// Creates the client Secret and the XeroConnection `acme` for a token fixture.
-async fn create_connection(
-    fx: &common::TokenFixture,
-    timings: Timings,
-    extra_spec: serde_json::Value,
-) {
-    common::install_crds(&fx.client).await;
-    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
-    let app: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "xero-app"},
-        "stringData": {"client_id": xero_operator::emulator::DEFAULT_CLIENT_ID, "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET},
-    }))
-    .expect("secret");
-    secrets
-        .create(&PostParams::default(), &app)
-        .await
-        .expect("client Secret");
-    let mut spec = json!({
-        "clientSecretRef": {"name": "xero-app"},
-        "refresh": {"clockSkewSeconds": timings.clock_skew_secs, "leaseDurationSeconds": timings.lease_secs.max(5)},
-        "endpoints": {
-            "tokenUrl": fx.emulator.token_url(),
-            "connectionsUrl": fx.emulator.connections_url(),
-            "revocationUrl": fx.emulator.revocation_url(),
-        },
-    });
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra_spec.as_object()) {
-        for (k, v) in e {
-            s.insert(k.clone(), v.clone());
-        }
-    }
-    let conn: XeroConnection = serde_json::from_value(json!({
-        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-        "metadata": {"name": "acme"}, "spec": spec,
-    }))
-    .expect("connection");
-    connections(fx)
-        .create(&PostParams::default(), &conn)
-        .await
-        .expect("create connection");
-}
-
-fn connections(fx: &common::TokenFixture) -> Api<XeroConnection> {
-    Api::namespaced(fx.client.clone(), &fx.namespace)
-}
-
-/// Waits until `acme`'s Ready condition has `reason`.
-async fn wait_for_reason(
-    fx: &common::TokenFixture,
-    reason: &str,
-    within: Duration,
-) -> XeroConnection {
-    let deadline = Instant::now() + within;
-    loop {
-        let conn = connections(fx).get("acme").await.expect("get connection");
-        let current = conn
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .map(|c| c.reason.clone());
-        if current.as_deref() == Some(reason) {
-            return conn;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Ready never became {reason}; last {current:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::connection::{self, CONTROLLER_ID, start_controller};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
-    // 5 s tokens, 1 s skew: due every 4 s; 42 s cover 10 expiries.
+    // 10 s tokens, 1 s skew: due every 9 s; about 95 s cover 10 expiries.
     let timings = Timings {
-        access_token: Duration::from_secs(5),
+        access_token: Duration::from_secs(10),
         ..Timings::default()
     };
     let fx = token_fixture("ctl-producer", timings).await;
-    create_connection(&fx, timings, json!({})).await;
-    let _controller = start_controller(&fx.client, &fx.namespace);
-    let conn = wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let conn =
+        connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     let started = Instant::now();
     let status = conn.status.expect("status");
     assert_eq!(status.last_refreshed_by.as_deref(), Some(CONTROLLER_ID));
@@ -153,8 +44,8 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
     );
     while fx.report().await.chains[0].rotations < 11 {
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "fewer than 10 refreshes in 60 s"
+            started.elapsed() < Duration::from_secs(150),
+            "fewer than 10 refreshes in 150 s"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -166,9 +57,9 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
         "one call per expiry"
     );
     assert_eq!((chain.grace_reuses, chain.broken), (0, false));
-    // Never early: 10 refreshes after the first need at least 10 usable windows of 4 s.
+    // Never early: 10 refreshes after the first need at least 10 usable windows of 9 s.
     assert!(
-        elapsed >= Duration::from_secs(39),
+        elapsed >= Duration::from_secs(89),
         "10 refreshes in {elapsed:?}: too early"
     );
     let rec = fx.record().await;
@@ -183,9 +74,9 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
 async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
     let timings = Timings::default();
     let fx = token_fixture("ctl-consumer", timings).await;
-    create_connection(&fx, timings, json!({})).await;
-    let controller = start_controller(&fx.client, &fx.namespace);
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     drop(controller);
     // The token expires while the controller is away; a consumer takes over.
     tokio::time::sleep(Duration::from_millis(2200)).await;
@@ -194,10 +85,10 @@ async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
         .await
         .expect("consumer refreshes");
     let calls = fx.report().await.counters.token_calls;
-    let _controller = start_controller(&fx.client, &fx.namespace);
+    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = connections(&fx)
+        let status = connection::api(&fx)
             .get("acme")
             .await
             .expect("get")
@@ -225,14 +116,16 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
     let fx = token_fixture("ctl-errors", timings).await;
     // Start with no client Secret at all.
     common::install_crds(&fx.client).await;
-    create_connection(&fx, timings, json!({})).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
     secrets
         .delete("xero-app", &Default::default())
         .await
         .expect("remove client Secret");
-    let _controller = start_controller(&fx.client, &fx.namespace);
-    let conn = wait_for_reason(&fx, "MissingClientSecret", Duration::from_secs(30)).await;
+    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let conn =
+        connection::wait_for_reason(&fx, "acme", "MissingClientSecret", Duration::from_secs(30))
+            .await;
     let message = &conn.status.expect("status").conditions[0].message;
     assert!(message.contains("xero-app"), "{message}");
     // A client Secret without the secret key.
@@ -246,7 +139,9 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         .expect("create");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let conn = wait_for_reason(&fx, "MissingClientSecret", Duration::from_secs(5)).await;
+        let conn =
+            connection::wait_for_reason(&fx, "acme", "MissingClientSecret", Duration::from_secs(5))
+                .await;
         if conn.status.expect("status").conditions[0]
             .message
             .contains("\"client_secret\"")
@@ -267,7 +162,7 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         )
         .await
         .expect("fix");
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // Xero failing: XeroUnavailable, then recovery.
     fx.emulator
@@ -278,13 +173,13 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         })
         .await
         .expect("faults");
-    wait_for_reason(&fx, "XeroUnavailable", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
     fx.emulator
         .admin()
         .set_faults(&Faults::default())
         .await
         .expect("faults off");
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(60)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
 
     // Xero refusing the refresh token: ReauthorizationRequired, then a person authorises again.
     fx.patch(
@@ -292,7 +187,13 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         json!({}),
     )
     .await;
-    wait_for_reason(&fx, "ReauthorizationRequired", Duration::from_secs(30)).await;
+    connection::wait_for_reason(
+        &fx,
+        "acme",
+        "ReauthorizationRequired",
+        Duration::from_secs(30),
+    )
+    .await;
     let calls = fx.report().await.counters.token_calls;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -311,7 +212,7 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         json!({}),
     )
     .await;
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // Rate limited: named, then recovered.
     fx.emulator
@@ -324,13 +225,67 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         .expect("faults");
     fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
         .await;
-    wait_for_reason(&fx, "RateLimited", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "RateLimited", Duration::from_secs(30)).await;
     fx.emulator
         .admin()
         .set_faults(&Faults::default())
         .await
         .expect("faults off");
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(60)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
+
+    // A wrong client secret: InvalidClientCredentials, then fixed.
+    secrets
+        .patch(
+            "xero-app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"client_secret": "wrong"}})),
+        )
+        .await
+        .expect("break the client secret");
+    fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
+        .await;
+    connection::wait_for_reason(
+        &fx,
+        "acme",
+        "InvalidClientCredentials",
+        Duration::from_secs(30),
+    )
+    .await;
+    secrets
+        .patch(
+            "xero-app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"client_secret": "emulator-secret"}})),
+        )
+        .await
+        .expect("fix the client secret");
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+
+    // No refresh token at all: WaitingForAuthorization until one is stored.
+    fx.patch(
+        json!({f::REFRESH_TOKEN: "", f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({}),
+    )
+    .await;
+    connection::wait_for_reason(
+        &fx,
+        "acme",
+        "WaitingForAuthorization",
+        Duration::from_secs(30),
+    )
+    .await;
+    let third = fx
+        .emulator
+        .admin()
+        .add_user(&Default::default())
+        .await
+        .expect("authorise");
+    fx.patch(
+        json!({f::REFRESH_TOKEN: third.refresh_token.expect("rt")}),
+        json!({}),
+    )
+    .await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // One Event per transition, none on steady state.
     let events: Api<Event> = Api::namespaced(fx.client.clone(), &fx.namespace);
@@ -348,13 +303,32 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         "XeroUnavailable",
         "ReauthorizationRequired",
         "RateLimited",
+        "InvalidClientCredentials",
+        "WaitingForAuthorization",
     ] {
         assert!(
             reasons.iter().any(|r| r == want),
             "no {want} Event in {reasons:?}"
         );
     }
-    assert!(reasons.len() <= 12, "Events on steady state: {reasons:?}");
+    assert!(reasons.len() <= 18, "Events on steady state: {reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_schema_cannot_catch_is_invalid_spec() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-invalid", timings).await;
+    // The token Secret would be the client Secret itself.
+    connection::create(&fx, "acme", "xero-app", timings, json!({})).await;
+    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let conn =
+        connection::wait_for_reason(&fx, "acme", "InvalidSpec", Duration::from_secs(30)).await;
+    assert!(
+        conn.status.expect("status").conditions[0]
+            .message
+            .contains("must differ")
+    );
+    assert_eq!(fx.report().await.counters.token_calls, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,14 +342,16 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
     )
     .await
     .expect("create SA");
-    create_connection(
+    connection::create(
         &fx,
+        "acme",
+        &fx.secret,
         timings,
         json!({"consumers": [{"serviceAccount": "worker"}]}),
     )
     .await;
-    let _controller = start_controller(&fx.client, &fx.namespace);
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // A client that is the ServiceAccount (impersonated by the admin), checked by the real RBAC.
     let kubeconfig =
@@ -437,7 +413,7 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
 async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
     let timings = Timings::default();
     let fx = token_fixture("ctl-secrets", timings).await;
-    create_connection(&fx, timings, json!({})).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let env = common::env();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_xero-operator"))
@@ -455,7 +431,7 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
         .stderr(log.reopen().expect("log"))
         .spawn()
         .expect("start xero-operator");
-    wait_for_reason(&fx, "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     // A consumer at trace level too, through an expiry, an invalid_grant and a lost answer.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     fx.emulator
@@ -486,7 +462,13 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
         json!({}),
     )
     .await;
-    wait_for_reason(&fx, "ReauthorizationRequired", Duration::from_secs(30)).await;
+    connection::wait_for_reason(
+        &fx,
+        "acme",
+        "ReauthorizationRequired",
+        Duration::from_secs(30),
+    )
+    .await;
     let _ = controller.kill();
     let _ = controller.wait();
 
@@ -510,8 +492,9 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
         "trace logging was on"
     );
     let consumer_log = String::from_utf8_lossy(&consumer.stderr).into_owned();
-    let status = serde_json::to_string(&connections(&fx).get("acme").await.expect("get").status)
-        .expect("json");
+    let status =
+        serde_json::to_string(&connection::api(&fx).get("acme").await.expect("get").status)
+            .expect("json");
     let events = serde_json::to_string(
         &Api::<Event>::namespaced(fx.client.clone(), &fx.namespace)
             .list(&ListParams::default())

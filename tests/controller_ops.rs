@@ -5,15 +5,13 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Timings, token_fixture};
+use common::{Timings, connection, token_fixture};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
-use xero_operator::controller::{self, Context, metrics::Metrics};
 use xero_operator::crd::XeroConnection;
 use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
@@ -26,72 +24,6 @@ impl Drop for Procs {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-async fn create_connection(
-    fx: &common::TokenFixture,
-    name: &str,
-    token_secret: &str,
-    timings: Timings,
-    extra: serde_json::Value,
-) {
-    common::install_crds(&fx.client).await;
-    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
-    let app: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "xero-app"},
-        "stringData": {"client_id": "emulator-client", "client_secret": "emulator-secret"},
-    }))
-    .expect("secret");
-    let _ = secrets.create(&PostParams::default(), &app).await;
-    let mut spec = json!({
-        "clientSecretRef": {"name": "xero-app"},
-        "tokenSecretName": token_secret,
-        "refresh": {"clockSkewSeconds": timings.clock_skew_secs, "leaseDurationSeconds": timings.lease_secs.max(5)},
-        "endpoints": {
-            "tokenUrl": fx.emulator.token_url(),
-            "connectionsUrl": fx.emulator.connections_url(),
-            "revocationUrl": fx.emulator.revocation_url(),
-        },
-    });
-    for (k, v) in extra.as_object().expect("object") {
-        spec[k] = v.clone();
-    }
-    let conn: XeroConnection = serde_json::from_value(json!({
-        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .expect("connection");
-    Api::<XeroConnection>::namespaced(fx.client.clone(), &fx.namespace)
-        .create(&PostParams::default(), &conn)
-        .await
-        .expect("create connection");
-}
-
-async fn ready_reason(fx: &common::TokenFixture, name: &str) -> Option<String> {
-    let conn = Api::<XeroConnection>::namespaced(fx.client.clone(), &fx.namespace)
-        .get(name)
-        .await
-        .ok()?;
-    conn.status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason)
-}
-
-async fn wait_for_reason(fx: &common::TokenFixture, name: &str, reason: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = ready_reason(fx, name).await;
-        if now.as_deref() == Some(reason) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: Ready never became {reason}; last {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -118,7 +50,7 @@ fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child 
 async fn with_two_replicas_only_the_leader_calls_xero_and_the_other_takes_over() {
     let timings = Timings::default();
     let fx = token_fixture("ops-leader", timings).await;
-    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let lease = [
         "--leader-election",
         "--lease-namespace",
@@ -129,7 +61,7 @@ async fn with_two_replicas_only_the_leader_calls_xero_and_the_other_takes_over()
         "4",
     ];
     let mut a = Procs(vec![operator(&fx, "controller/a", &lease)]);
-    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     let b = Procs(vec![operator(&fx, "controller/b", &lease)]);
     // Three token lifetimes with both replicas up: every refresh is the leader's.
     let start_rotation = fx.record().await.rotation;
@@ -180,29 +112,18 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
             .create(&PostParams::default(), &s)
             .await
             .expect("token secret");
-        create_connection(&fx, name, secret, timings, json!({})).await;
+        connection::create(&fx, name, secret, timings, json!({})).await;
     }
-    let mut ctx = Context::new(
-        fx.client.clone(),
-        "controller/gated".into(),
-        Arc::new(Metrics::default()),
-    );
-    ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
-        std::num::NonZeroU32::new(1).expect("1"),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(
-        Arc::new(ctx),
-        vec![fx.namespace.clone()],
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let _controller = connection::start_controller(&fx.client, &fx.namespace, |ctx| {
+        ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
+            std::num::NonZeroU32::new(1).expect("1"),
+        ));
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut ready = 0;
         for name in ["one", "two", "three"] {
-            if ready_reason(&fx, name).await.as_deref() == Some("TokenValid") {
+            if connection::ready_reason(&fx, name).await.as_deref() == Some("TokenValid") {
                 ready += 1;
             }
         }
@@ -218,15 +139,13 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
         1,
         "the bucket let only one call through"
     );
-    let _ = stop.send(());
-    task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() {
     let timings = Timings::default();
     let fx = token_fixture("ops-delete", timings).await;
-    create_connection(
+    connection::create(
         &fx,
         "acme",
         &fx.secret,
@@ -245,7 +164,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         .create(&PostParams::default(), &kept)
         .await
         .expect("create");
-    create_connection(
+    connection::create(
         &fx,
         "keeper",
         "kept-token",
@@ -254,8 +173,8 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
     )
     .await;
     let _controller = Procs(vec![operator(&fx, "controller/del", &[])]);
-    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
-    wait_for_reason(&fx, "keeper", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "keeper", "TokenValid", Duration::from_secs(30)).await;
     let conns: Api<XeroConnection> = Api::namespaced(fx.client.clone(), &fx.namespace);
     conns
         .delete("acme", &DeleteParams::default())
@@ -330,7 +249,7 @@ fn without_the_crd_the_controller_exits_with_a_clear_message() {
 async fn metrics_and_health_endpoints_answer() {
     let timings = Timings::default();
     let fx = token_fixture("ops-metrics", timings).await;
-    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
@@ -352,7 +271,7 @@ async fn metrics_and_health_endpoints_answer() {
             .spawn()
             .expect("start"),
     ]);
-    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // one more refresh
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(
@@ -389,9 +308,9 @@ async fn metrics_and_health_endpoints_answer() {
 async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop() {
     let timings = Timings::default();
     let fx = token_fixture("ops-bad", timings).await;
-    create_connection(&fx, "acme", &fx.secret, timings, json!({})).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let _controller = Procs(vec![operator(&fx, "controller/bad", &[])]);
-    wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     for kind in [
         FaultKind::Html,
         FaultKind::TruncatedJson,
@@ -410,7 +329,7 @@ async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop(
             .expect("faults");
         fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
             .await;
-        wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
+        connection::wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
         let calls = fx.report().await.counters.token_calls;
         tokio::time::sleep(Duration::from_secs(5)).await;
         let more = fx.report().await.counters.token_calls - calls;
@@ -425,7 +344,7 @@ async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop(
             .set_faults(&Faults::default())
             .await
             .expect("faults off");
-        wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
+        connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
     }
     assert!(!fx.report().await.chains[0].broken);
 }

@@ -58,8 +58,11 @@ fn serve(fx: &common::TokenFixture, identity: &str) -> (Child, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
-    // 3 s tokens, 1 s skew: a new token is due every 2 s; 24 s cover about 12 expiries.
+    // 3 s tokens, 1 s skew: a new token is due every 2 s; 24 s cover about 12 expiries. The
+    // controller takes part too: it is one more party of the protocol.
     let fx = Arc::new(token_fixture("cli-hammer", Timings::default()).await);
+    common::connection::create(&fx, "acme", &fx.secret, Timings::default(), json!({})).await;
+    let controller = common::connection::start_controller(&fx.client, &fx.namespace, |_| {});
     let mut procs = Procs(Vec::new());
     let mut urls = Vec::new();
     for i in 0..20 {
@@ -98,6 +101,7 @@ async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
     }
     let elapsed = started.elapsed();
     drop(procs);
+    drop(controller);
     let report = fx.report().await;
     let chain = &report.chains[0];
     eprintln!(

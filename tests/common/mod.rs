@@ -6,6 +6,8 @@
 //! works in a namespace of its own, so tests run in parallel.
 #![allow(dead_code)] // each test binary uses a different part of this helper
 
+pub mod connection;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,0 +1,146 @@
+//! XeroConnections and an in-process controller for the integration tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::json;
+use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::crd::XeroConnection;
+
+use super::{Timings, TokenFixture, install_crds};
+
+/// The controller identity of [`start_controller`].
+pub const CONTROLLER_ID: &str = "controller/test";
+
+/// Creates the client Secret `xero-app` (once) and the XeroConnection `name` using
+/// `token_secret`, pointed at the fixture's emulator; `extra` is merged into the spec.
+pub async fn create(
+    fx: &TokenFixture,
+    name: &str,
+    token_secret: &str,
+    timings: Timings,
+    extra: serde_json::Value,
+) {
+    install_crds(&fx.client).await;
+    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app"},
+        "stringData": {
+            "client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
+            "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET,
+        },
+    }))
+    .expect("secret");
+    match secrets.create(&PostParams::default(), &app).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("client Secret: {e}"),
+    }
+    let mut spec = json!({
+        "clientSecretRef": {"name": "xero-app"},
+        "tokenSecretName": token_secret,
+        "refresh": {"clockSkewSeconds": timings.clock_skew_secs, "leaseDurationSeconds": timings.lease_secs.max(5)},
+        "endpoints": {
+            "tokenUrl": fx.emulator.token_url(),
+            "connectionsUrl": fx.emulator.connections_url(),
+            "revocationUrl": fx.emulator.revocation_url(),
+        },
+    });
+    for (k, v) in extra.as_object().expect("extra spec is an object") {
+        spec[k] = v.clone();
+    }
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("connection");
+    api(fx)
+        .create(&PostParams::default(), &conn)
+        .await
+        .expect("create connection");
+}
+
+pub fn api(fx: &TokenFixture) -> Api<XeroConnection> {
+    Api::namespaced(fx.client.clone(), &fx.namespace)
+}
+
+/// The reason of `name`'s Ready condition, if any.
+pub async fn ready_reason(fx: &TokenFixture, name: &str) -> Option<String> {
+    let conn = api(fx).get(name).await.ok()?;
+    conn.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason)
+}
+
+/// Waits until `name`'s Ready condition has `reason`; returns the connection then.
+pub async fn wait_for_reason(
+    fx: &TokenFixture,
+    name: &str,
+    reason: &str,
+    within: Duration,
+) -> XeroConnection {
+    let deadline = Instant::now() + within;
+    loop {
+        let conn = api(fx).get(name).await.expect("get connection");
+        let current = conn
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.reason.clone());
+        if current.as_deref() == Some(reason) {
+            return conn;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: Ready never became {reason}; last {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A controller running in this test process, watching one namespace; stops when dropped.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// Starts a controller for `ns` in this process (rechecking person-fixable states every second).
+pub fn start_controller(
+    client: &Client,
+    ns: &str,
+    configure: impl FnOnce(&mut Context),
+) -> Running {
+    let mut ctx = Context::new(
+        client.clone(),
+        CONTROLLER_ID.to_owned(),
+        Arc::new(Metrics::default()),
+    );
+    ctx.recheck = Duration::from_secs(1);
+    configure(&mut ctx);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(
+        Arc::new(ctx),
+        vec![ns.to_owned()],
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        stop: Some(stop),
+        task,
+    }
+}
