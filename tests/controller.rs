@@ -165,20 +165,13 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // Xero failing: XeroUnavailable, then recovery.
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            error_rate: 1.0,
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
     connection::wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults::default())
-        .await
-        .expect("faults off");
+    fx.set_faults(Faults::default()).await;
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
 
     // Xero refusing the refresh token: ReauthorizationRequired, then a person authorises again.
@@ -215,22 +208,15 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // Rate limited: named, then recovered.
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            script: [FaultKind::RateLimit; 30].into_iter().collect(),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        script: [FaultKind::RateLimit; 30].into_iter().collect(),
+        ..Faults::default()
+    })
+    .await;
     fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
         .await;
     connection::wait_for_reason(&fx, "acme", "RateLimited", Duration::from_secs(30)).await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults::default())
-        .await
-        .expect("faults off");
+    fx.set_faults(Faults::default()).await;
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
 
     // A wrong client secret: InvalidClientCredentials, then fixed.
@@ -434,14 +420,11 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     // A consumer at trace level too, through an expiry, an invalid_grant and a lost answer.
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            script: [FaultKind::DropResponse].into(),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        script: [FaultKind::DropResponse].into(),
+        ..Faults::default()
+    })
+    .await;
     let consumer = tokio::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .args([
             "--secret",

@@ -16,17 +16,6 @@ use xero_operator::crd::XeroConnection;
 use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_xero-operator"))
         .args([
@@ -60,9 +49,9 @@ async fn with_two_replicas_only_the_leader_calls_xero_and_the_other_takes_over()
         "--lease-seconds",
         "4",
     ];
-    let mut a = Procs(vec![operator(&fx, "controller/a", &lease)]);
+    let mut a = common::Procs(vec![operator(&fx, "controller/a", &lease)]);
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
-    let b = Procs(vec![operator(&fx, "controller/b", &lease)]);
+    let b = common::Procs(vec![operator(&fx, "controller/b", &lease)]);
     // Three token lifetimes with both replicas up: every refresh is the leader's.
     let start_rotation = fx.record().await.rotation;
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -172,7 +161,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         json!({"keepTokenSecretOnDelete": true}),
     )
     .await;
-    let _controller = Procs(vec![operator(&fx, "controller/del", &[])]);
+    let _controller = common::Procs(vec![operator(&fx, "controller/del", &[])]);
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     connection::wait_for_reason(&fx, "keeper", "TokenValid", Duration::from_secs(30)).await;
     let conns: Api<XeroConnection> = Api::namespaced(fx.client.clone(), &fx.namespace);
@@ -255,7 +244,7 @@ async fn metrics_and_health_endpoints_answer() {
         .local_addr()
         .expect("addr")
         .port();
-    let _controller = Procs(vec![
+    let _controller = common::Procs(vec![
         Command::new(env!("CARGO_BIN_EXE_xero-operator"))
             .args([
                 "--namespace",
@@ -309,7 +298,7 @@ async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop(
     let timings = Timings::default();
     let fx = token_fixture("ops-bad", timings).await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
-    let _controller = Procs(vec![operator(&fx, "controller/bad", &[])]);
+    let _controller = common::Procs(vec![operator(&fx, "controller/bad", &[])]);
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     for kind in [
         FaultKind::Html,
@@ -319,14 +308,11 @@ async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop(
         FaultKind::ExpiresInYear,
     ] {
         let rt_before = fx.record().await.refresh_token;
-        fx.emulator
-            .admin()
-            .set_faults(&Faults {
-                script: std::iter::repeat_n(kind, 500).collect(),
-                ..Faults::default()
-            })
-            .await
-            .expect("faults");
+        fx.set_faults(Faults {
+            script: std::iter::repeat_n(kind, 500).collect(),
+            ..Faults::default()
+        })
+        .await;
         fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
             .await;
         connection::wait_for_reason(&fx, "acme", "XeroUnavailable", Duration::from_secs(30)).await;
@@ -339,11 +325,7 @@ async fn unusable_answers_from_xero_end_in_a_named_condition_without_a_hot_loop(
             rt_before,
             "{kind:?}: the refresh token is intact"
         );
-        fx.emulator
-            .admin()
-            .set_faults(&Faults::default())
-            .await
-            .expect("faults off");
+        fx.set_faults(Faults::default()).await;
         connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
     }
     assert!(!fx.report().await.chains[0].broken);

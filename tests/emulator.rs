@@ -548,10 +548,7 @@ async fn rate_limits_answer_429_with_xeros_headers() {
 
 async fn set_script(emu: &Emulator, script: &[FaultKind]) {
     emu.admin()
-        .set_faults(&Faults {
-            script: script.iter().copied().collect(),
-            ..Faults::default()
-        })
+        .set_faults(&Faults::scripted(script))
         .await
         .expect("faults");
 }

@@ -15,14 +15,7 @@ use xero_operator::protocol::{Error, Refresher};
 use xero_operator::redact::Sensitive;
 
 async fn set_script(fx: &common::TokenFixture, script: &[FaultKind]) {
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            script: script.iter().copied().collect(),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults::scripted(script)).await;
 }
 
 #[tokio::test]
@@ -146,14 +139,11 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
     .await;
     // Xero processes the refresh at once but answers only after 3 s: the holder is killed in
     // between, so the rotated pair never reaches the Secret.
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            latency: Duration::from_secs(3),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(3),
+        ..Faults::default()
+    })
+    .await;
     let env = common::env();
     let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .args([
@@ -188,11 +178,7 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
 
     // Recovery without human action: the next party waits out the dead claim, claims, and
     // presents the old refresh token inside Xero's grace period.
-    fx.emulator
-        .admin()
-        .set_faults(&Faults::default())
-        .await
-        .expect("faults off");
+    fx.set_faults(Faults::default()).await;
     let t = fx.refresher("rescuer").get().await.expect("recovered");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
     let report = fx.report().await;
@@ -224,14 +210,11 @@ async fn two_claimers_reach_xero(grace_reuse: GraceReuse) {
         grace_reuse,
     )
     .await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            latency: Duration::from_secs(4),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(4),
+        ..Faults::default()
+    })
+    .await;
     let a = Arc::new(fx.refresher("slow-a"));
     let b = Arc::new(fx.refresher("late-b"));
     let first = tokio::spawn({
@@ -245,11 +228,7 @@ async fn two_claimers_reach_xero(grace_reuse: GraceReuse) {
     });
     let ta = first.await.expect("join").expect("a's token");
     let tb = second.await.expect("join").expect("b's token");
-    fx.emulator
-        .admin()
-        .set_faults(&Faults::default())
-        .await
-        .expect("faults off");
+    fx.set_faults(Faults::default()).await;
     let report = fx.report().await;
     assert_eq!(report.counters.token_calls, 2, "both claimers reached Xero");
     let stored = fx.record().await;
@@ -325,15 +304,12 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
     let fx = token_fixture("proto-race", Timings::default()).await;
     // Xero answers invalid_grant after 2 s; meanwhile a person re-authorises and a new refresh
     // token lands in the Secret.
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            latency: Duration::from_secs(2),
-            script: [FaultKind::InvalidGrant].into(),
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(2),
+        script: [FaultKind::InvalidGrant].into(),
+        ..Faults::default()
+    })
+    .await;
     let pending = tokio::spawn({
         let r = fx.refresher("a");
         async move { r.get().await }
@@ -350,11 +326,7 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
         json!({}),
     )
     .await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults::default())
-        .await
-        .expect("faults off");
+    fx.set_faults(Faults::default()).await;
     let t = pending.await.expect("join").expect("the new token is used");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
     assert_eq!(fx.record().await.reauthorization_required_for, None);
@@ -432,14 +404,11 @@ async fn xero_down_for_longer_than_the_claim_is_an_error_with_the_secret_intact(
         },
     )
     .await;
-    fx.emulator
-        .admin()
-        .set_faults(&Faults {
-            error_rate: 1.0,
-            ..Faults::default()
-        })
-        .await
-        .expect("faults");
+    fx.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
     let err = fx.refresher("a").get().await.expect_err("Xero down");
     assert!(
         matches!(

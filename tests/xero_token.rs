@@ -14,18 +14,6 @@ use common::{Timings, token_fixture};
 use serde_json::{Value, json};
 use xero_operator::protocol::format as f;
 
-/// Kills its processes when dropped, so a failing test leaves nothing behind.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn xero_token(fx: &common::TokenFixture, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xero-token"));
     cmd.args(["--secret", &fx.secret, "--namespace", &fx.namespace])
@@ -63,7 +51,7 @@ async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
     let fx = Arc::new(token_fixture("cli-hammer", Timings::default()).await);
     common::connection::create(&fx, "acme", &fx.secret, Timings::default(), json!({})).await;
     let controller = common::connection::start_controller(&fx.client, &fx.namespace, |_| {});
-    let mut procs = Procs(Vec::new());
+    let mut procs = common::Procs(Vec::new());
     let mut urls = Vec::new();
     for i in 0..20 {
         let (child, url) = serve(&fx, &format!("consumer-{i}"));
@@ -253,7 +241,7 @@ async fn serve_reports_errors_as_json_and_only_listens_on_loopback() {
     let fx = token_fixture("cli-serve", Timings::default()).await;
     fx.patch(json!({f::REFRESH_TOKEN: ""}), json!({})).await;
     let (child, url) = serve(&fx, "sidecar");
-    let _procs = Procs(vec![child]);
+    let _procs = common::Procs(vec![child]);
     let resp = reqwest::get(format!("{url}/token")).await.expect("send");
     assert_eq!(resp.status(), 503);
     assert_eq!(

@@ -83,15 +83,7 @@ async fn main() -> anyhow::Result<()> {
             out,
             bin_dir,
         } => {
-            let opts = match bin_dir {
-                Some(bin_dir) => Options {
-                    bin_dir,
-                    controller_manager: true,
-                },
-                None => Options::from_build_script(
-                    &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
-                )?,
-            };
+            let opts = Options::from_bin_dir_or_build(bin_dir)?;
             let cp = ControlPlane::start(&opts).await?;
             let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
             let client = kube::Client::try_from(

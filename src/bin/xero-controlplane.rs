@@ -51,15 +51,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut opts = match args.bin_dir {
-        Some(bin_dir) => Options {
-            bin_dir,
-            controller_manager: true,
-        },
-        None => Options::from_build_script(
-            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
-        )?,
-    };
+    let mut opts = Options::from_bin_dir_or_build(args.bin_dir)?;
     opts.controller_manager = !args.no_controller_manager;
     let parent = std::os::unix::process::parent_id();
     let mut cp = ControlPlane::start(&opts).await?;

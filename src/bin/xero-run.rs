@@ -37,20 +37,12 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let controlplane = match args.bin_dir {
-        Some(bin_dir) => Options {
-            bin_dir,
-            controller_manager: true,
-        },
-        None => match Options::from_build_script(
-            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
-        ) {
-            Ok(o) => o,
-            Err(e) => {
-                eprintln!("xero-run: {e}");
-                return ExitCode::from(1);
-            }
-        },
+    let controlplane = match Options::from_bin_dir_or_build(args.bin_dir) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("xero-run: {e}");
+            return ExitCode::from(1);
+        }
     };
     match run(RunOptions {
         controlplane,

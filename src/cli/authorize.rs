@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use ring::rand::SecureRandom;
 
-use super::{Args, EXIT_OTHER, namespace};
+use super::{Args, EXIT_OTHER, secret_target};
 use crate::protocol::format::{self, TokenRecord, format_time, token_patch};
 use crate::protocol::refresher::default_identity;
 use crate::redact::Sensitive;
@@ -71,14 +71,7 @@ fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
-    let secret_name = args
-        .secret
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("--secret (or XERO_TOKEN_SECRET) is required"))?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
-    let ns = namespace(args, &client);
+    let (secret_name, client, ns) = secret_target(args).await?;
     let api: Api<Secret> = Api::namespaced(client, &ns);
     let existing = api.get_opt(&secret_name).await?;
     let rec = existing.as_ref().map(TokenRecord::from_secret);

@@ -90,8 +90,8 @@ enum Command {
     Authorize(authorize::AuthorizeArgs),
 }
 
-/// Builds the API-backed refresher for the Secret named on the command line.
-async fn refresher(args: &Args) -> anyhow::Result<Refresher> {
+/// The token Secret named on the command line: its name, a client, and its namespace.
+async fn secret_target(args: &Args) -> anyhow::Result<(String, kube::Client, String)> {
     let secret = args
         .secret
         .clone()
@@ -100,6 +100,12 @@ async fn refresher(args: &Args) -> anyhow::Result<Refresher> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
     let namespace = namespace(args, &client);
+    Ok((secret, client, namespace))
+}
+
+/// Builds the API-backed refresher for the Secret named on the command line.
+async fn refresher(args: &Args) -> anyhow::Result<Refresher> {
+    let (secret, client, namespace) = secret_target(args).await?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     Ok(
         Refresher::new(client, &namespace, &secret, &identity, Role::Consumer)

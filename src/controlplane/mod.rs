@@ -98,6 +98,21 @@ impl Options {
     }
 }
 
+impl Options {
+    /// The binaries in `bin_dir` if given, else the repo's cached build (built if missing).
+    pub fn from_bin_dir_or_build(bin_dir: Option<PathBuf>) -> Result<Self, Error> {
+        match bin_dir {
+            Some(bin_dir) => Ok(Self {
+                bin_dir,
+                controller_manager: true,
+            }),
+            None => Self::from_build_script(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
+            ),
+        }
+    }
+}
+
 /// One running component.
 struct Component {
     name: &'static str,

@@ -81,6 +81,14 @@ mod duration_ms {
 }
 
 impl Faults {
+    /// Only a script: these fates for the next requests, then normal answers.
+    pub fn scripted(kinds: &[FaultKind]) -> Self {
+        Self {
+            script: kinds.iter().copied().collect(),
+            ..Self::default()
+        }
+    }
+
     /// Checks the rates are fractions.
     pub fn validate(&self) -> Result<(), String> {
         for (name, rate) in [

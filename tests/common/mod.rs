@@ -125,6 +125,18 @@ pub fn kubectl(args: &[&str]) -> std::process::Output {
         .expect("run kubectl")
 }
 
+/// Child processes killed when dropped, so a failing test leaves nothing behind.
+pub struct Procs(pub Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Path of a file in the repo.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -271,6 +283,15 @@ impl TokenFixture {
             )
             .await
             .expect("patch Secret");
+    }
+
+    /// Sets the emulator's faults (`Faults::default()` turns them off).
+    pub async fn set_faults(&self, faults: xero_operator::emulator::Faults) {
+        self.emulator
+            .admin()
+            .set_faults(&faults)
+            .await
+            .expect("set faults");
     }
 
     pub async fn report(&self) -> xero_operator::emulator::Report {
