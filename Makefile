@@ -55,9 +55,13 @@ run: prerequisites
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-run --bin-dir "$$bin_dir"
 
-## bench: the refresh-economy benchmark (naive vs per-process vs protocol) against the real API
-## server and the emulator; prints a table and writes target/bench/refresh.json. Release build.
+## bench: against the real API server and the emulator, release build; prints tables and writes
+## target/bench/refresh.json (naive vs per-process vs protocol) and target/bench/scale.json
+## (connections per controller, RSS, idle CPU, a refresh storm). SCALE_COUNTS=100,1000,10000 for
+## the full scale run (long).
+SCALE_COUNTS ?= 100,1000
 bench: prerequisites
-	$(CARGO) build --locked --release --bin xero-bench
+	$(CARGO) build --locked --release --bin xero-bench --bin xero-operator
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
-	target/release/xero-bench refresh --bin-dir "$$bin_dir" $(BENCH_ARGS)
+	target/release/xero-bench refresh --bin-dir "$$bin_dir" $(BENCH_ARGS) && \
+	target/release/xero-bench scale --bin-dir "$$bin_dir" --counts $(SCALE_COUNTS)

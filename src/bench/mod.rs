@@ -1,10 +1,13 @@
 //! `make bench`: figures, printed and written as JSON, never asserted as timings in tests.
 //!
+//! Controller scale ([`scale`]): many connections in one controller, and a refresh storm.
+//!
 //! The refresh economy: the same workload — N consumer processes, each asking for a token in a
 //! loop over K access-token lifetimes — run three ways (naive, per-process cache, this project's
 //! protocol with the controller running) against the real API server and the emulator.
 
 pub mod consumer;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -38,6 +38,24 @@ enum Command {
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Controller scale: connections per controller, RSS, idle CPU, time to Ready, a storm.
+    Scale {
+        /// Connection counts (10,000 takes a quarter of an hour or more on 2 cores).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        counts: Vec<usize>,
+        /// The controller's per-app cap of token calls per minute.
+        #[arg(long, default_value_t = 3000)]
+        app_calls_per_minute: u32,
+        /// Seconds of idle CPU measurement.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        idle: Duration,
+        /// Where to write the JSON.
+        #[arg(long, default_value = "target/bench/scale.json")]
+        out: PathBuf,
+        /// Control plane binaries (default: tests/controlplane/build.sh).
+        #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
     /// One consumer process (run by `refresh`; prints its report as JSON).
     #[command(hide = true)]
     Consumer {
@@ -59,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
+                .unwrap_or_else(|_| "error,kube_client::client::builder=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -74,6 +92,36 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default().await?;
             let report = consumer::run(client, &namespace, &secret, mode, threads, duration).await;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Scale {
+            counts,
+            app_calls_per_minute,
+            idle,
+            out,
+            bin_dir,
+        } => {
+            let cp = ControlPlane::start(&Options::from_bin_dir_or_build(bin_dir)?).await?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
+            let client = kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?;
+            let operator = std::env::current_exe()?.with_file_name("xero-operator");
+            anyhow::ensure!(
+                operator.is_file(),
+                "{} not found: build it first (make bench does)",
+                operator.display()
+            );
+            let cfg = bench::scale::ScaleBench {
+                counts,
+                app_calls_per_minute,
+                idle,
+                operator,
+                kubeconfig: cp.admin_kubeconfig.clone(),
+            };
+            let doc = bench::scale::scale(&cfg, &client).await?;
+            bench::scale::print_table(&doc);
+            bench::write_json(&out, &doc)?;
+            println!("wrote {}", out.display());
         }
         Command::Refresh {
             n,

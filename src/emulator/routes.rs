@@ -205,6 +205,7 @@ pub async fn token(Axum(shared): Axum<Shared>, headers: HeaderMap, body: Bytes) 
         let mut inner = shared.lock();
         let c = &mut inner.state.counters;
         c.token_calls += 1;
+        *c.token_calls_by_second.entry(now_ms() / 1000).or_default() += 1;
         bump(
             &mut c.token_calls_by_grant,
             if grant.is_empty() { "none" } else { &grant },

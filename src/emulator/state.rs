@@ -219,6 +219,8 @@ pub struct Counters {
     pub revocation_calls: u64,
     pub rate_limited: u64,
     pub faults_injected: u64,
+    /// Token-endpoint requests per Unix second (to check calls per minute against a cap).
+    pub token_calls_by_second: BTreeMap<u64, u64>,
 }
 
 struct Client {

@@ -1,0 +1,352 @@
+//! Controller scale: many `XeroConnection`s in one controller process — peak and steady RSS, CPU
+//! while idle, time until all are Ready, and a refresh storm (every token due in the same second)
+//! under the per-app token bucket: how long it took and the most calls any minute saw.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+use crate::crd::XeroConnection;
+use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
+use crate::protocol::format::{self as f, format_time};
+
+/// Inputs of the scale benchmark.
+#[derive(Clone, Debug)]
+pub struct ScaleBench {
+    pub counts: Vec<usize>,
+    /// The controller's per-app cap (`--app-calls-per-minute`).
+    pub app_calls_per_minute: u32,
+    /// How long to measure CPU while nothing is due.
+    pub idle: Duration,
+    /// The `xero-operator` executable.
+    pub operator: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+/// Concurrent API requests while creating objects.
+const CREATE_CONCURRENCY: usize = 32;
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// The most token calls in any 60-second window of a per-second histogram.
+pub fn max_per_minute(by_second: &std::collections::BTreeMap<u64, u64>) -> u64 {
+    let seconds: Vec<(u64, u64)> = by_second.iter().map(|(s, n)| (*s, *n)).collect();
+    let mut best = 0;
+    let mut start = 0;
+    let mut sum = 0;
+    for end in 0..seconds.len() {
+        sum += seconds[end].1;
+        while seconds[end].0 - seconds[start].0 >= 60 {
+            sum -= seconds[start].1;
+            start += 1;
+        }
+        best = best.max(sum);
+    }
+    best
+}
+
+/// Runs every count and returns the JSON document.
+pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
+    crate::crd::install(client).await?;
+    let mut rows = Vec::new();
+    for &n in &cfg.counts {
+        let row = run_one(cfg, client, n).await?;
+        eprintln!("scale n={n:<6} {row}");
+        rows.push(row);
+    }
+    Ok(json!({
+        "inputs": {
+            "counts": cfg.counts,
+            "app_calls_per_minute": cfg.app_calls_per_minute,
+            "idle_seconds": cfg.idle.as_secs(),
+            "xero_operator_version": env!("CARGO_PKG_VERSION"),
+            "kubernetes_version": client.apiserver_version().await.map(|v| v.git_version).unwrap_or_default(),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        },
+        "rows": rows,
+    }))
+}
+
+async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<Value> {
+    let emu = Emulator::start(emulator::Config {
+        behaviour: emulator::Behaviour {
+            lifetimes: Lifetimes {
+                access_token: Duration::from_secs(3600),
+                ..Lifetimes::default()
+            },
+            ..emulator::Behaviour::default()
+        },
+        limits: RateLimits {
+            app_per_minute: u32::MAX,
+            ..RateLimits::default()
+        },
+        ..emulator::Config::default()
+    })
+    .await?;
+    let ns = Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"generateName": "scale-"}}))?,
+        )
+        .await?
+        .metadata
+        .name
+        .unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let conns: Api<XeroConnection> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "xero-app"},
+                "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET}}))?,
+        )
+        .await?;
+    let admin = emu.admin();
+    let (token_url, connections_url) = (emu.token_url(), emu.connections_url());
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (secrets, conns, admin, token_url, connections_url) =
+                (secrets.clone(), conns.clone(), admin.clone(), token_url.clone(), connections_url.clone());
+            async move {
+                let user = admin.add_user(&NewUser::default()).await?;
+                secrets
+                    .create(
+                        &PostParams::default(),
+                        &serde_json::from_value(json!({"metadata": {"name": format!("c{i}-xero-token")},
+                            "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))?,
+                    )
+                    .await?;
+                conns
+                    .create(
+                        &PostParams::default(),
+                        &serde_json::from_value(json!({
+                            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+                            "metadata": {"name": format!("c{i}")},
+                            "spec": {"clientSecretRef": {"name": "xero-app"},
+                                "refresh": {"clockSkewSeconds": 0},
+                                "endpoints": {"tokenUrl": token_url, "connectionsUrl": connections_url}},
+                        }))?,
+                    )
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+
+    let mut controller = tokio::process::Command::new(&cfg.operator)
+        .args([
+            "--namespace",
+            &ns,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "controller/scale",
+        ])
+        .arg(format!(
+            "--app-calls-per-minute={}",
+            cfg.app_calls_per_minute
+        ))
+        .env("KUBECONFIG", &cfg.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = controller.id().unwrap_or_default();
+    let peak_kib = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = peak_kib.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(hwm) = proc_status_kib(pid, "VmHWM:") {
+                    peak.fetch_max(hwm, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    wait_all_ready(&conns, n, Duration::from_secs(1800)).await?;
+    let time_to_ready = started.elapsed();
+
+    // Idle: nothing is due for an hour.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_before = cpu_seconds(pid).unwrap_or_default();
+    tokio::time::sleep(cfg.idle).await;
+    let cpu_idle =
+        (cpu_seconds(pid).unwrap_or_default() - cpu_before) / cfg.idle.as_secs_f64() * 100.0;
+    let steady_kib = proc_status_kib(pid, "VmRSS:").unwrap_or_default();
+
+    // The storm: every token expires in the same second.
+    let calls_before = emu.admin().report().await?.counters.token_calls;
+    let due = SystemTime::now() + Duration::from_secs(10) + Duration::from_millis((n as u64) * 2);
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let secrets = secrets.clone();
+            async move {
+                let patch = json!({"stringData": {f::EXPIRES_AT: format_time(due)}});
+                secrets
+                    .patch(
+                        &format!("c{i}-xero-token"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map(drop)
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    while SystemTime::now() < due {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let storm_started = Instant::now();
+    let deadline = storm_started + Duration::from_secs(3600);
+    let report = loop {
+        let report = emu.admin().report().await?;
+        if report.counters.token_calls >= calls_before + n as u64 || Instant::now() > deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let storm = storm_started.elapsed();
+    let storm_seconds: std::collections::BTreeMap<u64, u64> = report
+        .counters
+        .token_calls_by_second
+        .range(due.duration_since(SystemTime::UNIX_EPOCH)?.as_secs()..)
+        .map(|(s, c)| (*s, *c))
+        .collect();
+    let budget = Duration::from_secs_f64(n as f64 * 60.0 / f64::from(cfg.app_calls_per_minute));
+    sampler.abort();
+    let _ = controller.start_kill();
+    let _ = controller.wait().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &Default::default())
+        .await;
+    Ok(json!({
+        "connections": n,
+        "time_until_all_ready_s": round1(time_to_ready.as_secs_f64()),
+        "peak_rss_mib": round1(peak_kib.load(Ordering::Relaxed) as f64 / 1024.0),
+        "steady_rss_mib": round1(steady_kib as f64 / 1024.0),
+        "idle_cpu_percent_of_a_core": round2(cpu_idle),
+        "storm_refreshed": report.counters.token_calls - calls_before,
+        "storm_duration_s": round1(storm.as_secs_f64()),
+        "storm_budget_s": round1(budget.as_secs_f64()),
+        "storm_max_calls_per_minute": max_per_minute(&storm_seconds),
+        "cap_per_minute": cfg.app_calls_per_minute,
+        "broken_chains": report.broken_chains(),
+    }))
+}
+
+async fn wait_all_ready(
+    conns: &Api<XeroConnection>,
+    n: usize,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = conns.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|c| {
+                c.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|x| x.type_ == "Ready" && x.reason == "TokenValid")
+                })
+            })
+            .count();
+        if ready >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {ready} of {n} connections Ready in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Prints the scale table.
+pub fn print_table(doc: &Value) {
+    println!(
+        "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13}",
+        "connections",
+        "ready (s)",
+        "peak MiB",
+        "steady MiB",
+        "idle CPU%",
+        "storm (s)",
+        "budget s",
+        "max/min",
+        "cap/min"
+    );
+    for row in doc["rows"].as_array().into_iter().flatten() {
+        let cell = |k: &str| row[k].to_string();
+        println!(
+            "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13}",
+            cell("connections"),
+            cell("time_until_all_ready_s"),
+            cell("peak_rss_mib"),
+            cell("steady_rss_mib"),
+            cell("idle_cpu_percent_of_a_core"),
+            cell("storm_duration_s"),
+            cell("storm_budget_s"),
+            cell("storm_max_calls_per_minute"),
+            cell("cap_per_minute"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_busiest_minute_is_found() {
+        let h: std::collections::BTreeMap<u64, u64> =
+            [(0, 10), (30, 10), (59, 10), (60, 10), (200, 5)].into();
+        assert_eq!(max_per_minute(&h), 30);
+        assert_eq!(max_per_minute(&Default::default()), 0);
+    }
+}
