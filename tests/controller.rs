@@ -393,6 +393,31 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
     .await
     .expect("the ServiceAccount gets a token");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
+
+    // Emptying the consumer list removes the grant.
+    connection::api(&fx)
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"consumers": null}})),
+        )
+        .await
+        .expect("remove consumers");
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> =
+        Api::namespaced(fx.client.clone(), &fx.namespace);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while roles
+        .get_opt("acme-xero-token-consumer")
+        .await
+        .expect("get role")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer Role was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

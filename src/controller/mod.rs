@@ -86,6 +86,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The rotation last seen per connection uid (to count refreshes by actor).
     rotations: Mutex<HashMap<String, u64>>,
+    /// Connections (uid) known to have no consumer Role: saves two DELETE calls per reconcile.
+    no_consumer_rbac: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -104,6 +106,7 @@ impl Context {
             gate: None,
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
+            no_consumer_rbac: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -388,7 +391,17 @@ async fn sync_consumer_rbac(conn: &XeroConnection, ctx: &Context) -> Result<(), 
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &ns);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
     let name = resources::consumer_role_name(conn);
+    let uid = conn.uid().unwrap_or_default();
+    let known_absent = |ctx: &Context| {
+        ctx.no_consumer_rbac
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&uid)
+    };
     if conn.spec.consumers.is_empty() {
+        if known_absent(ctx) {
+            return Ok(());
+        }
         for result in [
             bindings
                 .delete(&name, &DeleteParams::default())
@@ -404,8 +417,16 @@ async fn sync_consumer_rbac(conn: &XeroConnection, ctx: &Context) -> Result<(), 
                 Err(e) => return Err(kube_err("removing the consumer Role")(e)),
             }
         }
+        ctx.no_consumer_rbac
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid);
         return Ok(());
     }
+    ctx.no_consumer_rbac
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&uid);
     let owner = conn
         .controller_owner_ref(&())
         .expect("a stored object has a name and uid");
