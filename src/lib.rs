@@ -13,6 +13,7 @@ pub mod controlplane;
 pub mod crd;
 pub mod devrun;
 pub mod emulator;
+pub mod process;
 pub mod protocol;
 pub mod redact;
 pub mod xero;

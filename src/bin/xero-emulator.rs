@@ -112,12 +112,7 @@ fn parse_client(spec: &str) -> anyhow::Result<(String, String)> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    xero_operator::process::init_logging("info");
     let args = Args::parse();
     let config = Config {
         port: args.port,

@@ -114,12 +114,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let ctx = Arc::new(ctx);
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler works on Unix");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
+        xero_operator::process::shutdown_signal().await;
         tracing::info!("shutting down: finishing the reconciles in flight");
     };
     ready.store(true, Ordering::Relaxed);

@@ -30,12 +30,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    xero_operator::process::init_logging("warn,kube_client::client::builder=off");
     let args = Args::parse();
     let controlplane = match Options::from_bin_dir_or_build(args.bin_dir) {
         Ok(o) => o,

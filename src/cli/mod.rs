@@ -228,12 +228,7 @@ fn fail(e: &SourceError) -> ExitCode {
 
 /// The entry point of the `xero-token` binary.
 pub async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::process::init_logging("warn");
     let args = Args::parse();
     match run(args).await {
         Ok(code) => code,

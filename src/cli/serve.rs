@@ -55,14 +55,7 @@ pub async fn serve(listen: SocketAddr, source: Arc<Source>) -> anyhow::Result<()
     let listener = tokio::net::TcpListener::bind(listen).await?;
     // The address goes to stdout so a supervisor (or a test) can find a port chosen by the OS.
     println!("serving on http://{}", listener.local_addr()?);
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler works on Unix");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-    };
+    let shutdown = crate::process::shutdown_signal();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
