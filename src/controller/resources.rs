@@ -156,16 +156,22 @@ pub fn consumer_role_name(conn: &XeroConnection) -> String {
     )
 }
 
+/// Metadata shared by the consumers' Role and RoleBinding: named after the connection, labelled
+/// like its token Secret, owned by it.
+fn consumer_rbac_meta(conn: &XeroConnection, owner: OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(consumer_role_name(conn)),
+        namespace: conn.metadata.namespace.clone(),
+        labels: Some(token_secret_labels(conn)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
 /// The Role letting consumers read, watch and refresh exactly the token Secret.
 pub fn consumer_role(conn: &XeroConnection, owner: OwnerReference) -> Role {
     Role {
-        metadata: ObjectMeta {
-            name: Some(consumer_role_name(conn)),
-            namespace: conn.metadata.namespace.clone(),
-            labels: Some(token_secret_labels(conn)),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
+        metadata: consumer_rbac_meta(conn, owner),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".to_owned()]),
@@ -184,13 +190,7 @@ pub fn consumer_role(conn: &XeroConnection, owner: OwnerReference) -> Role {
 pub fn consumer_role_binding(conn: &XeroConnection, owner: OwnerReference) -> RoleBinding {
     let ns = conn.metadata.namespace.clone().unwrap_or_default();
     RoleBinding {
-        metadata: ObjectMeta {
-            name: Some(consumer_role_name(conn)),
-            namespace: conn.metadata.namespace.clone(),
-            labels: Some(token_secret_labels(conn)),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
+        metadata: consumer_rbac_meta(conn, owner),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "Role".to_owned(),
