@@ -267,26 +267,38 @@ pub struct XeroTenant {
     pub auth_event_id: Option<String>,
 }
 
+/// A new HTTP client for Xero's endpoints. Building one loads the TLS roots and starts a
+/// connection pool, so a process builds it once and shares it (it is cheap to clone).
+pub fn new_http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("xero-operator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a client with rustls always builds")
+}
+
 /// The HTTP client of Xero's endpoints.
 #[derive(Clone)]
 pub struct XeroClient {
     http: reqwest::Client,
+    /// Every request gives up after this long.
+    timeout: Duration,
     pub endpoints: Endpoints,
 }
 
 impl XeroClient {
+    /// A client with its own HTTP connection pool (one-off calls).
     pub fn new(endpoints: Endpoints) -> Self {
-        Self::with_timeout(endpoints, REQUEST_TIMEOUT)
+        Self::with_http(new_http(), endpoints, REQUEST_TIMEOUT)
     }
 
-    /// A client whose every request gives up after `timeout`.
-    pub fn with_timeout(endpoints: Endpoints, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .user_agent(concat!("xero-operator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a client with rustls and a timeout always builds");
-        Self { http, endpoints }
+    /// A client on a shared HTTP client (see [`new_http`]) whose every request gives up after
+    /// `timeout`.
+    pub fn with_http(http: reqwest::Client, endpoints: Endpoints, timeout: Duration) -> Self {
+        Self {
+            http,
+            timeout,
+            endpoints,
+        }
     }
 
     async fn token_request(
@@ -297,6 +309,7 @@ impl XeroClient {
         let resp = self
             .http
             .post(&self.endpoints.token_url)
+            .timeout(self.timeout)
             .basic_auth(&app.client_id, Some(app.client_secret.expose()))
             .form(form)
             .send()
@@ -375,6 +388,7 @@ impl XeroClient {
         let resp = self
             .http
             .get(&self.endpoints.connections_url)
+            .timeout(self.timeout)
             .bearer_auth(access_token.expose())
             .send()
             .await
@@ -410,6 +424,7 @@ impl XeroClient {
         let resp = self
             .http
             .post(&self.endpoints.revocation_url)
+            .timeout(self.timeout)
             .basic_auth(&app.client_id, Some(app.client_secret.expose()))
             .form(&[("token", refresh_token.expose())])
             .send()

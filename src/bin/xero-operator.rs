@@ -63,6 +63,15 @@ struct Args {
     )]
     app_calls_per_minute: u32,
 
+    /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
+    /// when many connections become due together.
+    #[arg(
+        long,
+        env = "XERO_OPERATOR_MAX_CONCURRENT_RECONCILES",
+        default_value_t = controller::DEFAULT_CONCURRENCY
+    )]
+    max_concurrent_reconciles: u16,
+
     /// Log as JSON lines.
     #[arg(long, env = "XERO_OPERATOR_LOG_JSON")]
     log_json: bool,
@@ -107,6 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ready.clone(),
     ));
     let mut ctx = Context::new(client, identity, metrics);
+    ctx.concurrency = args.max_concurrent_reconciles;
     let per_minute = std::num::NonZeroU32::new(args.app_calls_per_minute)
         .ok_or_else(|| anyhow::anyhow!("--app-calls-per-minute must be at least 1"))?;
     ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(

@@ -21,11 +21,14 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{
+    Controller, Predicate, PredicateConfig, WatchStreamExt, controller, predicates, watcher,
+};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -48,6 +51,8 @@ const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries
 /// no label of ours, and caching every Secret is not an option).
 const RECHECK: Duration = Duration::from_secs(30);
+/// Reconciles running at once by default.
+pub const DEFAULT_CONCURRENCY: u16 = 32;
 /// Backoff of transient failures per connection: 1 s doubling to 5 minutes.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
@@ -82,6 +87,11 @@ pub struct Context {
     pub recheck: Duration,
     /// The per-app token bucket of this controller's calls to Xero.
     pub gate: Option<crate::protocol::gate::AppGate>,
+    /// One HTTP client (and connection pool) for every call to Xero.
+    pub http: reqwest::Client,
+    /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
+    /// when thousands of connections become due together.
+    pub concurrency: u16,
     /// Consecutive transient failures per connection uid (for the backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// The rotation last seen per connection uid (to count refreshes by actor).
@@ -104,6 +114,8 @@ impl Context {
             default_endpoints: Endpoints::default(),
             recheck: RECHECK,
             gate: None,
+            http: crate::xero::new_http(),
+            concurrency: DEFAULT_CONCURRENCY,
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
             no_consumer_rbac: Mutex::new(std::collections::HashSet::new()),
@@ -182,17 +194,38 @@ async fn run_scope(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (conns, secrets): (Api<XeroConnection>, Api<Secret>) = match &namespace {
+    // `Api<PartialObjectMeta<_>>` lists and watches metadata only.
+    let (conns, secrets): (Api<XeroConnection>, Api<PartialObjectMeta<Secret>>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    // Token Secrets only, by label: the controller never caches every Secret in the cluster.
-    let token_secrets = watcher::Config::default().labels(f::LABEL_CONNECTION);
-    Controller::new(conns, watcher::Config::default())
-        .watches(secrets, token_secrets, |s: Secret| {
+    // The connections, cached without their managedFields (memory), and passed on only when
+    // the spec (generation: also bumped when deletion starts) or the finalizers change: the
+    // controller's own status writes do not wake it again.
+    let (store, writer) = reflector::store();
+    let connections = watcher(conns, watcher::Config::default())
+        .default_backoff()
+        .modify(|c: &mut XeroConnection| c.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            PredicateConfig::default(),
+        );
+    // Token Secrets only, by label, and only their metadata: the data (tokens) of every Secret
+    // is neither sent to nor held by the controller until a reconcile reads one.
+    let token_secrets = watcher(
+        secrets,
+        watcher::Config::default().labels(f::LABEL_CONNECTION),
+    )
+    .default_backoff()
+    .touched_objects();
+    Controller::for_stream(connections, store)
+        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .watches_stream(token_secrets, |s: PartialObjectMeta<Secret>| {
             let ns = s.namespace();
             s.labels().get(f::LABEL_CONNECTION).map(|name| {
                 ObjectRef::<XeroConnection>::new(name).within(ns.as_deref().unwrap_or_default())
@@ -244,7 +277,7 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
             requeue: ctx.recheck,
             record: None,
         },
-        Ok(()) => token_step(&conn, &ctx).await?,
+        Ok(token_secret) => token_step(&conn, &ctx, token_secret).await?,
     };
     if !matches!(
         outcome.state,
@@ -274,8 +307,13 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 /// Spec checks, the client Secret, the token Secret's controller-owned fields, consumer RBAC.
-/// `Ok(Err(state))` is a state a person must fix.
-async fn prepare(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), State>, Error> {
+/// `Ok(Err(state))` is a state a person must fix; `Ok(Ok(secret))` carries the token Secret as
+/// just read or written (`None` if another party created it meanwhile), so the token step need
+/// not read it again.
+async fn prepare(
+    conn: &XeroConnection,
+    ctx: &Context,
+) -> Result<Result<Option<Secret>, State>, Error> {
     if let Err(why) = resources::validate(conn) {
         return Ok(Err(State::InvalidSpec(why)));
     }
@@ -296,19 +334,20 @@ async fn prepare(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), Stat
             .expect("a stored object has a name and uid")
     });
     let name = conn.token_secret_name();
-    match secrets
+    let token_secret = match secrets
         .get_opt(&name)
         .await
         .map_err(kube_err("reading the token Secret"))?
     {
         Some(current) => {
-            if let Some(patch) =
-                resources::token_secret_patch(&current, conn, &token_url, &app, owner)
-            {
-                secrets
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map_err(kube_err("updating the token Secret"))?;
+            match resources::token_secret_patch(&current, conn, &token_url, &app, owner) {
+                Some(patch) => Some(
+                    secrets
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(kube_err("updating the token Secret"))?,
+                ),
+                None => Some(current),
             }
         }
         None => {
@@ -322,16 +361,17 @@ async fn prepare(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), Stat
             let secret: Secret =
                 serde_json::from_value(body).expect("a merged Secret deserializes");
             match secrets.create(&PostParams::default(), &secret).await {
-                Ok(_) => {
-                    tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret")
+                Ok(created) => {
+                    tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret");
+                    Some(created)
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => None,
                 Err(e) => return Err(kube_err("creating the token Secret")(e)),
             }
         }
-    }
+    };
     sync_consumer_rbac(conn, ctx).await?;
-    Ok(Ok(()))
+    Ok(Ok(token_secret))
 }
 
 fn json_merge(target: &mut serde_json::Value, patch: serde_json::Value) {
@@ -450,8 +490,12 @@ async fn sync_consumer_rbac(conn: &XeroConnection, ctx: &Context) -> Result<(), 
     Ok(())
 }
 
-/// The producer's part in the protocol.
-async fn token_step(conn: &XeroConnection, ctx: &Context) -> Result<TokenOutcome, Error> {
+/// The producer's part in the protocol, starting from the token Secret `prepare` saw.
+async fn token_step(
+    conn: &XeroConnection,
+    ctx: &Context,
+    token_secret: Option<Secret>,
+) -> Result<TokenOutcome, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let ahead = resources::ahead_of_expiry(conn);
     let refresher = Refresher::new(
@@ -462,19 +506,20 @@ async fn token_step(conn: &XeroConnection, ctx: &Context) -> Result<TokenOutcome
         ProtocolRole::Producer { ahead },
     )
     .with_default_endpoints(ctx.default_endpoints.clone())
-    .with_max_wait(PRODUCER_MAX_WAIT);
+    .with_max_wait(PRODUCER_MAX_WAIT)
+    .with_http(ctx.http.clone());
     let refresher = match &ctx.gate {
         Some(gate) => refresher.with_gate(gate.clone()),
         None => refresher,
     };
+    let refresher = match token_secret {
+        Some(secret) => refresher.with_snapshot(secret),
+        None => refresher,
+    };
     let started = std::time::Instant::now();
     let result = refresher.get().await;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let record = secrets
-        .get_opt(&conn.token_secret_name())
-        .await
-        .map_err(kube_err("reading the token Secret"))?
-        .map(|s| TokenRecord::from_secret(&s));
+    // What the protocol ended on: the Secret as last read or written (no second read).
+    let record = refresher.last_record();
     if let Some(rec) = &record {
         count_refreshes(conn, ctx, rec, started.elapsed());
     }
@@ -621,7 +666,8 @@ async fn refresh_tenants(
     {
         endpoints.connections_url = url;
     }
-    let list = match XeroClient::new(endpoints).connections(&access_token).await {
+    let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
+    let list = match xero.connections(&access_token).await {
         Ok(list) => list,
         Err(e) => {
             tracing::warn!(connection = %conn.name_any(), error = %e, "could not list the tenants");
@@ -750,7 +796,9 @@ async fn cleanup(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action,
             {
                 endpoints.revocation_url = url;
             }
-            match XeroClient::new(endpoints).revoke(&app, &rt).await {
+            let xero =
+                XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
+            match xero.revoke(&app, &rt).await {
                 Ok(()) => {
                     tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
                 }

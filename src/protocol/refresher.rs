@@ -78,6 +78,12 @@ pub struct Refresher {
     gate: Option<super::gate::AppGate>,
     cache: Mutex<Option<AccessToken>>,
     flight: tokio::sync::Mutex<()>,
+    /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
+    http: std::sync::OnceLock<reqwest::Client>,
+    /// A copy of the Secret the owner has just read, used instead of the first read.
+    snapshot: Mutex<Option<Secret>>,
+    /// The token state last read or written.
+    last: Mutex<Option<TokenRecord>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -108,7 +114,42 @@ impl Refresher {
             gate: None,
             cache: Mutex::new(None),
             flight: tokio::sync::Mutex::new(()),
+            http: std::sync::OnceLock::new(),
+            snapshot: Mutex::new(None),
+            last: Mutex::new(None),
         }
+    }
+
+    /// Calls Xero through `http` (a shared client and connection pool) instead of its own.
+    pub fn with_http(self, http: reqwest::Client) -> Self {
+        let _ = self.http.set(http);
+        self
+    }
+
+    /// Starts from `secret`, which the owner has just read, instead of reading it again. Every
+    /// write is conditional on its `resourceVersion`, so a copy a moment old is safe.
+    pub fn with_snapshot(self, secret: Secret) -> Self {
+        *lock(&self.snapshot) = Some(secret);
+        self
+    }
+
+    /// The token state as last read or written by this party (what [`Refresher::get`] ended on).
+    pub fn last_record(&self) -> Option<TokenRecord> {
+        lock(&self.last).clone()
+    }
+
+    /// Notes `secret` as the latest state seen.
+    fn remember(&self, secret: &Secret) -> TokenRecord {
+        let rec = TokenRecord::from_secret(secret);
+        *lock(&self.last) = Some(rec.clone());
+        rec
+    }
+
+    /// Reads the Secret, noting it as the latest state seen.
+    async fn fetch(&self) -> Result<Secret, kube::Error> {
+        let secret = self.api.get(&self.name).await?;
+        self.remember(&secret);
+        Ok(secret)
     }
 
     /// Endpoints used when the Secret names none.
@@ -169,9 +210,12 @@ impl Refresher {
     }
 
     async fn read(&self) -> Result<TokenRecord, Error> {
+        if let Some(secret) = lock(&self.snapshot).take() {
+            return Ok(self.remember(&secret));
+        }
         let mut attempt = 0;
         loop {
-            match self.api.get(&self.name).await {
+            match self.fetch().await {
                 Ok(secret) => return Ok(TokenRecord::from_secret(&secret)),
                 Err(e) if is_not_found(&e) => {
                     return Err(Error::SecretNotFound {
@@ -201,9 +245,12 @@ impl Refresher {
     }
 
     async fn patch(&self, body: &serde_json::Value) -> Result<Secret, kube::Error> {
-        self.api
+        let secret = self
+            .api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
-            .await
+            .await?;
+        self.remember(&secret);
+        Ok(secret)
     }
 
     async fn run(&self) -> Result<AccessToken, Error> {
@@ -344,7 +391,8 @@ impl Refresher {
         if let Some(url) = &rec.settings.token_url {
             endpoints.token_url = url.clone();
         }
-        let xero = XeroClient::with_timeout(endpoints, self.xero_timeout);
+        let http = self.http.get_or_init(crate::xero::new_http).clone();
+        let xero = XeroClient::with_http(http, endpoints, self.xero_timeout);
         let presented = rec.refresh_token.clone();
         let mut attempt = 0;
         loop {
@@ -481,7 +529,7 @@ impl Refresher {
         loop {
             match self.patch(&patch(&rv)).await {
                 Ok(secret) => return Ok(secret),
-                Err(e) if is_conflict(&e) => match self.api.get(&self.name).await {
+                Err(e) if is_conflict(&e) => match self.fetch().await {
                     Ok(secret) => {
                         let fresh = TokenRecord::from_secret(&secret);
                         if fresh.refresh_token != rec.refresh_token
@@ -519,7 +567,7 @@ impl Refresher {
         for _ in 0..5 {
             match self.patch(&release_patch(&rv, extra)).await {
                 Ok(_) => return,
-                Err(e) if is_conflict(&e) => match self.api.get(&self.name).await {
+                Err(e) if is_conflict(&e) => match self.fetch().await {
                     Ok(secret) => {
                         let fresh = TokenRecord::from_secret(&secret);
                         let mine = matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity);
@@ -537,6 +585,10 @@ impl Refresher {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A default identity for this process: `<hostname>/<pid>-<random>`, unique per process so a
