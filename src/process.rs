@@ -1,13 +1,16 @@
 //! Process plumbing the binaries share: logging to stderr, and the shutdown signal.
 
+use std::io::IsTerminal;
+
 /// Logs to stderr (stdout stays for the program's output), filtered by `RUST_LOG` or else by
-/// `default_filter`.
+/// `default_filter`; colours only on a terminal (not in files or pod logs).
 pub fn init_logging(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
