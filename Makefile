@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := tests/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench test prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache).
@@ -65,3 +65,13 @@ bench: prerequisites
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/release/xero-bench refresh --bin-dir "$$bin_dir" $(BENCH_ARGS) && \
 	target/release/xero-bench scale --bin-dir "$$bin_dir" --counts $(SCALE_COUNTS)
+
+## soak: chaos, bounded in time (SOAK_FOR, default 3m): consumers and two controller replicas
+## under Xero faults, SIGKILLs and an API-server restart; writes target/bench/soak.json and
+## fails if a chain broke, an expired token was handed out, a refresh token was lost or
+## anything panicked.
+SOAK_FOR ?= 3m
+soak: prerequisites
+	$(CARGO) build --locked --release --bin xero-bench --bin xero-operator
+	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
+	target/release/xero-bench soak --bin-dir "$$bin_dir" --duration $(SOAK_FOR) $(SOAK_ARGS)

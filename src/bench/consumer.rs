@@ -8,6 +8,7 @@
 //! - `protocol`: this project's refresh protocol (`Refresher`, single flight, claims).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -42,7 +43,26 @@ pub struct ConsumerReport {
     pub at_expiry_us: Vec<u64>,
 }
 
-/// Runs `threads` workers for `duration` and returns what they saw.
+/// Running totals, printed as JSON lines while the workers run (`progress`), so a process that
+/// is killed still leaves its figures behind.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub gets: AtomicU64,
+    pub errors: AtomicU64,
+    pub expired_handed_out: AtomicU64,
+}
+
+impl Progress {
+    fn print(&self) {
+        println!(
+            "{}",
+            serde_json::to_string(self).expect("atomics serialize")
+        );
+    }
+}
+
+/// Runs `threads` workers for `duration` and returns what they saw. With `progress`, running
+/// totals are printed every `progress` and at once whenever an expired token is handed out.
 pub async fn run(
     client: kube::Client,
     namespace: &str,
@@ -50,7 +70,18 @@ pub async fn run(
     mode: Mode,
     threads: usize,
     duration: Duration,
+    progress: Option<Duration>,
 ) -> ConsumerReport {
+    let totals = Arc::new(Progress::default());
+    let printer = progress.map(|every| {
+        let totals = totals.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                totals.print();
+            }
+        })
+    });
     let identity = crate::protocol::refresher::default_identity();
     let refresher = Arc::new(Refresher::new(
         client.clone(),
@@ -63,11 +94,12 @@ pub async fn run(
     let api: Api<Secret> = Api::namespaced(client, namespace);
     let deadline = Instant::now() + duration;
     let workers = (0..threads).map(|_| {
-        let (refresher, cache, api, secret) = (
+        let (refresher, cache, api, secret, totals) = (
             refresher.clone(),
             shared_cache.clone(),
             api.clone(),
             secret.to_owned(),
+            totals.clone(),
         );
         tokio::spawn(async move {
             let mut report = ConsumerReport::default();
@@ -85,13 +117,21 @@ pub async fn run(
                 };
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 report.gets += 1;
+                totals.gets.fetch_add(1, Ordering::Relaxed);
                 match got {
-                    None => report.errors += 1,
+                    None => {
+                        report.errors += 1;
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                     Some(token) => {
                         if crate::xero::jwt_expiry(token.expose())
                             .is_some_and(|exp| SystemTime::now() > exp + Duration::from_secs(1))
                         {
                             report.expired_handed_out += 1;
+                            totals.expired_handed_out.fetch_add(1, Ordering::Relaxed);
+                            if progress.is_some() {
+                                totals.print();
+                            }
                         }
                         if last.as_ref() == Some(&token) {
                             report.warm_us.push(micros);
@@ -107,11 +147,12 @@ pub async fn run(
         })
     });
     let mut total = ConsumerReport::default();
-    for r in futures_util::future::join_all(workers)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    let results = futures_util::future::join_all(workers).await;
+    if let Some(printer) = printer {
+        printer.abort();
+        totals.print();
+    }
+    for r in results.into_iter().flatten() {
         total.gets += r.gets;
         total.errors += r.errors;
         total.expired_handed_out += r.expired_handed_out;

@@ -1,6 +1,7 @@
 //! `make bench`: figures, printed and written as JSON, never asserted as timings in tests.
 //!
 //! Controller scale ([`scale`]): many connections in one controller, and a refresh storm.
+//! The chaos soak of `make soak` ([`soak`]): faults, kills and an API-server restart.
 //!
 //! The refresh economy: the same workload — N consumer processes, each asking for a token in a
 //! loop over K access-token lifetimes — run three ways (naive, per-process cache, this project's
@@ -8,6 +9,7 @@
 
 pub mod consumer;
 pub mod scale;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

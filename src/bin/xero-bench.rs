@@ -56,6 +56,32 @@ enum Command {
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Chaos soak: consumers and two controller replicas under Xero faults, SIGKILLs and an
+    /// API-server restart. Exits 1 if a chain broke, an expired token was handed out, a
+    /// refresh token was lost or anything panicked.
+    Soak {
+        /// How long the chaos lasts (settling and checks come after).
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// XeroConnections.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        /// Consumer processes per connection.
+        #[arg(long, default_value_t = 3)]
+        consumers: usize,
+        /// Access-token lifetime in the emulator.
+        #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// Seed of the chaos schedule.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Where to write the JSON.
+        #[arg(long, default_value = "target/bench/soak.json")]
+        out: PathBuf,
+        /// Control plane binaries (default: tests/controlplane/build.sh).
+        #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
     /// One consumer process (run by `refresh`; prints its report as JSON).
     #[command(hide = true)]
     Consumer {
@@ -69,7 +95,32 @@ enum Command {
         threads: usize,
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Print running totals this often (and at once on an expired token) instead of the
+        /// full report at the end (used by `soak`, which kills consumers).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        progress: Option<Duration>,
     },
+}
+
+/// Starts a control plane and an admin client of it.
+async fn control_plane(bin_dir: Option<PathBuf>) -> anyhow::Result<(ControlPlane, kube::Client)> {
+    let cp = ControlPlane::start(&Options::from_bin_dir_or_build(bin_dir)?).await?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+    )?;
+    Ok((cp, client))
+}
+
+/// The `xero-operator` binary next to this one.
+fn operator_exe() -> anyhow::Result<PathBuf> {
+    let operator = std::env::current_exe()?.with_file_name("xero-operator");
+    anyhow::ensure!(
+        operator.is_file(),
+        "{} not found: build it first (make bench / make soak do)",
+        operator.display()
+    );
+    Ok(operator)
 }
 
 #[tokio::main]
@@ -82,10 +133,16 @@ async fn main() -> anyhow::Result<()> {
             mode,
             threads,
             duration,
+            progress,
         } => {
             let client = kube::Client::try_default().await?;
-            let report = consumer::run(client, &namespace, &secret, mode, threads, duration).await;
-            println!("{}", serde_json::to_string(&report)?);
+            let report = consumer::run(
+                client, &namespace, &secret, mode, threads, duration, progress,
+            )
+            .await;
+            if progress.is_none() {
+                println!("{}", serde_json::to_string(&report)?);
+            }
         }
         Command::Scale {
             counts,
@@ -94,22 +151,12 @@ async fn main() -> anyhow::Result<()> {
             out,
             bin_dir,
         } => {
-            let cp = ControlPlane::start(&Options::from_bin_dir_or_build(bin_dir)?).await?;
-            let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
-            let client = kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-            )?;
-            let operator = std::env::current_exe()?.with_file_name("xero-operator");
-            anyhow::ensure!(
-                operator.is_file(),
-                "{} not found: build it first (make bench does)",
-                operator.display()
-            );
+            let (cp, client) = control_plane(bin_dir).await?;
             let cfg = bench::scale::ScaleBench {
                 counts,
                 app_calls_per_minute,
                 idle,
-                operator,
+                operator: operator_exe()?,
                 kubeconfig: cp.admin_kubeconfig.clone(),
             };
             let doc = bench::scale::scale(&cfg, &client).await?;
@@ -125,12 +172,7 @@ async fn main() -> anyhow::Result<()> {
             out,
             bin_dir,
         } => {
-            let opts = Options::from_bin_dir_or_build(bin_dir)?;
-            let cp = ControlPlane::start(&opts).await?;
-            let kubeconfig = kube::config::Kubeconfig::read_from(&cp.admin_kubeconfig)?;
-            let client = kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-            )?;
+            let (cp, client) = control_plane(bin_dir).await?;
             let cfg = RefreshBench {
                 n_values: n,
                 lifetimes,
@@ -144,6 +186,50 @@ async fn main() -> anyhow::Result<()> {
             bench::print_table(&doc);
             bench::write_json(&out, &doc)?;
             println!("wrote {}", out.display());
+        }
+        Command::Soak {
+            duration,
+            connections,
+            consumers,
+            token_lifetime,
+            seed,
+            out,
+            bin_dir,
+        } => {
+            let (mut cp, client) = control_plane(bin_dir).await?;
+            let cfg = bench::soak::SoakConfig {
+                duration,
+                connections,
+                consumers_per_connection: consumers,
+                token_lifetime,
+                grace: Duration::from_secs(60),
+                lease: Duration::from_secs(15),
+                faults: bench::soak::SoakConfig::default_faults(),
+                consumer_kill_every: Duration::from_secs(6),
+                leader_kill_every: Duration::from_secs(40),
+                seed,
+                operator: operator_exe()?,
+                exe: std::env::current_exe()?,
+                kubeconfig: cp.admin_kubeconfig.clone(),
+                logs_out: out.with_file_name("soak-logs"),
+            };
+            let doc = bench::soak::soak(&cfg, &mut cp, &client).await?;
+            bench::soak::print_table(&doc);
+            bench::write_json(&out, &doc)?;
+            println!(
+                "wrote {} (logs in {})",
+                out.display(),
+                cfg.logs_out.display()
+            );
+            let failures = bench::soak::failures(&doc);
+            drop(cp);
+            if !failures.is_empty() {
+                eprintln!(
+                    "xero-bench soak: these must be zero: {} — a bug to fix",
+                    failures.join(", ")
+                );
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

@@ -118,6 +118,9 @@ struct Component {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// How it was started (to start it again).
+    program: PathBuf,
+    args: Vec<String>,
 }
 
 /// A running local control plane. Stops when dropped.
@@ -275,26 +278,30 @@ impl ControlPlane {
         args: &[String],
     ) -> Result<(), Error> {
         let log = dir.join(format!("{name}.log"));
-        let log_file = std::fs::File::create(&log).map_err(io(format!("creating {name}.log")))?;
-        let log_err = log_file.try_clone().map_err(io("cloning a log handle"))?;
-        let mut cmd = Command::new(opts.bin_dir.join(name));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this makes the
-        // kernel kill the component if the launcher dies, so nothing outlives a killed test run.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(io(format!("starting {name}")))?;
-        self.components.push(Component { name, child, log });
+        let program = opts.bin_dir.join(name);
+        let child = start_component(name, &program, args, &log)?;
+        self.components.push(Component {
+            name,
+            child,
+            log,
+            program,
+            args: args.to_vec(),
+        });
         Ok(())
+    }
+
+    /// Kills the API server (SIGKILL, as a crash would) and starts it again on the same port and
+    /// state; returns once it answers `/readyz` again. Clients see it down for a few seconds.
+    pub async fn restart_apiserver(&mut self) -> Result<(), Error> {
+        let c = self
+            .components
+            .iter_mut()
+            .find(|c| c.name == "kube-apiserver")
+            .ok_or(Error::Build("no API server is running".into()))?;
+        let _ = c.child.kill();
+        let _ = c.child.wait();
+        c.child = start_component(c.name, &c.program, &c.args, &c.log)?;
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<(), Error> {
@@ -372,6 +379,38 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts one component with its output appended to `log`; the kernel kills it if the launcher
+/// dies.
+fn start_component(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<Child, Error> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("opening {name}.log")))?;
+    let log_err = log_file.try_clone().map_err(io("cloning a log handle"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this makes the
+    // kernel kill the component if the launcher dies, so nothing outlives a killed test run.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(io(format!("starting {name}")))
 }
 
 /// A free TCP port on 127.0.0.1 (the OS picks it; the listener is closed before use).

@@ -76,7 +76,8 @@ fn start_own_control_plane() -> TestEnv {
     }
 }
 
-async fn client_from(path: &Path) -> Client {
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(path).expect("read kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
@@ -182,12 +183,21 @@ pub async fn token_fixture_with(
     timings: Timings,
     grace_reuse: xero_operator::emulator::GraceReuse,
 ) -> TokenFixture {
+    token_fixture_on(admin_client().await, hint, timings, grace_reuse).await
+}
+
+/// A fixture on the API server `client` talks to (a test's own control plane, say).
+pub async fn token_fixture_on(
+    client: Client,
+    hint: &str,
+    timings: Timings,
+    grace_reuse: xero_operator::emulator::GraceReuse,
+) -> TokenFixture {
     use xero_operator::emulator::{
         Behaviour, Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, Lifetimes, NewUser,
         RateLimits,
     };
     use xero_operator::protocol::format as f;
-    let client = admin_client().await;
     let namespace = namespace(&client, hint).await;
     let emulator = Emulator::start(Config {
         behaviour: Behaviour {
