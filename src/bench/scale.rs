@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::crd::XeroConnection;
-use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
+use crate::emulator::{self, NewUser};
 use crate::protocol::format::{self as f, format_time};
 
 /// Inputs of the scale benchmark.
@@ -96,30 +96,9 @@ pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
 }
 
 async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<Value> {
-    let emu = Emulator::start(emulator::Config {
-        behaviour: emulator::Behaviour {
-            lifetimes: Lifetimes {
-                access_token: Duration::from_secs(3600),
-                ..Lifetimes::default()
-            },
-            ..emulator::Behaviour::default()
-        },
-        limits: RateLimits {
-            app_per_minute: u32::MAX,
-            ..RateLimits::default()
-        },
-        ..emulator::Config::default()
-    })
-    .await?;
-    let ns = Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"generateName": "scale-"}}))?,
-        )
-        .await?
-        .metadata
-        .name
-        .unwrap_or_default();
+    let hour = Duration::from_secs(3600);
+    let emu = super::start_emulator(hour, hour).await?;
+    let ns = super::create_namespace(client, "scale").await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let conns: Api<XeroConnection> = Api::namespaced(client.clone(), &ns);
     secrets

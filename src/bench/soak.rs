@@ -21,7 +21,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 use crate::controlplane::ControlPlane;
-use crate::emulator::{self, Emulator, Faults, Lifetimes, NewUser, RateLimits};
+use crate::emulator::{self, Emulator, Faults, NewUser};
 use crate::protocol::format::{Expiry, TokenRecord};
 use crate::xero::{ClientCredentials, Endpoints, XeroClient};
 
@@ -324,31 +324,8 @@ pub async fn soak(
     client: &Client,
 ) -> anyhow::Result<Value> {
     crate::crd::install(client).await?;
-    let emu = Emulator::start(emulator::Config {
-        behaviour: emulator::Behaviour {
-            lifetimes: Lifetimes {
-                access_token: cfg.token_lifetime,
-                grace: cfg.grace,
-                ..Lifetimes::default()
-            },
-            ..emulator::Behaviour::default()
-        },
-        limits: RateLimits {
-            app_per_minute: 100_000,
-            ..RateLimits::default()
-        },
-        ..emulator::Config::default()
-    })
-    .await?;
-    let namespace = Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"generateName": "soak-"}}))?,
-        )
-        .await?
-        .metadata
-        .name
-        .unwrap_or_default();
+    let emu = super::start_emulator(cfg.token_lifetime, cfg.grace).await?;
+    let namespace = super::create_namespace(client, "soak").await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     create_connections(cfg, client, &namespace, &emu).await?;
 
