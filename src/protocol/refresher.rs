@@ -25,6 +25,10 @@ use crate::xero::{Endpoints, TokenSet, XeroClient, XeroError};
 /// Safety margin: stop retrying Xero this long before the claim runs out, so the holder can
 /// still write or release before another party may take over.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// How long a copy of the Secret may stand in for reading it. Every write is conditional on the
+/// `resourceVersion`, so a stale copy costs a conflict and a re-read, never a lost token; the
+/// limit keeps a copy left from an earlier call from being used much later.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 /// Longest single watch (the API server caps watches at a few minutes anyway).
 const MAX_WATCH: Duration = Duration::from_secs(60);
 
@@ -80,8 +84,9 @@ pub struct Refresher {
     flight: tokio::sync::Mutex<()>,
     /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
     http: std::sync::OnceLock<reqwest::Client>,
-    /// A copy of the Secret the owner has just read, used instead of the first read.
-    snapshot: Mutex<Option<Secret>>,
+    /// A copy of the Secret just seen (by the owner, or in a watch event) and when, used
+    /// instead of the next read while it is younger than [`SNAPSHOT_MAX_AGE`].
+    snapshot: Mutex<Option<(Secret, std::time::Instant)>>,
     /// The token state last read or written.
     last: Mutex<Option<TokenRecord>>,
 }
@@ -129,7 +134,7 @@ impl Refresher {
     /// Starts from `secret`, which the owner has just read, instead of reading it again. Every
     /// write is conditional on its `resourceVersion`, so a copy a moment old is safe.
     pub fn with_snapshot(self, secret: Secret) -> Self {
-        *lock(&self.snapshot) = Some(secret);
+        *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
         self
     }
 
@@ -210,7 +215,10 @@ impl Refresher {
     }
 
     async fn read(&self) -> Result<TokenRecord, Error> {
-        if let Some(secret) = lock(&self.snapshot).take() {
+        let snapshot = lock(&self.snapshot).take();
+        if let Some((secret, seen)) = snapshot
+            && seen.elapsed() < SNAPSHOT_MAX_AGE
+        {
             return Ok(self.remember(&secret));
         }
         let mut attempt = 0;
@@ -365,6 +373,12 @@ impl Refresher {
                     while let Some(event) = stream.next().await {
                         match event {
                             Ok(WatchEvent::Bookmark(_)) => continue,
+                            // The changed Secret itself: the next round starts from it instead
+                            // of reading it again (one API round trip less for every waiter).
+                            Ok(WatchEvent::Modified(secret)) => {
+                                *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
+                                return;
+                            }
                             _ => return,
                         }
                     }
