@@ -41,6 +41,22 @@ pub struct ConsumerReport {
     pub warm_us: Vec<u64>,
     /// Latencies of gets that returned a new token: the moment of expiry (microseconds).
     pub at_expiry_us: Vec<u64>,
+    /// Latencies of each worker's first get (microseconds): a cold start (the process's first
+    /// connection to the API server), not a moment of expiry, so kept apart.
+    #[serde(default)]
+    pub first_us: Vec<u64>,
+}
+
+impl ConsumerReport {
+    /// Adds `other`'s counts and latencies to these.
+    pub fn merge(&mut self, other: ConsumerReport) {
+        self.gets += other.gets;
+        self.errors += other.errors;
+        self.expired_handed_out += other.expired_handed_out;
+        self.warm_us.extend(other.warm_us);
+        self.at_expiry_us.extend(other.at_expiry_us);
+        self.first_us.extend(other.first_us);
+    }
 }
 
 /// Running totals, printed as JSON lines while the workers run (`progress`), so a process that
@@ -133,10 +149,10 @@ pub async fn run(
                                 totals.print();
                             }
                         }
-                        if last.as_ref() == Some(&token) {
-                            report.warm_us.push(micros);
-                        } else {
-                            report.at_expiry_us.push(micros);
+                        match &last {
+                            None => report.first_us.push(micros),
+                            Some(previous) if *previous == token => report.warm_us.push(micros),
+                            Some(_) => report.at_expiry_us.push(micros),
                         }
                         last = Some(token);
                     }
@@ -153,11 +169,7 @@ pub async fn run(
         totals.print();
     }
     for r in results.into_iter().flatten() {
-        total.gets += r.gets;
-        total.errors += r.errors;
-        total.expired_handed_out += r.expired_handed_out;
-        total.warm_us.extend(r.warm_us);
-        total.at_expiry_us.extend(r.at_expiry_us);
+        total.merge(r);
     }
     total
 }

@@ -5,7 +5,8 @@
 //!
 //! The refresh economy: the same workload — N consumer processes, each asking for a token in a
 //! loop over K access-token lifetimes — run three ways (naive, per-process cache, this project's
-//! protocol with the controller running) against the real API server and the emulator.
+//! protocol with the controller running) against the real API server and the emulator, and a
+//! fourth for comparison: the protocol with the controller's `AheadOfExpiry` policy.
 
 pub mod consumer;
 pub mod scale;
@@ -38,6 +39,8 @@ pub struct RefreshBench {
     pub clock_skew: Duration,
     /// Workers (threads) per consumer process.
     pub threads: usize,
+    /// How far ahead of expiry the controller refreshes in the `protocol_ahead` way.
+    pub ahead: Duration,
     /// The `xero-bench` executable (it runs the consumer processes).
     pub exe: PathBuf,
     pub kubeconfig: PathBuf,
@@ -60,25 +63,32 @@ pub async fn refresh_economy(cfg: &RefreshBench, client: &Client) -> anyhow::Res
             "token_lifetime_s": cfg.token_lifetime.as_secs_f64(),
             "clock_skew_s": cfg.clock_skew.as_secs_f64(),
             "threads_per_process": cfg.threads,
+            "protocol_ahead_of_expiry_s": cfg.ahead.as_secs(),
             "xero_operator_version": env!("CARGO_PKG_VERSION"),
             "kubernetes_version": kubernetes_version(client).await,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         },
-        "naive": [], "per_process": [], "protocol": [],
+        "naive": [], "per_process": [], "protocol": [], "protocol_ahead": [],
     });
-    for (mode, key) in [
-        (Mode::Naive, "naive"),
-        (Mode::PerProcess, "per_process"),
-        (Mode::Protocol, "protocol"),
-    ] {
+    for (mode, key, ahead) in WAYS {
+        let ahead = ahead.then_some(cfg.ahead);
         for &n in &cfg.n_values {
-            let row = run_one(cfg, client, mode, n).await?;
-            eprintln!("{key:>11} n={n:<3} {row}");
+            let row = run_one(cfg, client, mode, ahead, n).await?;
+            eprintln!("{key:>14} n={n:<3} {row}");
             doc[key].as_array_mut().expect("array").push(row);
         }
     }
     Ok(doc)
 }
+
+/// The ways the workload runs: (consumer mode, JSON key, whether the controller refreshes
+/// ahead of expiry).
+const WAYS: [(Mode, &str, bool); 4] = [
+    (Mode::Naive, "naive", false),
+    (Mode::PerProcess, "per_process", false),
+    (Mode::Protocol, "protocol", false),
+    (Mode::Protocol, "protocol_ahead", true),
+];
 
 async fn kubernetes_version(client: &Client) -> String {
     client
@@ -92,6 +102,7 @@ async fn run_one(
     cfg: &RefreshBench,
     client: &Client,
     mode: Mode,
+    ahead: Option<Duration>,
     n: usize,
 ) -> anyhow::Result<Value> {
     // Xero's grace period equals its access-token lifetime (30 minutes each).
@@ -136,7 +147,7 @@ async fn run_one(
 
     let controller = if mode == Mode::Protocol {
         crate::crd::install(client).await?;
-        create_connection(client, &ns, &emu, cfg).await?;
+        create_connection(client, &ns, &emu, cfg, ahead).await?;
         let ctx = Context::new(
             client.clone(),
             "controller/bench".into(),
@@ -192,11 +203,7 @@ async fn run_one(
     for child in children {
         let out = child.wait_with_output().await?;
         if let Ok(r) = serde_json::from_slice::<ConsumerReport>(&out.stdout) {
-            total.gets += r.gets;
-            total.errors += r.errors;
-            total.expired_handed_out += r.expired_handed_out;
-            total.warm_us.extend(r.warm_us);
-            total.at_expiry_us.extend(r.at_expiry_us);
+            total.merge(r);
         } else {
             total.errors += 1;
         }
@@ -209,10 +216,13 @@ async fn run_one(
     watcher.abort();
     let report = emu.admin().report().await?;
     let rotations: u64 = report.chains.iter().map(|c| c.rotations).sum();
-    // The expiries this run lived through: the first token, then one per usable window.
-    let lifetimes = (elapsed.as_secs_f64() / window.as_secs_f64()).floor() as u64 + 1;
+    // The tokens this run lived through: the first, then one per usable window (shortened by
+    // the controller's head start when it refreshes ahead of expiry).
+    let cycle = window.saturating_sub(ahead.unwrap_or_default());
+    let lifetimes = (elapsed.as_secs_f64() / cycle.as_secs_f64()).floor() as u64 + 1;
     total.warm_us.sort_unstable();
     total.at_expiry_us.sort_unstable();
+    total.first_us.sort_unstable();
     let _ = ns_api.delete(&ns, &Default::default()).await;
     Ok(json!({
         "n": n,
@@ -228,6 +238,8 @@ async fn run_one(
         "get_token_p50_ms": round3(percentile(&total.warm_us, 0.50)),
         "get_token_p99_ms": round3(percentile(&total.warm_us, 0.99)),
         "get_token_at_expiry_p99_ms": round3(percentile(&total.at_expiry_us, 0.99)),
+        "get_token_at_expiry_p50_ms": round3(percentile(&total.at_expiry_us, 0.50)),
+        "get_token_first_max_ms": round3(percentile(&total.first_us, 1.0)),
     }))
 }
 
@@ -278,6 +290,7 @@ async fn create_connection(
     ns: &str,
     emu: &Emulator,
     cfg: &RefreshBench,
+    ahead: Option<Duration>,
 ) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let app: Secret = serde_json::from_value(json!({
@@ -285,13 +298,19 @@ async fn create_connection(
         "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET},
     }))?;
     secrets.create(&PostParams::default(), &app).await?;
+    let mut refresh =
+        json!({"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5});
+    if let Some(ahead) = ahead {
+        refresh["policy"] = json!("AheadOfExpiry");
+        refresh["aheadOfExpirySeconds"] = json!(ahead.as_secs());
+    }
     let conn: crate::crd::XeroConnection = serde_json::from_value(json!({
         "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
         "metadata": {"name": "bench"},
         "spec": {
             "clientSecretRef": {"name": "xero-app"},
             "tokenSecretName": "bench-xero-token",
-            "refresh": {"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5},
+            "refresh": refresh,
             "endpoints": {"tokenUrl": emu.token_url(), "connectionsUrl": emu.connections_url()},
         },
     }))?;
@@ -304,7 +323,7 @@ async fn create_connection(
 /// Prints the refresh-economy table.
 pub fn print_table(doc: &Value) {
     println!(
-        "{:<12} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+        "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
         "way",
         "N",
         "lifetimes",
@@ -316,11 +335,11 @@ pub fn print_table(doc: &Value) {
         "p99 ms",
         "expiry p99 ms"
     );
-    for key in ["naive", "per_process", "protocol"] {
+    for (_, key, _) in WAYS {
         for row in doc[key].as_array().into_iter().flatten() {
             let cell = |k: &str| row[k].to_string();
             println!(
-                "{:<12} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+                "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
                 key,
                 cell("n"),
                 cell("lifetimes"),

@@ -17,7 +17,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Refresh economy: naive vs per-process cache vs the protocol, for each N.
+    /// Refresh economy: naive vs per-process cache vs the protocol (and the protocol with the
+    /// controller refreshing ahead of expiry), for each N.
     Refresh {
         /// Consumer process counts.
         #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
@@ -31,6 +32,10 @@ enum Command {
         /// Workers per consumer process.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// How far ahead of expiry the controller refreshes in the `protocol_ahead` way (whole
+        /// seconds, as `aheadOfExpirySeconds`).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        ahead: Duration,
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/refresh.json")]
         out: PathBuf,
@@ -169,11 +174,13 @@ async fn main() -> anyhow::Result<()> {
             lifetimes,
             token_lifetime,
             threads,
+            ahead,
             out,
             bin_dir,
         } => {
             let (cp, client) = control_plane(bin_dir).await?;
             let cfg = RefreshBench {
+                ahead,
                 n_values: n,
                 lifetimes,
                 token_lifetime,
