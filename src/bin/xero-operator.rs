@@ -55,7 +55,7 @@ struct Args {
     lease_seconds: u64,
 
     /// At most this many token calls per Xero app (client id) per minute from this controller,
-    /// in bursts of a tenth of it.
+    /// counted over any 60-second window (bursts of a hundredth of it).
     #[arg(
         long,
         env = "XERO_OPERATOR_APP_CALLS_PER_MINUTE",
