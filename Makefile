@@ -56,7 +56,7 @@ run: prerequisites
 	target/debug/xero-run --bin-dir "$$bin_dir"
 
 ## bench: against the real API server and the emulator, release build; prints tables and writes
-## target/bench/refresh.json (naive vs per-process vs protocol) and target/bench/scale.json
+## target/bench/refresh.json (naive vs per-process vs protocol, and protocol ahead of expiry) and target/bench/scale.json
 ## (connections per controller, RSS, idle CPU, a refresh storm). SCALE_COUNTS=100,1000,10000 for
 ## the full scale run (long).
 SCALE_COUNTS ?= 100,1000
