@@ -25,6 +25,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::controller::{self, Context, metrics::Metrics};
+use crate::crd::XeroConnection;
 use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
 use crate::protocol::format as f;
 use consumer::{ConsumerReport, Mode};
@@ -147,7 +148,16 @@ async fn run_one(
 
     let controller = if mode == Mode::Protocol {
         crate::crd::install(client).await?;
-        create_connection(client, &ns, &emu, cfg, ahead).await?;
+        let mut refresh =
+            json!({"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5});
+        if let Some(ahead) = ahead {
+            refresh["policy"] = json!("AheadOfExpiry");
+            refresh["aheadOfExpirySeconds"] = json!(ahead.as_secs());
+        }
+        Connections::new(client, &ns, &emu)
+            .await?
+            .connection("bench", secret_name, refresh)
+            .await?;
         let ctx = Context::new(
             client.clone(),
             "controller/bench".into(),
@@ -285,39 +295,76 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn create_connection(
-    client: &Client,
-    ns: &str,
-    emu: &Emulator,
-    cfg: &RefreshBench,
-    ahead: Option<Duration>,
-) -> anyhow::Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let app: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "xero-app"},
-        "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET},
-    }))?;
-    secrets.create(&PostParams::default(), &app).await?;
-    let mut refresh =
-        json!({"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5});
-    if let Some(ahead) = ahead {
-        refresh["policy"] = json!("AheadOfExpiry");
-        refresh["aheadOfExpirySeconds"] = json!(ahead.as_secs());
+/// Creates bench connections against one emulator in one namespace, all of the app Secret
+/// `xero-app` (the emulator's default client).
+#[derive(Clone)]
+pub struct Connections {
+    secrets: Api<Secret>,
+    conns: Api<XeroConnection>,
+    admin: emulator::AdminClient,
+    token_url: String,
+    connections_url: String,
+}
+
+impl Connections {
+    /// Creates the app Secret `xero-app` in `ns`.
+    pub async fn new(client: &Client, ns: &str, emu: &Emulator) -> anyhow::Result<Self> {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "xero-app"},
+                    "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET}}))?,
+            )
+            .await?;
+        Ok(Self {
+            secrets,
+            conns: Api::namespaced(client.clone(), ns),
+            admin: emu.admin(),
+            token_url: emu.token_url(),
+            connections_url: emu.connections_url(),
+        })
     }
-    let conn: crate::crd::XeroConnection = serde_json::from_value(json!({
-        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-        "metadata": {"name": "bench"},
-        "spec": {
-            "clientSecretRef": {"name": "xero-app"},
-            "tokenSecretName": "bench-xero-token",
-            "refresh": refresh,
-            "endpoints": {"tokenUrl": emu.token_url(), "connectionsUrl": emu.connections_url()},
-        },
-    }))?;
-    Api::<crate::crd::XeroConnection>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &conn)
-        .await?;
-    Ok(())
+
+    /// The `XeroConnection` `name`, its tokens in `token_secret`, with these `refresh` settings.
+    pub async fn connection(
+        &self,
+        name: &str,
+        token_secret: &str,
+        refresh: Value,
+    ) -> anyhow::Result<()> {
+        let conn: XeroConnection = serde_json::from_value(json!({
+            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+            "metadata": {"name": name},
+            "spec": {
+                "clientSecretRef": {"name": "xero-app"},
+                "tokenSecretName": token_secret,
+                "refresh": refresh,
+                "endpoints": {"tokenUrl": self.token_url, "connectionsUrl": self.connections_url},
+            },
+        }))?;
+        self.conns.create(&PostParams::default(), &conn).await?;
+        Ok(())
+    }
+
+    /// A new emulator user's connection: its token Secret holding only the refresh token (as
+    /// right after authorising), then the connection.
+    pub async fn user_connection(
+        &self,
+        name: &str,
+        token_secret: &str,
+        refresh: Value,
+    ) -> anyhow::Result<()> {
+        let user = self.admin.add_user(&NewUser::default()).await?;
+        self.secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": token_secret},
+                    "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))?,
+            )
+            .await?;
+        self.connection(name, token_secret, refresh).await
+    }
 }
 
 /// Prints the refresh-economy table.

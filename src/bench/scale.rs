@@ -10,12 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::crd::XeroConnection;
-use crate::emulator::{self, NewUser};
 use crate::protocol::format::{self as f, format_time};
 
 /// Inputs of the scale benchmark.
@@ -101,41 +100,18 @@ async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<
     let ns = super::create_namespace(client, "scale").await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let conns: Api<XeroConnection> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "xero-app"},
-                "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET}}))?,
-        )
-        .await?;
-    let admin = emu.admin();
-    let (token_url, connections_url) = (emu.token_url(), emu.connections_url());
+    let factory = super::Connections::new(client, &ns, &emu).await?;
     futures_util::stream::iter(0..n)
         .map(|i| {
-            let (secrets, conns, admin, token_url, connections_url) =
-                (secrets.clone(), conns.clone(), admin.clone(), token_url.clone(), connections_url.clone());
+            let factory = factory.clone();
             async move {
-                let user = admin.add_user(&NewUser::default()).await?;
-                secrets
-                    .create(
-                        &PostParams::default(),
-                        &serde_json::from_value(json!({"metadata": {"name": format!("c{i}-xero-token")},
-                            "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))?,
+                factory
+                    .user_connection(
+                        &format!("c{i}"),
+                        &format!("c{i}-xero-token"),
+                        json!({"clockSkewSeconds": 0}),
                     )
-                    .await?;
-                conns
-                    .create(
-                        &PostParams::default(),
-                        &serde_json::from_value(json!({
-                            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-                            "metadata": {"name": format!("c{i}")},
-                            "spec": {"clientSecretRef": {"name": "xero-app"},
-                                "refresh": {"clockSkewSeconds": 0},
-                                "endpoints": {"tokenUrl": token_url, "connectionsUrl": connections_url}},
-                        }))?,
-                    )
-                    .await?;
-                anyhow::Ok(())
+                    .await
             }
         })
         .buffer_unordered(CREATE_CONCURRENCY)

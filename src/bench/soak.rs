@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::PostParams;
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,7 +20,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 use crate::controlplane::ControlPlane;
-use crate::emulator::{self, Emulator, Faults, NewUser};
+use crate::emulator::{self, Emulator, Faults};
 use crate::protocol::format::{Expiry, TokenRecord};
 use crate::xero::{ClientCredentials, Endpoints, XeroClient};
 
@@ -472,35 +471,13 @@ async fn create_connections(
     ns: &str,
     emu: &Emulator,
 ) -> anyhow::Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let conns: Api<crate::crd::XeroConnection> = Api::namespaced(client.clone(), ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "xero-app"},
-                "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET}}))?,
-        )
-        .await?;
+    let factory = super::Connections::new(client, ns, emu).await?;
     for c in 0..cfg.connections {
-        let user = emu.admin().add_user(&NewUser::default()).await?;
-        secrets
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": secret_name(c)},
-                    "stringData": {crate::protocol::format::REFRESH_TOKEN: user.refresh_token}}))?,
-            )
-            .await?;
-        conns
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-                    "metadata": {"name": format!("soak-{c}")},
-                    "spec": {"clientSecretRef": {"name": "xero-app"},
-                        "tokenSecretName": secret_name(c),
-                        "refresh": {"clockSkewSeconds": 1, "leaseDurationSeconds": cfg.lease.as_secs()},
-                        "endpoints": {"tokenUrl": emu.token_url(), "connectionsUrl": emu.connections_url()}},
-                }))?,
+        factory
+            .user_connection(
+                &format!("soak-{c}"),
+                &secret_name(c),
+                json!({"clockSkewSeconds": 1, "leaseDurationSeconds": cfg.lease.as_secs()}),
             )
             .await?;
     }
