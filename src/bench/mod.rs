@@ -11,11 +11,11 @@
 pub mod consumer;
 pub mod scale;
 pub mod soak;
+pub mod writes;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -122,7 +122,7 @@ async fn run_one(
     secrets.create(&PostParams::default(), &seed).await?;
 
     // Count the Secret's writes while the run lasts.
-    let writes = Arc::new(AtomicU64::new(0));
+    let writes = Arc::new(std::sync::Mutex::new(writes::WriteCounter::default()));
     let rv = secrets
         .get(secret_name)
         .await?
@@ -138,8 +138,11 @@ async fn run_one(
             if let Ok(stream) = secrets.watch(&params, &rv).await {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(Ok(event)) = stream.next().await {
-                    if matches!(event, WatchEvent::Modified(_)) {
-                        writes.fetch_add(1, Ordering::Relaxed);
+                    if let WatchEvent::Modified(secret) = event {
+                        writes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .observe(&secret);
                     }
                 }
             }
@@ -224,6 +227,7 @@ async fn run_one(
         let _ = task.await;
     }
     watcher.abort();
+    let writes = std::mem::take(&mut *writes.lock().unwrap_or_else(|e| e.into_inner()));
     let report = emu.admin().report().await?;
     let rotations: u64 = report.chains.iter().map(|c| c.rotations).sum();
     // The tokens this run lived through: the first, then one per usable window (shortened by
@@ -242,7 +246,8 @@ async fn run_one(
         "calls_per_lifetime": round2(report.counters.token_calls as f64 / lifetimes as f64),
         "broken_chains": report.broken_chains(),
         "expired_handed_out": total.expired_handed_out,
-        "api_writes_per_rotation": round2(writes.load(Ordering::Relaxed) as f64 / rotations.max(1) as f64),
+        "api_writes_per_rotation": round2(writes.writes() as f64 / rotations.max(1) as f64),
+        "api_writes_per_steady_rotation": writes.steady_per_rotation().map(round2),
         "gets": total.gets,
         "errors": total.errors,
         "get_token_p50_ms": round3(percentile(&total.warm_us, 0.50)),
@@ -370,7 +375,7 @@ impl Connections {
 /// Prints the refresh-economy table.
 pub fn print_table(doc: &Value) {
     println!(
-        "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+        "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13}",
         "way",
         "N",
         "lifetimes",
@@ -378,6 +383,7 @@ pub fn print_table(doc: &Value) {
         "broken",
         "expired",
         "writes/rotate",
+        "steady w/r",
         "p50 ms",
         "p99 ms",
         "expiry p99 ms"
@@ -386,7 +392,7 @@ pub fn print_table(doc: &Value) {
         for row in doc[key].as_array().into_iter().flatten() {
             let cell = |k: &str| row[k].to_string();
             println!(
-                "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>9} {:>9} {:>13}",
+                "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13}",
                 key,
                 cell("n"),
                 cell("lifetimes"),
@@ -394,6 +400,7 @@ pub fn print_table(doc: &Value) {
                 cell("broken_chains"),
                 cell("expired_handed_out"),
                 cell("api_writes_per_rotation"),
+                cell("api_writes_per_steady_rotation"),
                 cell("get_token_p50_ms"),
                 cell("get_token_p99_ms"),
                 cell("get_token_at_expiry_p99_ms"),
