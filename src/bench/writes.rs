@@ -5,12 +5,14 @@
 use k8s_openapi::api::core::v1::Secret;
 
 use crate::protocol::format as f;
+use crate::redact::Sensitive;
 
 /// The writes seen in a Secret's watch, and where its access token changed.
 #[derive(Debug, Default)]
 pub struct WriteCounter {
     writes: u64,
-    token: Option<Vec<u8>>,
+    /// The access token last seen (kept as `Sensitive`, so a debug print shows no token).
+    token: Option<Sensitive>,
     /// The write count at each change of the access token.
     changes: Vec<u64>,
 }
@@ -23,7 +25,7 @@ impl WriteCounter {
             .data
             .as_ref()
             .and_then(|d| d.get(f::ACCESS_TOKEN))
-            .map(|v| v.0.clone());
+            .map(|v| Sensitive::new(String::from_utf8_lossy(&v.0)));
         if token.is_some() && token != self.token {
             self.changes.push(self.writes);
             self.token = token;

@@ -134,8 +134,13 @@ impl Refresher {
     /// Starts from `secret`, which the owner has just read, instead of reading it again. Every
     /// write is conditional on its `resourceVersion`, so a copy a moment old is safe.
     pub fn with_snapshot(self, secret: Secret) -> Self {
-        *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
+        self.keep_snapshot(secret);
         self
+    }
+
+    /// Keeps `secret`, seen just now, to stand in for the next read.
+    fn keep_snapshot(&self, secret: Secret) {
+        *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
     }
 
     /// The token state as last read or written by this party (what [`Refresher::get`] ended on).
@@ -376,7 +381,7 @@ impl Refresher {
                             // The changed Secret itself: the next round starts from it instead
                             // of reading it again (one API round trip less for every waiter).
                             Ok(WatchEvent::Modified(secret)) => {
-                                *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
+                                self.keep_snapshot(secret);
                                 return;
                             }
                             _ => return,
