@@ -51,7 +51,8 @@ pub const TOKEN_SECRET_SUFFIX: &str = "-xero-token";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.accessTokenExpiresAt","description":"When the current access token expires"}"#,
     printcolumn = r#"{"name":"Refreshed-By","type":"string","jsonPath":".status.lastRefreshedBy","description":"Who made the last refresh: the controller or a consumer"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("size(self.metadata.name) <= 63").message("the name of a XeroConnection is at most 63 characters: it is the value of the xero-operator.io/connection label on its token Secret and consumer Role")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -59,7 +60,10 @@ pub const TOKEN_SECRET_SUFFIX: &str = "-xero-token";
     validation = Rule::new("has(self.tokenSecretName) == has(oldSelf.tokenSecretName)").message("tokenSecretName cannot be added or removed after creation: consumers would lose track of the Secret"),
 )]
 pub struct XeroConnectionSpec {
-    /// The Secret (in this namespace) holding the Xero app's client id and client secret.
+    /// The Secret (in this namespace) holding the Xero app's client id and client secret. It must
+    /// carry the label `xero-operator.io/client-credentials: "true"`, set by someone who may
+    /// write it: every connection in the namespace may then use it, and their consumers can read
+    /// the credentials (they need them to refresh).
     pub client_secret_ref: ClientSecretRef,
 
     /// How access tokens are obtained. `RefreshToken` (the default) is Xero's normal web app flow:
@@ -79,7 +83,9 @@ pub struct XeroConnectionSpec {
 
     /// Name of the Secret (in this namespace) that holds the current token pair. Consumers mount
     /// or read it. Defaults to `<connection name>-xero-token`. Immutable once set, so consumers
-    /// never lose track of it.
+    /// never lose track of it. The controller creates it; an existing Secret is used only if it
+    /// is Opaque, owned by no other controller, and labelled
+    /// `xero-operator.io/connection: <this connection's name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
@@ -93,12 +99,16 @@ pub struct XeroConnectionSpec {
     pub refresh: RefreshSettings,
 
     /// Overrides for Xero's endpoints, to talk to the Xero emulator or an egress proxy. Each
-    /// defaults to Xero's real endpoint.
+    /// defaults to Xero's real endpoint. The host of each must be in the operator's endpoint
+    /// allowlist (`--allowed-endpoint-hosts`; Xero's own hosts by default), else the connection
+    /// gets the condition `EndpointNotAllowed` and no request is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
 
     /// ServiceAccounts allowed to read the token Secret and to take over its refresh when they find
-    /// the access token expired. The controller grants each one a Role limited to this one Secret.
+    /// the access token expired. The controller grants each one a Role limited to this one Secret
+    /// (`<name>-xero-token-consumer`; a Role of that name that the controller did not create is
+    /// never changed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub consumers: Vec<ConsumerRef>,
@@ -109,7 +119,9 @@ pub struct XeroConnectionSpec {
     pub revoke_on_delete: bool,
 
     /// Keep the token Secret when this connection is deleted (by default it is owned by the
-    /// connection and deleted with it). Use it to move a connection without re-authorising.
+    /// connection and deleted with it). Use it to move a connection without re-authorising: the
+    /// kept Secret is released (no owner, label or uid mark), and a new connection uses it once
+    /// someone who may write it labels it `xero-operator.io/connection: <new name>`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub keep_token_secret_on_delete: bool,
 }
@@ -261,7 +273,8 @@ pub struct ConsumerRef {
     )]
     pub service_account: String,
 
-    /// Namespace of the ServiceAccount. Defaults to the connection's namespace.
+    /// Namespace of the ServiceAccount. Defaults to the connection's namespace; another
+    /// namespace only if the operator allows it (`--allow-cross-namespace-consumers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 63),

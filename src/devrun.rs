@@ -11,6 +11,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::controller::ownership::LABEL_CLIENT_CREDENTIALS;
 use crate::controller::{self, Context, metrics::Metrics};
 use crate::controlplane::{ControlPlane, Options};
 use crate::crd::XeroConnection;
@@ -92,11 +93,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "created namespace {NS}: Secret xero-app (client id/secret), XeroConnection demo, and the first refresh token in demo-xero-token (as `xero-token authorize` would)"
     ));
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         "controller/make-run".into(),
         Arc::new(Metrics::default()),
-    ));
+    );
+    // The emulator is the one host besides Xero's that this controller may send credentials to.
+    ctx.policy.allowlist = emu.allowlist();
+    let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut controller_task = Some((
         stop_tx,
@@ -217,13 +221,15 @@ async fn seed(client: &Client, emu: &Emulator, user: &emulator::SeededUser) -> a
         )
         .await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    // Opted in as client credentials: every connection in the namespace may use them.
     let app: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "xero-app"},
+        "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
         "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET},
     }))?;
     secrets.create(&PostParams::default(), &app).await?;
     let token: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "demo-xero-token"},
+        // Made by a person before the connection: the label hands it to connection `demo`.
+        "metadata": {"name": "demo-xero-token", "labels": {f::LABEL_CONNECTION: "demo"}},
         "stringData": {f::REFRESH_TOKEN: user.refresh_token.clone().unwrap_or_default()},
     }))?;
     secrets.create(&PostParams::default(), &token).await?;

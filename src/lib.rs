@@ -6,6 +6,7 @@
 //! - [`controlplane`]: a real etcd + kube-apiserver on loopback for tests and `make run`.
 //! - [`emulator`]: an emulator of Xero's identity endpoints for tests, benchmarks and `make run`.
 
+pub mod allowlist;
 pub mod bench;
 pub mod cli;
 pub mod controller;
@@ -16,4 +17,5 @@ pub mod emulator;
 pub mod process;
 pub mod protocol;
 pub mod redact;
+pub mod text;
 pub mod xero;

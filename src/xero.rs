@@ -13,9 +13,9 @@ use crate::redact::Sensitive;
 /// Time allowed for one call to Xero: a refresh normally answers in well under a second; ten
 /// seconds rides out a slow network without holding a refresh lease for long.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest access-token lifetime believed: Xero's is 30 minutes; a day leaves room for
-/// change while refusing nonsense such as a year.
-pub const MAX_EXPIRES_IN: u64 = 24 * 3600;
+/// The longest access-token lifetime believed, in an answer or in a stored `expires_at`: Xero's
+/// is 30 minutes; four times that leaves room for change while refusing nonsense such as a year.
+pub const MAX_EXPIRES_IN: u64 = 2 * 3600;
 
 /// What Xero's endpoints are, and the app's credentials.
 #[derive(Clone, Debug)]
@@ -77,7 +77,8 @@ pub fn jwt_expiry(token: &str) -> Option<std::time::SystemTime> {
         .ok()?
         .get("exp")?
         .as_u64()?;
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(exp))
+    // A crafted `exp` must not overflow the clock arithmetic.
+    std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 /// Why a call to Xero did not produce a usable answer.
@@ -272,6 +273,10 @@ pub struct XeroTenant {
 pub fn new_http() -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(concat!("xero-operator/", env!("CARGO_PKG_VERSION")))
+        // Never follow a redirect: a 307/308 would send the form (refresh token, client
+        // secret) again to a host the endpoint allowlist never checked. Xero's token endpoint
+        // does not redirect; an answer that does counts as unusable.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("a client with rustls always builds")
 }

@@ -30,7 +30,7 @@ async fn refreshing_goes_on_after_the_api_server_restarts_with_one_call_per_expi
     let fx =
         common::token_fixture_on(client.clone(), "restart", timings, GraceReuse::SamePair).await;
     connection::create(&fx, "acme", &fx.secret, timings, serde_json::json!({})).await;
-    let _controller = connection::start_controller(&client, &fx.namespace, |_| {});
+    let _controller = connection::start_controller(&fx, |_| {});
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // A consumer asking for a token all along; it must never be handed an expired one.

@@ -26,7 +26,7 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
     };
     let fx = token_fixture("ctl-producer", timings).await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
-    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let _controller = start_controller(&fx, |_| {});
     let conn =
         connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     let started = Instant::now();
@@ -75,7 +75,7 @@ async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
     let timings = Timings::default();
     let fx = token_fixture("ctl-consumer", timings).await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
-    let controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let controller = start_controller(&fx, |_| {});
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     drop(controller);
     // The token expires while the controller is away; a consumer takes over.
@@ -85,7 +85,7 @@ async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
         .await
         .expect("consumer refreshes");
     let calls = fx.report().await.counters.token_calls;
-    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let _controller = start_controller(&fx, |_| {});
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = connection::api(&fx)
@@ -122,7 +122,7 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         .delete("xero-app", &Default::default())
         .await
         .expect("remove client Secret");
-    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let _controller = start_controller(&fx, |_| {});
     let conn =
         connection::wait_for_reason(&fx, "acme", "MissingClientSecret", Duration::from_secs(30))
             .await;
@@ -306,7 +306,7 @@ async fn a_spec_the_schema_cannot_catch_is_invalid_spec() {
     let fx = token_fixture("ctl-invalid", timings).await;
     // The token Secret would be the client Secret itself.
     connection::create(&fx, "acme", "xero-app", timings, json!({})).await;
-    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let _controller = start_controller(&fx, |_| {});
     let conn =
         connection::wait_for_reason(&fx, "acme", "InvalidSpec", Duration::from_secs(30)).await;
     assert!(
@@ -336,7 +336,7 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
         json!({"consumers": [{"serviceAccount": "worker"}]}),
     )
     .await;
-    let _controller = start_controller(&fx.client, &fx.namespace, |_| {});
+    let _controller = start_controller(&fx, |_| {});
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
 
     // A client that is the ServiceAccount (impersonated by the admin), checked by the real RBAC.
@@ -436,6 +436,10 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
             "--identity",
             CONTROLLER_ID,
         ])
+        .arg(format!(
+            "--allowed-endpoint-hosts={}",
+            fx.emulator.allowed_host()
+        ))
         .env("KUBECONFIG", &env.admin_kubeconfig)
         .env("RUST_LOG", "trace")
         .stdout(log.reopen().expect("log"))

@@ -26,6 +26,10 @@ fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child 
             "--identity",
             identity,
         ])
+        .arg(format!(
+            "--allowed-endpoint-hosts={}",
+            fx.emulator.allowed_host()
+        ))
         .args(extra)
         .env("KUBECONFIG", &common::env().admin_kubeconfig)
         .env("RUST_LOG", "info")
@@ -103,7 +107,7 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
             .expect("token secret");
         connection::create(&fx, name, secret, timings, json!({})).await;
     }
-    let _controller = connection::start_controller(&fx.client, &fx.namespace, |ctx| {
+    let _controller = connection::start_controller(&fx, |ctx| {
         ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
             std::num::NonZeroU32::new(1).expect("1"),
         ));
@@ -254,6 +258,10 @@ async fn metrics_and_health_endpoints_answer() {
                 "--identity",
                 "controller/m",
             ])
+            .arg(format!(
+                "--allowed-endpoint-hosts={}",
+                fx.emulator.allowed_host()
+            ))
             .env("KUBECONFIG", &common::env().admin_kubeconfig)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -50,7 +50,7 @@ async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
     // controller takes part too: it is one more party of the protocol.
     let fx = Arc::new(token_fixture("cli-hammer", Timings::default()).await);
     common::connection::create(&fx, "acme", &fx.secret, Timings::default(), json!({})).await;
-    let controller = common::connection::start_controller(&fx.client, &fx.namespace, |_| {});
+    let controller = common::connection::start_controller(&fx, |_| {});
     let mut procs = common::Procs(Vec::new());
     let mut urls = Vec::new();
     for i in 0..20 {

@@ -24,6 +24,7 @@ use kube::api::{PostParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
+use crate::controller::ownership::LABEL_CLIENT_CREDENTIALS;
 use crate::controller::{self, Context, metrics::Metrics};
 use crate::crd::XeroConnection;
 use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
@@ -161,11 +162,12 @@ async fn run_one(
             .await?
             .connection("bench", secret_name, refresh)
             .await?;
-        let ctx = Context::new(
+        let mut ctx = Context::new(
             client.clone(),
             "controller/bench".into(),
             Arc::new(Metrics::default()),
         );
+        ctx.policy.allowlist = emu.allowlist();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(
             Arc::new(ctx),
@@ -318,7 +320,8 @@ impl Connections {
         secrets
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": "xero-app"},
+                &serde_json::from_value(json!({"metadata": {"name": "xero-app",
+                        "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
                     "stringData": {"client_id": emulator::DEFAULT_CLIENT_ID, "client_secret": emulator::DEFAULT_CLIENT_SECRET}}))?,
             )
             .await?;
@@ -364,7 +367,8 @@ impl Connections {
         self.secrets
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": token_secret},
+                &serde_json::from_value(json!({"metadata": {"name": token_secret,
+                        "labels": {f::LABEL_CONNECTION: name}},
                     "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))?,
             )
             .await?;

@@ -131,6 +131,7 @@ async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<
             "--app-calls-per-minute={}",
             cfg.app_calls_per_minute
         ))
+        .arg(format!("--allowed-endpoint-hosts={}", emu.allowed_host()))
         .env("KUBECONFIG", &cfg.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -94,6 +94,8 @@ struct Proc {
 struct Fleet {
     cfg: SoakConfig,
     namespace: String,
+    /// The emulator's `host:port`, the controllers' one allowed endpoint host besides Xero's.
+    emulator_host: String,
     logs: tempfile::TempDir,
     procs: Vec<Proc>,
     started: usize,
@@ -162,6 +164,7 @@ impl Fleet {
                 "127.0.0.1:0",
             ])
             .args(["--identity", &identity, "--leader-election"])
+            .arg(format!("--allowed-endpoint-hosts={}", self.emulator_host))
             .args(["--lease-namespace", &self.namespace])
             .args(["--lease-seconds", LEADER_LEASE_SECONDS])
             .env("KUBECONFIG", &self.cfg.kubeconfig)
@@ -331,6 +334,7 @@ pub async fn soak(
     let mut fleet = Fleet {
         cfg: cfg.clone(),
         namespace: namespace.clone(),
+        emulator_host: emu.allowed_host(),
         logs: tempfile::Builder::new().prefix("xero-soak-").tempdir()?,
         procs: Vec::new(),
         started: 0,

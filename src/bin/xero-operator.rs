@@ -72,6 +72,23 @@ struct Args {
     )]
     max_concurrent_reconciles: u16,
 
+    /// Hosts the controller may send credentials to (`host` = HTTPS on 443, or `host:port`),
+    /// repeatable or comma-separated. A connection whose endpoints name another host gets the
+    /// condition EndpointNotAllowed and no request. Default: Xero's own hosts.
+    #[arg(
+        long = "allowed-endpoint-hosts",
+        env = "XERO_OPERATOR_ALLOWED_ENDPOINT_HOSTS",
+        value_delimiter = ',',
+        default_values_t = xero_operator::allowlist::XERO_HOSTS.map(str::to_owned)
+    )]
+    allowed_endpoint_hosts: Vec<String>,
+
+    /// Let connections name consumer ServiceAccounts of other namespaces (RoleBindings in the
+    /// connection's namespace then grant them its token Secret). Off: consumers of the
+    /// connection's own namespace only.
+    #[arg(long, env = "XERO_OPERATOR_ALLOW_CROSS_NAMESPACE_CONSUMERS")]
+    allow_cross_namespace_consumers: bool,
+
     /// Log as JSON lines.
     #[arg(long, env = "XERO_OPERATOR_LOG_JSON")]
     log_json: bool,
@@ -105,6 +122,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let allowlist =
+        xero_operator::allowlist::EndpointAllowlist::parse(&args.allowed_endpoint_hosts)
+            .map_err(|e| anyhow::anyhow!("--allowed-endpoint-hosts: {e}"))?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
@@ -121,6 +141,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let mut ctx = Context::new(client, identity, metrics);
     ctx.concurrency = args.max_concurrent_reconciles;
+    ctx.policy.allowlist = allowlist;
+    ctx.policy.allow_cross_namespace_consumers = args.allow_cross_namespace_consumers;
+    tracing::info!(allowed_endpoint_hosts = %ctx.policy.allowlist, allow_cross_namespace_consumers = args.allow_cross_namespace_consumers, "limits on connections");
     let per_minute = std::num::NonZeroU32::new(args.app_calls_per_minute)
         .ok_or_else(|| anyhow::anyhow!("--app-calls-per-minute must be at least 1"))?;
     ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(

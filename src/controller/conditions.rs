@@ -29,6 +29,19 @@ pub enum State {
     Refreshing(String),
     /// The Kubernetes API failed.
     ApiError(String),
+    /// The token Secret exists and is not the operator's, nor opted in (or not Opaque).
+    TokenSecretNotOwned(String),
+    /// The token Secret belongs to another connection or controller.
+    TokenSecretInUse(String),
+    /// The client Secret lacks the opt-in label `xero-operator.io/client-credentials: "true"`.
+    ClientSecretNotOptedIn(String),
+    /// An endpoint's host is not in the operator's allowlist: no request is sent.
+    EndpointNotAllowed(String),
+    /// A consumer ServiceAccount outside the connection's namespace, which the operator does not
+    /// allow.
+    ConsumerNotAllowed(String),
+    /// A Role or RoleBinding with the consumers' name exists and is not this connection's.
+    ConsumerRbacConflict(String),
 }
 
 impl State {
@@ -44,12 +57,19 @@ impl State {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Refreshing(_) => "Refreshing",
             Self::ApiError(_) => "KubernetesApiError",
+            Self::TokenSecretNotOwned(_) => "TokenSecretNotOwned",
+            Self::TokenSecretInUse(_) => "TokenSecretInUse",
+            Self::ClientSecretNotOptedIn(_) => "ClientSecretNotOptedIn",
+            Self::EndpointNotAllowed(_) => "EndpointNotAllowed",
+            Self::ConsumerNotAllowed(_) => "ConsumerNotAllowed",
+            Self::ConsumerRbacConflict(_) => "ConsumerRbacConflict",
         }
     }
 
-    /// A sentence for `kubectl describe`. Never holds a token.
+    /// A sentence for `kubectl describe`. Never holds a token; text that came from a Secret's
+    /// annotations or from an endpoint's answer is sanitised (no control characters, capped).
     pub fn message(&self) -> String {
-        match self {
+        let text = match self {
             Self::TokenValid => "the token Secret holds a valid access token".to_owned(),
             Self::WaitingForAuthorization => {
                 "no refresh token yet: run `xero-token authorize --secret <token secret>` to authorise the app".to_owned()
@@ -63,8 +83,15 @@ impl State {
             | Self::MissingClientSecret(why)
             | Self::InvalidSpec(why)
             | Self::Refreshing(why)
-            | Self::ApiError(why) => why.clone(),
-        }
+            | Self::ApiError(why)
+            | Self::TokenSecretNotOwned(why)
+            | Self::TokenSecretInUse(why)
+            | Self::ClientSecretNotOptedIn(why)
+            | Self::EndpointNotAllowed(why)
+            | Self::ConsumerNotAllowed(why)
+            | Self::ConsumerRbacConflict(why) => why.clone(),
+        };
+        crate::text::sanitize(&text, crate::text::MAX_REASON_CHARS)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -125,6 +152,12 @@ mod tests {
             State::XeroUnavailable("500".into()),
             State::MissingClientSecret("x".into()),
             State::InvalidSpec("x".into()),
+            State::TokenSecretNotOwned("x".into()),
+            State::TokenSecretInUse("x".into()),
+            State::ClientSecretNotOptedIn("x".into()),
+            State::EndpointNotAllowed("x".into()),
+            State::ConsumerNotAllowed("x".into()),
+            State::ConsumerRbacConflict("x".into()),
         ] {
             let c = ready_condition(&s, None, Some(1), t(0));
             assert_eq!(
@@ -158,6 +191,14 @@ mod tests {
             Some(&valid),
             &State::RateLimited("429".into())
         ));
+    }
+
+    #[test]
+    fn messages_are_sanitised() {
+        let m = State::ReauthorizationRequired("x\u{1b}[2J\nREADY True".into()).message();
+        assert!(!m.chars().any(char::is_control), "{m:?}");
+        let long = State::Refreshing("held by ".to_owned() + &"a".repeat(5000)).message();
+        assert!(long.chars().count() <= crate::text::MAX_REASON_CHARS);
     }
 
     #[test]

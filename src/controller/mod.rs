@@ -1,14 +1,23 @@
 //! The controller: the producer role of the refresh protocol for every `XeroConnection`.
 //!
-//! Reconcile, per connection: validate the spec → read the client Secret → bring the token
-//! Secret's controller-owned fields in line (labels, settings, the app's credentials) → grant the
-//! listed consumers access → take part in the protocol as the producer (refresh only when due:
-//! on expiry by default) → fetch the tenants when the token changed → write status, an Event per
-//! transition, and requeue at the instant the token is due.
+//! Reconcile, per connection, as a pipeline:
+//! 1. [`checks`]: the spec against what the schema cannot check and the operator's limits
+//!    (endpoint allowlist, consumer namespaces) — pure, before any call;
+//! 2. [`inputs`]: the token Secret and the client Secret, used only if they are the operator's
+//!    own or opted in ([`ownership`]);
+//! 3. the token Secret's controller-owned fields brought in line ([`resources`]: labels,
+//!    settings, the app's credentials), then [`consumers`]: the consumers' Role and RoleBinding;
+//! 4. the protocol as the producer (refresh only when due: on expiry by default);
+//! 5. the tenants when the token changed, status, an Event per transition ([`conditions`]), and
+//!    a requeue at the instant the token is due.
 
+pub mod checks;
 pub mod conditions;
+pub mod consumers;
+pub mod inputs;
 pub mod leader;
 pub mod metrics;
+pub mod ownership;
 pub mod resources;
 pub mod server;
 
@@ -18,9 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -35,9 +43,10 @@ use serde_json::json;
 use crate::crd::{Tenant, XeroConnection};
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::protocol::{Error as ProtocolError, Refresher, Role as ProtocolRole};
-use crate::redact::Sensitive;
-use crate::xero::{ClientCredentials, Endpoints, XeroClient, XeroError};
+use crate::xero::{XeroClient, XeroError};
+use checks::Policy;
 use conditions::State;
+use inputs::TokenSecretLookup;
 use metrics::{ConnectionLabels, Metrics, ReasonLabels, RefreshLabels};
 
 /// Field manager and Event reporter name.
@@ -70,6 +79,10 @@ pub enum Error {
     Finalizer(String),
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
 }
@@ -81,8 +94,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The controller's identity in the refresh protocol.
     pub identity: String,
-    /// Endpoints used when a connection names none (Xero's).
-    pub default_endpoints: Endpoints,
+    /// The operator-wide limits on specs: endpoint allowlist, consumer namespaces, default
+    /// endpoints (Xero's).
+    pub policy: Policy,
     /// Recheck interval for states only a person can fix (default [`RECHECK`]).
     pub recheck: Duration,
     /// The per-app token bucket of this controller's calls to Xero.
@@ -96,8 +110,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The rotation last seen per connection uid (to count refreshes by actor).
     rotations: Mutex<HashMap<String, u64>>,
-    /// Connections (uid) known to have no consumer Role: saves two DELETE calls per reconcile.
-    no_consumer_rbac: Mutex<std::collections::HashSet<String>>,
+    /// Per connection uid, the generation whose consumer Role/RoleBinding were last brought in
+    /// line: a steady-state reconcile makes no RBAC call.
+    rbac_synced: Mutex<HashMap<String, i64>>,
 }
 
 impl Context {
@@ -111,15 +126,23 @@ impl Context {
             client,
             metrics,
             identity,
-            default_endpoints: Endpoints::default(),
+            policy: Policy::default(),
             recheck: RECHECK,
             gate: None,
             http: crate::xero::new_http(),
             concurrency: DEFAULT_CONCURRENCY,
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
-            no_consumer_rbac: Mutex::new(std::collections::HashSet::new()),
+            rbac_synced: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn rbac_synced_at(&self, uid: &str) -> Option<i64> {
+        lock(&self.rbac_synced).get(uid).copied()
+    }
+
+    fn mark_rbac_synced(&self, uid: &str, generation: i64) {
+        lock(&self.rbac_synced).insert(uid.to_owned(), generation);
     }
 
     fn backoff(&self, uid: &str) -> Duration {
@@ -306,39 +329,36 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
     Ok(Action::requeue(requeue))
 }
 
-/// Spec checks, the client Secret, the token Secret's controller-owned fields, consumer RBAC.
-/// `Ok(Err(state))` is a state a person must fix; `Ok(Ok(secret))` carries the token Secret as
-/// just read or written (`None` if another party created it meanwhile), so the token step need
-/// not read it again.
+/// Steps 1–3 of the pipeline: spec checks, the token and client Secrets, the token Secret's
+/// controller-owned fields, consumer RBAC. `Ok(Err(state))` is a state a person must fix (nothing
+/// was read, written or granted for an object that is not the operator's); `Ok(Ok(secret))`
+/// carries the token Secret as just read or written (`None` if another party created it
+/// meanwhile), so the token step need not read it again.
 async fn prepare(
     conn: &XeroConnection,
     ctx: &Context,
 ) -> Result<Result<Option<Secret>, State>, Error> {
-    if let Err(why) = resources::validate(conn) {
-        return Ok(Err(State::InvalidSpec(why)));
+    if let Err(state) = checks::validate(conn, &ctx.policy) {
+        return Ok(Err(state));
     }
     let ns = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let app = match read_client_secret(conn, &secrets).await? {
+    let existing = match inputs::find_token_secret(conn, &secrets).await? {
+        TokenSecretLookup::Refused(state) => return Ok(Err(state)),
+        TokenSecretLookup::Ours(secret) => Some(*secret),
+        TokenSecretLookup::Absent => None,
+    };
+    let app = match inputs::read_client_secret(conn, &secrets).await? {
         Ok(app) => app,
         Err(state) => return Ok(Err(state)),
     };
-    let token_url = conn
-        .spec
-        .endpoints
-        .as_ref()
-        .and_then(|e| e.token_url.clone())
-        .unwrap_or_else(|| ctx.default_endpoints.token_url.clone());
+    let token_url = checks::endpoints(conn, &ctx.policy.default_endpoints).token_url;
     let owner = (!conn.spec.keep_token_secret_on_delete).then(|| {
         conn.controller_owner_ref(&())
             .expect("a stored object has a name and uid")
     });
     let name = conn.token_secret_name();
-    let token_secret = match secrets
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("reading the token Secret"))?
-    {
+    let token_secret = match existing {
         Some(current) => {
             match resources::token_secret_patch(&current, conn, &token_url, &app, owner) {
                 Some(patch) => Some(
@@ -354,6 +374,7 @@ async fn prepare(
             let mut secret = Secret::default();
             secret.metadata.name = Some(name.clone());
             secret.metadata.namespace = Some(ns.clone());
+            secret.type_ = Some("Opaque".to_owned());
             let patch = resources::token_secret_patch(&secret, conn, &token_url, &app, owner)
                 .expect("an empty Secret always needs the controller's fields");
             let mut body: serde_json::Value = serde_json::to_value(&secret).expect("serializable");
@@ -370,7 +391,9 @@ async fn prepare(
             }
         }
     };
-    sync_consumer_rbac(conn, ctx).await?;
+    if let Err(state) = consumers::sync(conn, ctx).await? {
+        return Ok(Err(state));
+    }
     Ok(Ok(token_secret))
 }
 
@@ -383,111 +406,6 @@ fn json_merge(target: &mut serde_json::Value, patch: serde_json::Value) {
         }
         (t, p) => *t = p,
     }
-}
-
-async fn read_client_secret(
-    conn: &XeroConnection,
-    secrets: &Api<Secret>,
-) -> Result<Result<ClientCredentials, State>, Error> {
-    let r = &conn.spec.client_secret_ref;
-    let Some(secret) = secrets
-        .get_opt(&r.name)
-        .await
-        .map_err(kube_err("reading the client Secret"))?
-    else {
-        return Ok(Err(State::MissingClientSecret(format!(
-            "client Secret {:?} not found",
-            r.name
-        ))));
-    };
-    let data = secret.data.unwrap_or_default();
-    let value = |key: &str| {
-        data.get(key)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-    };
-    match (value(&r.client_id_key), value(&r.client_secret_key)) {
-        (Some(client_id), Some(secret)) => Ok(Ok(ClientCredentials {
-            client_id,
-            client_secret: Sensitive::new(secret),
-        })),
-        (id, _) => {
-            let missing = if id.is_none() {
-                &r.client_id_key
-            } else {
-                &r.client_secret_key
-            };
-            Ok(Err(State::MissingClientSecret(format!(
-                "client Secret {:?} has no non-empty key {missing:?}",
-                r.name
-            ))))
-        }
-    }
-}
-
-async fn sync_consumer_rbac(conn: &XeroConnection, ctx: &Context) -> Result<(), Error> {
-    let ns = conn.namespace().unwrap_or_default();
-    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &ns);
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = resources::consumer_role_name(conn);
-    let uid = conn.uid().unwrap_or_default();
-    let known_absent = |ctx: &Context| {
-        ctx.no_consumer_rbac
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&uid)
-    };
-    if conn.spec.consumers.is_empty() {
-        if known_absent(ctx) {
-            return Ok(());
-        }
-        for result in [
-            bindings
-                .delete(&name, &DeleteParams::default())
-                .await
-                .map(drop),
-            roles
-                .delete(&name, &DeleteParams::default())
-                .await
-                .map(drop),
-        ] {
-            match result {
-                Ok(()) | Err(kube::Error::Api(_)) => {}
-                Err(e) => return Err(kube_err("removing the consumer Role")(e)),
-            }
-        }
-        ctx.no_consumer_rbac
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid);
-        return Ok(());
-    }
-    ctx.no_consumer_rbac
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&uid);
-    let owner = conn
-        .controller_owner_ref(&())
-        .expect("a stored object has a name and uid");
-    let apply = PatchParams::apply(MANAGER).force();
-    let mut role =
-        serde_json::to_value(resources::consumer_role(conn, owner.clone())).expect("serializable");
-    role["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
-    role["kind"] = json!("Role");
-    roles
-        .patch(&name, &apply, &Patch::Apply(&role))
-        .await
-        .map_err(kube_err("applying the consumer Role"))?;
-    let mut binding =
-        serde_json::to_value(resources::consumer_role_binding(conn, owner)).expect("serializable");
-    binding["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
-    binding["kind"] = json!("RoleBinding");
-    bindings
-        .patch(&name, &apply, &Patch::Apply(&binding))
-        .await
-        .map_err(kube_err("applying the consumer RoleBinding"))?;
-    Ok(())
 }
 
 /// The producer's part in the protocol, starting from the token Secret `prepare` saw.
@@ -505,7 +423,8 @@ async fn token_step(
         &ctx.identity,
         ProtocolRole::Producer { ahead },
     )
-    .with_default_endpoints(ctx.default_endpoints.clone())
+    .with_default_endpoints(ctx.policy.default_endpoints.clone())
+    .with_allowlist(ctx.policy.allowlist.clone())
     .with_max_wait(PRODUCER_MAX_WAIT)
     .with_http(ctx.http.clone());
     let refresher = match &ctx.gate {
@@ -614,6 +533,7 @@ fn classify(e: &ProtocolError, rec: Option<&TokenRecord>, recheck: Duration) -> 
                 None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
             }
         }
+        ProtocolError::EndpointNotAllowed(why) => (State::EndpointNotAllowed(why.clone()), recheck),
         ProtocolError::SecretNotFound { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
         ProtocolError::Kube { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
     }
@@ -657,15 +577,8 @@ async fn refresh_tenants(
         return None;
     }
     let access_token = rec.access_token.clone()?;
-    let mut endpoints = ctx.default_endpoints.clone();
-    if let Some(url) = conn
-        .spec
-        .endpoints
-        .as_ref()
-        .and_then(|e| e.connections_url.clone())
-    {
-        endpoints.connections_url = url;
-    }
+    // checks::validate has allowed this endpoint before the reconcile got here.
+    let endpoints = checks::endpoints(conn, &ctx.policy.default_endpoints);
     let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
     let list = match xero.connections(&access_token).await {
         Ok(list) => list,
@@ -775,61 +688,63 @@ async fn write_status(
 }
 
 /// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
+/// A token Secret that is not this connection's is left alone: nothing is read from it, sent,
+/// or changed.
 async fn cleanup(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = conn.token_secret_name();
-    if conn.spec.revoke_on_delete
-        && let Some(secret) = secrets
-            .get_opt(&name)
-            .await
-            .map_err(kube_err("reading the token Secret"))?
-    {
-        let rec = TokenRecord::from_secret(&secret);
-        if let (Some(app), Some(rt)) = (rec.client.clone(), rec.refresh_token.clone()) {
-            let mut endpoints = ctx.default_endpoints.clone();
-            if let Some(url) = conn
-                .spec
-                .endpoints
-                .as_ref()
-                .and_then(|e| e.revocation_url.clone())
-            {
-                endpoints.revocation_url = url;
-            }
-            let xero =
-                XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
-            match xero.revoke(&app, &rt).await {
-                Ok(()) => {
-                    tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
-                }
-                // Deletion must not hang on Xero: log and go on.
-                Err(e) => {
-                    tracing::warn!(connection = %conn.name_any(), error = %e, "revoking the refresh token failed")
-                }
-            }
-        }
+    let TokenSecretLookup::Ours(secret) = inputs::find_token_secret(&conn, &secrets).await? else {
+        return Ok(Action::await_change());
+    };
+    if conn.spec.revoke_on_delete {
+        revoke(&conn, &ctx, &secret).await;
     }
-    if conn.spec.keep_token_secret_on_delete
-        && let Some(secret) = secrets
-            .get_opt(&name)
-            .await
-            .map_err(kube_err("reading the token Secret"))?
-    {
+    if conn.spec.keep_token_secret_on_delete {
+        // Released, not handed on: without our owner reference, label and uid mark, no other
+        // connection can take the kept Secret until someone who may write it labels it again.
+        let uid = conn.uid().unwrap_or_default();
         let owners: Vec<_> = secret
             .metadata
             .owner_references
+            .clone()
             .unwrap_or_default()
             .into_iter()
-            .filter(|o| o.kind != "XeroConnection")
+            .filter(|o| o.uid != uid)
             .collect();
+        let patch = json!({"metadata": {
+            "uid": secret.metadata.uid,
+            "ownerReferences": owners,
+            "labels": {f::LABEL_CONNECTION: null},
+            "annotations": {ownership::ANN_CONNECTION_UID: null},
+        }});
         secrets
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
-            )
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(kube_err("keeping the token Secret"))?;
+        tracing::info!(connection = %conn.name_any(), secret = %name, "kept and released the token Secret");
     }
     Ok(Action::await_change())
+}
+
+/// Revokes the refresh token of `secret` at Xero (best effort: deletion must not hang on Xero).
+async fn revoke(conn: &XeroConnection, ctx: &Context, secret: &Secret) {
+    let rec = TokenRecord::from_secret(secret);
+    let (Some(app), Some(rt)) = (rec.client.clone(), rec.refresh_token.clone()) else {
+        return;
+    };
+    let endpoints = checks::endpoints(conn, &ctx.policy.default_endpoints);
+    if let Err(why) = ctx.policy.allowlist.check(&endpoints.revocation_url) {
+        tracing::warn!(connection = %conn.name_any(), why, "not revoking: the revocation endpoint is not allowed");
+        return;
+    }
+    let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
+    match xero.revoke(&app, &rt).await {
+        Ok(()) => {
+            tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
+        }
+        Err(e) => {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "revoking the refresh token failed")
+        }
+    }
 }

@@ -8,6 +8,7 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::{Value, json};
 
+use super::ownership::ANN_CONNECTION_UID;
 use crate::crd::{Grant, RefreshPolicy, XeroConnection};
 use crate::protocol::format as f;
 use crate::xero::ClientCredentials;
@@ -69,9 +70,10 @@ pub fn ahead_of_expiry(conn: &XeroConnection) -> std::time::Duration {
 }
 
 /// A merge patch bringing the token Secret's controller-owned fields to what the spec says:
-/// labels, settings annotations, the app's credentials and (unless kept on delete) the owner.
-/// Returns `None` when nothing differs, so steady state costs no write (every write would make
-/// concurrent claimers retry).
+/// labels, settings annotations, the connection-uid mark, the app's credentials and (unless kept
+/// on delete) the owner. Returns `None` when nothing differs, so steady state costs no write
+/// (every write would make concurrent claimers retry). The patch carries the Secret's uid, so it
+/// fails rather than land on a Secret that was deleted and re-created after it was checked.
 pub fn token_secret_patch(
     current: &k8s_openapi::api::core::v1::Secret,
     conn: &XeroConnection,
@@ -97,6 +99,10 @@ pub fn token_secret_patch(
     }
     if conn.spec.scopes.is_empty() && have.contains_key(f::ANN_SCOPES) {
         ann.insert(f::ANN_SCOPES.to_owned(), Value::Null);
+    }
+    let uid = conn.metadata.uid.clone().unwrap_or_default();
+    if have.get(ANN_CONNECTION_UID) != Some(&uid) {
+        ann.insert(ANN_CONNECTION_UID.to_owned(), json!(uid));
     }
     if !ann.is_empty() {
         patch["metadata"]["annotations"] = Value::Object(ann);
@@ -130,15 +136,15 @@ pub fn token_secret_patch(
             patch["metadata"]["ownerReferences"] = json!(all);
             changed = true;
         }
-        None if owners.iter().any(|x| x.kind == "XeroConnection") => {
-            let kept: Vec<_> = owners
-                .into_iter()
-                .filter(|x| x.kind != "XeroConnection")
-                .collect();
+        None if owners.iter().any(|x| x.uid == uid) => {
+            let kept: Vec<_> = owners.into_iter().filter(|x| x.uid != uid).collect();
             patch["metadata"]["ownerReferences"] = json!(kept);
             changed = true;
         }
         _ => {}
+    }
+    if changed && let Some(current_uid) = &current.metadata.uid {
+        patch["metadata"]["uid"] = json!(current_uid);
     }
     changed.then_some(patch)
 }
@@ -176,11 +182,9 @@ pub fn consumer_role(conn: &XeroConnection, owner: OwnerReference) -> Role {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".to_owned()]),
             resource_names: Some(vec![conn.token_secret_name()]),
-            // get/list/watch to read and wait (a watch by metadata.name), patch/update to claim
-            // and store: the refresh protocol needs no more.
-            verbs: ["get", "list", "watch", "patch", "update"]
-                .map(str::to_owned)
-                .to_vec(),
+            // get to read, watch (by metadata.name) to wait, patch (a merge patch) to claim,
+            // store and release: the refresh protocol (docs/protocol.md) needs no more.
+            verbs: ["get", "watch", "patch"].map(str::to_owned).to_vec(),
             ..PolicyRule::default()
         }]),
     }
@@ -209,20 +213,6 @@ pub fn consumer_role_binding(conn: &XeroConnection, owner: OwnerReference) -> Ro
                 .collect(),
         ),
     }
-}
-
-/// Checks what the schema cannot: problems that span the connection and its cluster.
-pub fn validate(conn: &XeroConnection) -> Result<(), String> {
-    if conn.token_secret_name() == conn.spec.client_secret_ref.name {
-        return Err(format!(
-            "the token Secret and the client Secret are both {:?}: they must differ",
-            conn.spec.client_secret_ref.name
-        ));
-    }
-    if conn.spec.client_secret_ref.client_id_key == conn.spec.client_secret_ref.client_secret_key {
-        return Err("clientIdKey and clientSecretKey name the same key".to_owned());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -272,10 +262,18 @@ mod tests {
         assert_eq!(patch["metadata"]["labels"][f::LABEL_CONNECTION], "acme");
         assert_eq!(patch["metadata"]["annotations"][f::ANN_CLOCK_SKEW], "5");
         assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "u1");
+        assert_eq!(patch["metadata"]["annotations"][ANN_CONNECTION_UID], "u1");
+        assert!(
+            patch["metadata"].get("uid").is_none(),
+            "a new Secret has no uid yet"
+        );
         // Apply it by hand and ask again: nothing left to do.
         let mut s = Secret::default();
         s.metadata.labels = Some(token_secret_labels(&c));
-        s.metadata.annotations = Some(settings_annotations(&c, "http://x/token"));
+        let mut annotations = settings_annotations(&c, "http://x/token");
+        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
+        s.metadata.annotations = Some(annotations);
+        s.metadata.uid = Some("secret-uid".into());
         s.metadata.owner_references = Some(vec![owner()]);
         s.data = Some(BTreeMap::from([
             (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
@@ -288,9 +286,17 @@ mod tests {
             token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())),
             None
         );
-        // Keeping the Secret on delete drops our owner reference.
+        // Keeping the Secret on delete drops our owner reference, pinned to this Secret's uid.
         let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
         assert_eq!(p["metadata"]["ownerReferences"], json!([]));
+        assert_eq!(p["metadata"]["uid"], "secret-uid");
+        // Another object's owner reference stays.
+        let mut foreign = owner();
+        foreign.uid = "other".into();
+        foreign.controller = Some(false);
+        s.metadata.owner_references = Some(vec![foreign.clone(), owner()]);
+        let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
+        assert_eq!(p["metadata"]["ownerReferences"], json!([foreign]));
     }
 
     #[test]
@@ -303,25 +309,11 @@ mod tests {
             rule.resource_names.as_deref(),
             Some(&["acme-xero-token".to_owned()][..])
         );
-        assert!(
-            !rule.verbs.contains(&"delete".to_owned())
-                && !rule.verbs.contains(&"create".to_owned())
-        );
+        assert_eq!(rule.verbs, ["get", "watch", "patch"]);
         let binding = consumer_role_binding(&c, owner());
         let subjects = binding.subjects.expect("subjects");
         assert_eq!(subjects[0].namespace.as_deref(), Some("ns"));
         assert_eq!(subjects[1].namespace.as_deref(), Some("elsewhere"));
-    }
-
-    #[test]
-    fn specs_the_schema_cannot_catch_are_refused() {
-        let same = conn(json!({"clientSecretRef": {"name": "acme-xero-token"}}));
-        assert!(validate(&same).unwrap_err().contains("must differ"));
-        let keys = conn(
-            json!({"clientSecretRef": {"name": "app", "clientIdKey": "k", "clientSecretKey": "k"}}),
-        );
-        assert!(validate(&keys).is_err());
-        assert!(validate(&conn(json!({"clientSecretRef": {"name": "app"}}))).is_ok());
     }
 
     #[test]

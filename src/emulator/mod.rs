@@ -103,6 +103,17 @@ impl Emulator {
         self.addr
     }
 
+    /// Its `host:port`, for the controller's `--allowed-endpoint-hosts`.
+    pub fn allowed_host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Xero's hosts plus this emulator: the allowlist of a controller that talks to it.
+    pub fn allowlist(&self) -> crate::allowlist::EndpointAllowlist {
+        crate::allowlist::EndpointAllowlist::default()
+            .with(&self.addr.ip().to_string(), self.addr.port())
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)

@@ -67,7 +67,14 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
         Role::Consumer => Duration::ZERO,
         Role::Producer { ahead } => ahead,
     };
+    // An expiry further ahead than any token Xero issues was not written by a refresh (a hand
+    // edit, say): the token counts as expired rather than staying in use for ever.
+    let plausible = |until: SystemTime| {
+        now.checked_add(Duration::from_secs(crate::xero::MAX_EXPIRES_IN))
+            .is_none_or(|limit| until <= limit)
+    };
     let due = match rec.usable_until() {
+        Some(until) if !plausible(until) => true,
         Some(until) => until.checked_sub(ahead).is_none_or(|due_at| now >= due_at),
         // Missing or unparsable expiry, or no access token: refresh (the safe recovery).
         None => true,
@@ -164,6 +171,35 @@ mod tests {
             holder: holder.into(),
             expires,
         }
+    }
+
+    #[test]
+    fn an_implausibly_distant_expiry_counts_as_expired() {
+        let mut r = rec();
+        r.expiry = Expiry::At(t(2 * 3600 + 4));
+        assert_eq!(
+            decide(&r, t(0), ME, Role::Consumer),
+            Step::Use,
+            "within bounds"
+        );
+        r.expiry = Expiry::At(t(2 * 3600 + 10));
+        assert_eq!(
+            decide(&r, t(0), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+        r.expiry =
+            Expiry::At(crate::protocol::format::parse_time("9999-12-31T23:59:59Z").expect("time"));
+        assert_eq!(
+            decide(
+                &r,
+                t(0),
+                ME,
+                Role::Producer {
+                    ahead: Duration::ZERO
+                }
+            ),
+            Step::Claim { replacing: None }
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::crd::{DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_LEASE_DURATION_SECONDS, Grant};
 use crate::redact::Sensitive;
-use crate::xero::{ClientCredentials, TokenSet};
+use crate::text::{MAX_IDENTITY_CHARS, sanitize};
+use crate::xero::{ClientCredentials, TokenSet, jwt_expiry};
 
 /// Data keys.
 pub const ACCESS_TOKEN: &str = "access_token";
@@ -176,9 +177,20 @@ impl TokenRecord {
             clock_skew: seconds(ANN_CLOCK_SKEW, defaults.clock_skew),
             lease_duration: seconds(ANN_LEASE_DURATION, defaults.lease_duration),
         };
+        let access_token = text(data, ACCESS_TOKEN).map(Sensitive::new);
         let expiry = match text(data, EXPIRES_AT) {
             None => Expiry::Missing,
             Some(s) => parse_time(&s).map_or(Expiry::Unparsable, Expiry::At),
+        };
+        // The stored expiry is only a claim: an access token that is a JWT (Xero's are) says
+        // itself when it expires, and a hand-edited `expires_at` later than that must not keep
+        // an expired token in use.
+        let expiry = match (
+            expiry,
+            access_token.as_ref().and_then(|t| jwt_expiry(t.expose())),
+        ) {
+            (Expiry::At(at), Some(exp)) if exp < at => Expiry::At(exp),
+            (e, _) => e,
         };
         let lease = match a(ANN_HOLDER) {
             None => Lease::None,
@@ -209,7 +221,7 @@ impl TokenRecord {
         }
         Self {
             resource_version,
-            access_token: text(data, ACCESS_TOKEN).map(Sensitive::new),
+            access_token,
             refresh_token: text(data, REFRESH_TOKEN).map(Sensitive::new),
             expiry,
             token_type: text(data, TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
@@ -219,9 +231,11 @@ impl TokenRecord {
             settings,
             lease,
             reauthorization_required_for: a(ANN_REAUTH_FOR),
-            reauthorization_reason: a(ANN_REAUTH_REASON),
+            // Consumer-writable text that reaches status, Events and logs: sanitised here.
+            reauthorization_reason: a(ANN_REAUTH_REASON)
+                .map(|r| sanitize(&r, crate::text::MAX_REASON_CHARS)),
             retry_not_before: a(ANN_RETRY_NOT_BEFORE).as_deref().and_then(parse_time),
-            refreshed_by: a(ANN_REFRESHED_BY),
+            refreshed_by: a(ANN_REFRESHED_BY).map(|r| sanitize(&r, MAX_IDENTITY_CHARS)),
             refreshed_at: a(ANN_REFRESHED_AT).as_deref().and_then(parse_time),
             rotation: a(ANN_ROTATION).and_then(|v| v.parse().ok()).unwrap_or(0),
         }
@@ -391,6 +405,65 @@ mod tests {
         assert_eq!(r.settings.clock_skew, Duration::ZERO);
         assert_eq!(r.settings.grant, Grant::ClientCredentials);
         assert_eq!(r.rotation, 7);
+    }
+
+    #[test]
+    fn a_stored_expiry_later_than_the_jwt_exp_is_cut_to_it() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwt = |exp: u64| {
+            format!(
+                "{}.{}.sig",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256"}"#),
+                URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#))
+            )
+        };
+        let exp = 1_900_000_000;
+        let at_exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+        let r = TokenRecord::from_secret(&secret(
+            &[
+                (ACCESS_TOKEN, &jwt(exp)),
+                (EXPIRES_AT, "9999-12-31T23:59:59Z"),
+            ],
+            &[],
+        ));
+        assert_eq!(r.expiry, Expiry::At(at_exp));
+        // An earlier stored expiry stands (the stored one already includes rounding).
+        let r = TokenRecord::from_secret(&secret(
+            &[
+                (ACCESS_TOKEN, &jwt(exp)),
+                (EXPIRES_AT, "2000-01-01T00:00:00Z"),
+            ],
+            &[],
+        ));
+        assert_eq!(
+            r.expiry,
+            Expiry::At(parse_time("2000-01-01T00:00:00Z").expect("time"))
+        );
+        // An `exp` past the clock's range is ignored, not a panic.
+        let r = TokenRecord::from_secret(&secret(
+            &[
+                (ACCESS_TOKEN, &jwt(u64::MAX)),
+                (EXPIRES_AT, "2000-01-01T00:00:00Z"),
+            ],
+            &[],
+        ));
+        assert!(matches!(r.expiry, Expiry::At(_)));
+    }
+
+    #[test]
+    fn consumer_written_text_is_sanitised() {
+        let r = TokenRecord::from_secret(&secret(
+            &[],
+            &[
+                (ANN_REFRESHED_BY, "pod\u{1b}[31m\nREADY True"),
+                (ANN_REAUTH_REASON, &"x".repeat(10_000)),
+            ],
+        ));
+        assert_eq!(r.refreshed_by.as_deref(), Some("pod[31mREADY True"));
+        assert!(
+            r.reauthorization_reason.expect("reason").chars().count()
+                <= crate::text::MAX_REASON_CHARS
+        );
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The token endpoint's host is not one this party may send credentials to.
+    #[error("endpoint not allowed: {0}")]
+    EndpointNotAllowed(String),
     /// No usable token within the time allowed (another party held the claim, or Xero asked to
     /// wait).
     #[error("no usable token within {0:?}: {1}")]
@@ -61,7 +64,10 @@ impl Error {
             Self::ReauthorizationRequired(_) => 3,
             Self::NoRefreshToken => 4,
             Self::Xero(_) => 5,
-            Self::Kube { .. } | Self::SecretNotFound { .. } | Self::MissingClientCredentials => 6,
+            Self::Kube { .. }
+            | Self::SecretNotFound { .. }
+            | Self::MissingClientCredentials
+            | Self::EndpointNotAllowed(_) => 6,
             Self::Timeout(..) => 7,
         }
     }

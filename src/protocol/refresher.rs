@@ -80,6 +80,9 @@ pub struct Refresher {
     xero_timeout: Duration,
     /// The per-app token bucket every call waits on, if any.
     gate: Option<super::gate::AppGate>,
+    /// Hosts this party may send credentials to (the controller's `--allowed-endpoint-hosts`);
+    /// `None`: any (a consumer, which can read the Secret's credentials anyway).
+    allowlist: Option<crate::allowlist::EndpointAllowlist>,
     cache: Mutex<Option<AccessToken>>,
     flight: tokio::sync::Mutex<()>,
     /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
@@ -117,6 +120,7 @@ impl Refresher {
             max_wait: Duration::from_secs(60),
             xero_timeout: crate::xero::REQUEST_TIMEOUT,
             gate: None,
+            allowlist: None,
             cache: Mutex::new(None),
             flight: tokio::sync::Mutex::new(()),
             http: std::sync::OnceLock::new(),
@@ -184,6 +188,31 @@ impl Refresher {
     pub fn with_gate(mut self, gate: super::gate::AppGate) -> Self {
         self.gate = Some(gate);
         self
+    }
+
+    /// Calls Xero only at hosts `allowlist` holds: a token URL from the Secret's annotation (a
+    /// consumer can edit it) that names another host ends the `get` with
+    /// [`Error::EndpointNotAllowed`] before any claim or request.
+    pub fn with_allowlist(mut self, allowlist: crate::allowlist::EndpointAllowlist) -> Self {
+        self.allowlist = Some(allowlist);
+        self
+    }
+
+    /// The token endpoint for `rec`: its annotation, else the default.
+    fn token_url<'a>(&'a self, rec: &'a TokenRecord) -> &'a str {
+        rec.settings
+            .token_url
+            .as_deref()
+            .unwrap_or(&self.default_endpoints.token_url)
+    }
+
+    fn check_endpoint(&self, rec: &TokenRecord) -> Result<(), Error> {
+        match &self.allowlist {
+            Some(list) => list
+                .check(self.token_url(rec))
+                .map_err(|why| Error::EndpointNotAllowed(format!("token endpoint: {why}"))),
+            None => Ok(()),
+        }
     }
 
     pub fn identity(&self) -> &str {
@@ -299,7 +328,10 @@ impl Refresher {
                     let wait = until.duration_since(now).unwrap_or_default();
                     if tokio::time::Instant::now() + wait > deadline {
                         let why = match reason {
-                            WaitReason::HeldBy(h) => format!("the refresh is held by {h}"),
+                            WaitReason::HeldBy(h) => format!(
+                                "the refresh is held by {}",
+                                crate::text::sanitize(&h, crate::text::MAX_IDENTITY_CHARS)
+                            ),
                             WaitReason::RateLimited => "Xero asked to wait (429)".to_owned(),
                         };
                         return Err(Error::Timeout(self.max_wait, why));
@@ -308,6 +340,7 @@ impl Refresher {
                         .await;
                 }
                 Step::Claim { replacing } => {
+                    self.check_endpoint(&rec)?;
                     // The app's token bucket is waited on before claiming, so a long wait in a
                     // storm never eats into the claim.
                     if let (Some(gate), Some(app)) = (&self.gate, &rec.client) {
@@ -322,6 +355,10 @@ impl Refresher {
                     {
                         Ok(secret) => {
                             if let Some(previous) = replacing {
+                                let previous = crate::text::sanitize(
+                                    &previous,
+                                    crate::text::MAX_IDENTITY_CHARS,
+                                );
                                 tracing::info!(secret = %self.name, previous, "took over an expired refresh claim");
                             }
                             let claimed = TokenRecord::from_secret(&secret);
@@ -342,6 +379,10 @@ impl Refresher {
                     }
                 }
                 Step::Refresh => {
+                    if let Err(e) = self.check_endpoint(&rec) {
+                        self.release(&rec, &[]).await;
+                        return Err(e);
+                    }
                     let lease_end = match rec.lease {
                         Lease::Held { expires, .. } => expires,
                         _ => now + rec.settings.lease_duration,
@@ -407,9 +448,7 @@ impl Refresher {
             return Err(Error::MissingClientCredentials);
         };
         let mut endpoints = self.default_endpoints.clone();
-        if let Some(url) = &rec.settings.token_url {
-            endpoints.token_url = url.clone();
-        }
+        endpoints.token_url = self.token_url(&rec).to_owned();
         let http = self.http.get_or_init(crate::xero::new_http).clone();
         let xero = XeroClient::with_http(http, endpoints, self.xero_timeout);
         let presented = rec.refresh_token.clone();

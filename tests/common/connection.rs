@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
+use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
 use xero_operator::controller::{self, Context, metrics::Metrics};
 use xero_operator::crd::XeroConnection;
 
@@ -27,7 +28,7 @@ pub async fn create(
     install_crds(&fx.client).await;
     let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), &fx.namespace);
     let app: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "xero-app"},
+        "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
         "stringData": {
             "client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
             "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET,
@@ -118,10 +119,23 @@ impl Drop for Running {
     }
 }
 
-/// Starts a controller for `ns` in this process (rechecking person-fixable states every second).
-pub fn start_controller(
+/// Starts a controller for the fixture's namespace in this process, allowed to call the
+/// fixture's emulator (rechecking person-fixable states every second).
+pub fn start_controller(fx: &TokenFixture, configure: impl FnOnce(&mut Context)) -> Running {
+    start_controller_as(
+        &fx.client,
+        &fx.namespace,
+        fx.emulator.allowlist(),
+        configure,
+    )
+}
+
+/// Starts a controller for `ns` in this process with `client`'s rights, allowed to call the
+/// hosts of `allowlist`.
+pub fn start_controller_as(
     client: &Client,
     ns: &str,
+    allowlist: xero_operator::allowlist::EndpointAllowlist,
     configure: impl FnOnce(&mut Context),
 ) -> Running {
     let mut ctx = Context::new(
@@ -130,6 +144,7 @@ pub fn start_controller(
         Arc::new(Metrics::default()),
     );
     ctx.recheck = Duration::from_secs(1);
+    ctx.policy.allowlist = allowlist;
     configure(&mut ctx);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(

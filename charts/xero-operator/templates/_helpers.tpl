@@ -27,28 +27,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* What the controller calls, and nothing more. Shared by the ClusterRole and the per-namespace Roles. */}}
+{{/* What the controller calls, and nothing more (docs/security.md lists each call). Shared by the ClusterRole and the per-namespace Roles. */}}
 {{- define "xero-operator.rules" -}}
-# Reconcile XeroConnections; patch adds and removes the cleanup finalizer.
+# Reconcile XeroConnections (list + watch); patch adds and removes the cleanup finalizer.
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 # Write status (server-side apply on the status subresource).
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections/status"]
-  verbs: ["get", "patch", "update"]
-# Read client Secrets; create, watch (by label) and patch token Secrets. No delete: owned token
-# Secrets are garbage-collected with their connection.
+  verbs: ["patch"]
+# Secrets: list (by name and opt-in label, so only opted-in Secrets' data is sent) and get the
+# token and client Secrets; watch token Secrets (by label, metadata only); create and patch token
+# Secrets. Used only on Secrets that are the operator's own or opted in (docs/security.md). No
+# delete: owned token Secrets are garbage-collected with their connection.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
-# The consumers' Role and RoleBinding for each connection (server-side apply; removed when the
-# consumer list empties). Granting them requires holding the same Secret rights, which the rule
-# above gives.
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The consumers' Role and RoleBinding for each connection: read to check they are the
+# controller's own, create, apply changes, delete when the consumer list empties. Granting them
+# requires holding the same Secret rights (get, watch, patch), which the rule above gives.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch", "update", "delete"]
-# One Event per Ready transition.
+  verbs: ["get", "create", "patch", "delete"]
+# One Event per Ready transition (patch: the recorder counts repeats on the same Event).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -1,0 +1,150 @@
+//! The second step of a reconcile: reading what a spec points to — the client-credentials Secret
+//! and the token Secret — under the rules of [`super::ownership`].
+//!
+//! Both are looked up by name *and* by their opt-in label in one list call, so the API server
+//! sends the data of a Secret only when it carries the label; a Secret without it is looked at
+//! by its metadata alone, to say in the condition what is missing. Nothing of a Secret that is
+//! neither the operator's own nor opted in is read, copied, granted or deleted.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::ListParams;
+
+use super::conditions::State;
+use super::ownership::{
+    LABEL_CLIENT_CREDENTIALS, TokenSecretVerdict, is_client_secret_opted_in, token_secret_verdict,
+};
+use super::{Error, kube_err};
+use crate::crd::XeroConnection;
+use crate::protocol::format::LABEL_CONNECTION;
+use crate::redact::Sensitive;
+use crate::xero::ClientCredentials;
+
+/// What stands at a connection's token Secret name.
+pub enum TokenSecretLookup {
+    /// No Secret of that name: the controller may create it.
+    Absent,
+    /// The operator's own (or opted in), read whole.
+    Ours(Box<Secret>),
+    /// Someone else's: the state says whose and what to do.
+    Refused(State),
+}
+
+/// The Secret `name` if it carries `label_selector`, read whole; `Err(meta)` with its metadata
+/// alone if it exists without the label; `Ok(None)` if there is no such Secret.
+async fn get_if_labelled(
+    secrets: &Api<Secret>,
+    name: &str,
+    label_selector: &str,
+    action: &'static str,
+) -> Result<Result<Option<Secret>, Box<kube::core::PartialObjectMeta<Secret>>>, Error> {
+    let params = ListParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .labels(label_selector);
+    let listed = secrets.list(&params).await.map_err(kube_err(action))?;
+    if let Some(secret) = listed.items.into_iter().next() {
+        return Ok(Ok(Some(secret)));
+    }
+    match secrets
+        .get_metadata_opt(name)
+        .await
+        .map_err(kube_err(action))?
+    {
+        Some(meta) => Ok(Err(Box::new(meta))),
+        None => Ok(Ok(None)),
+    }
+}
+
+/// Finds the token Secret and judges whether this connection may use it.
+pub async fn find_token_secret(
+    conn: &XeroConnection,
+    secrets: &Api<Secret>,
+) -> Result<TokenSecretLookup, Error> {
+    let name = conn.token_secret_name();
+    let conn_name = conn.metadata.name.as_deref().unwrap_or_default();
+    let uid = conn.metadata.uid.as_deref().unwrap_or_default();
+    let action = "reading the token Secret";
+    let judge = |secret: Secret| match token_secret_verdict(
+        &secret.metadata,
+        Some(secret.type_.as_deref().unwrap_or_default()),
+        conn_name,
+        uid,
+    ) {
+        TokenSecretVerdict::Ours => TokenSecretLookup::Ours(Box::new(secret)),
+        refused => TokenSecretLookup::Refused(refusal(refused)),
+    };
+    let selector = format!("{LABEL_CONNECTION}={conn_name}");
+    match get_if_labelled(secrets, &name, &selector, action).await? {
+        Ok(None) => Ok(TokenSecretLookup::Absent),
+        Ok(Some(secret)) => Ok(judge(secret)),
+        // Unlabelled: ours only if we created it (a consumer may have dropped the label).
+        Err(meta) => match token_secret_verdict(&meta.metadata, None, conn_name, uid) {
+            TokenSecretVerdict::Ours => {
+                match secrets.get_opt(&name).await.map_err(kube_err(action))? {
+                    Some(secret) => Ok(judge(secret)),
+                    None => Ok(TokenSecretLookup::Absent),
+                }
+            }
+            refused => Ok(TokenSecretLookup::Refused(refusal(refused))),
+        },
+    }
+}
+
+fn refusal(verdict: TokenSecretVerdict) -> State {
+    match verdict {
+        TokenSecretVerdict::InUse(why) => State::TokenSecretInUse(why),
+        TokenSecretVerdict::NotOwned(why) => State::TokenSecretNotOwned(why),
+        TokenSecretVerdict::Ours => unreachable!("only refusals are turned into a state"),
+    }
+}
+
+/// Reads the app's client id and secret from the client Secret, if it is opted in.
+pub async fn read_client_secret(
+    conn: &XeroConnection,
+    secrets: &Api<Secret>,
+) -> Result<Result<ClientCredentials, State>, Error> {
+    let r = &conn.spec.client_secret_ref;
+    let selector = format!("{LABEL_CLIENT_CREDENTIALS}=true");
+    let secret =
+        match get_if_labelled(secrets, &r.name, &selector, "reading the client Secret").await? {
+            Ok(Some(secret)) if is_client_secret_opted_in(&secret.metadata) => secret,
+            Ok(None) => {
+                return Ok(Err(State::MissingClientSecret(format!(
+                    "client Secret {:?} not found",
+                    r.name
+                ))));
+            }
+            Ok(Some(_)) | Err(_) => {
+                return Ok(Err(State::ClientSecretNotOptedIn(format!(
+                    "client Secret {name:?} is not opted in: someone who may write it labels it \
+                 (kubectl label secret {name} {LABEL_CLIENT_CREDENTIALS}=true); then every \
+                 connection in this namespace may use it and their consumers can read it",
+                    name = r.name
+                ))));
+            }
+        };
+    let data = secret.data.unwrap_or_default();
+    let value = |key: &str| {
+        data.get(key)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    match (value(&r.client_id_key), value(&r.client_secret_key)) {
+        (Some(client_id), Some(secret)) => Ok(Ok(ClientCredentials {
+            client_id,
+            client_secret: Sensitive::new(secret),
+        })),
+        (id, _) => {
+            let missing = if id.is_none() {
+                &r.client_id_key
+            } else {
+                &r.client_secret_key
+            };
+            Ok(Err(State::MissingClientSecret(format!(
+                "client Secret {:?} has no non-empty key {missing:?}",
+                r.name
+            ))))
+        }
+    }
+}
