@@ -12,6 +12,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
+use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
 use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
 
@@ -130,7 +131,8 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
     assert!(message.contains("xero-app"), "{message}");
     // A client Secret without the secret key.
     let partial: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "xero-app"}, "stringData": {"client_id": "emulator-client"}}),
+        json!({"metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
+            "stringData": {"client_id": "emulator-client"}}),
     )
     .expect("s");
     secrets

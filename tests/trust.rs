@@ -1,0 +1,855 @@
+//! Trust boundaries (docs/security.md), tried as an attacker on the real API server.
+//!
+//! The controller runs with exactly the Helm chart's RBAC, as the chart's ServiceAccount (not as
+//! admin). The attacker is the static-token user `alice`, who may only create XeroConnections,
+//! ServiceAccounts and ServiceAccount tokens in one namespace; she may not read its Secrets. Her
+//! ServiceAccount `spy`, listed as a consumer, is her way to read whatever the controller would
+//! grant. Each attack must end refused at apply time, or in a named condition with an Event,
+//! with the victim object unchanged (same resourceVersion), the attacker's listener unreached and
+//! `spy` still unable to read what it could not read before.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Timings, TokenFixture, token_fixture};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use xero_operator::controller::ownership::{ANN_CONNECTION_UID, LABEL_CLIENT_CREDENTIALS};
+use xero_operator::crd::XeroConnection;
+use xero_operator::protocol::format as f;
+
+/// How long a controller gets to reach a condition.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Everything one attack scenario needs.
+struct Scene {
+    fx: TokenFixture,
+    /// The attacker.
+    alice: Client,
+    /// The attacker's ServiceAccount, as itself.
+    spy: Client,
+    _controller: common::connection::Running,
+}
+
+impl Scene {
+    fn ns(&self) -> &str {
+        &self.fx.namespace
+    }
+
+    fn admin_secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.fx.client.clone(), self.ns())
+    }
+
+    fn alice_connections(&self) -> Api<XeroConnection> {
+        Api::namespaced(self.alice.clone(), self.ns())
+    }
+
+    /// Alice creates a connection pointed at the emulator (unless `spec` says otherwise).
+    async fn alice_creates(&self, name: &str, spec: serde_json::Value) {
+        let mut full = json!({
+            "clientSecretRef": {"name": "xero-app"},
+            "refresh": {"clockSkewSeconds": 1, "leaseDurationSeconds": 5},
+            "endpoints": {
+                "tokenUrl": self.fx.emulator.token_url(),
+                "connectionsUrl": self.fx.emulator.connections_url(),
+                "revocationUrl": self.fx.emulator.revocation_url(),
+            },
+        });
+        for (k, v) in spec.as_object().expect("spec object") {
+            full[k] = v.clone();
+        }
+        let conn: XeroConnection = serde_json::from_value(json!({
+            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+            "metadata": {"name": name}, "spec": full,
+        }))
+        .expect("connection");
+        self.alice_connections()
+            .create(&PostParams::default(), &conn)
+            .await
+            .unwrap_or_else(|e| panic!("alice may create XeroConnection {name}: {e}"));
+    }
+
+    /// Waits until `name` is Ready=False with `reason`; returns its Ready message.
+    async fn refused_with(&self, name: &str, reason: &str) -> String {
+        let api: Api<XeroConnection> = Api::namespaced(self.fx.client.clone(), self.ns());
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let conn = api.get(name).await.expect("get connection");
+            let ready = conn
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+            if let Some(c) = &ready
+                && c.reason == reason
+            {
+                assert_eq!(c.status, "False", "{name}: {reason} must not be Ready");
+                return c.message.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: Ready never became {reason}; last {ready:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the Warning Event `reason` about connection `name`.
+    async fn event(&self, name: &str, reason: &str) -> Event {
+        let events: Api<Event> = Api::namespaced(self.fx.client.clone(), self.ns());
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let found = events
+                .list(&ListParams::default())
+                .await
+                .expect("list events")
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                });
+            if let Some(e) = found {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no {reason} Event for {name}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The resourceVersion of Secret `name` (as admin).
+    async fn secret_rv(&self, name: &str) -> String {
+        self.admin_secrets()
+            .get(name)
+            .await
+            .expect("victim Secret")
+            .metadata
+            .resource_version
+            .expect("rv")
+    }
+
+    /// Asserts `spy` is refused reading Secret `name`.
+    async fn spy_cannot_read(&self, name: &str) {
+        let got = Api::<Secret>::namespaced(self.spy.clone(), self.ns())
+            .get(name)
+            .await;
+        assert!(
+            matches!(&got, Err(kube::Error::Api(s)) if s.code == 403),
+            "spy must not read Secret {name}: {:?}",
+            got.map(|s| s.metadata.name)
+        );
+    }
+
+    async fn role_exists(&self, name: &str) -> bool {
+        Api::<Role>::namespaced(self.fx.client.clone(), self.ns())
+            .get_opt(name)
+            .await
+            .expect("get role")
+            .is_some()
+    }
+
+    /// Alice deletes `name` and waits until it is gone (the finalizer ran).
+    async fn alice_deletes(&self, name: &str) {
+        self.alice_connections()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("alice deletes her connection");
+        let api: Api<XeroConnection> = Api::namespaced(self.fx.client.clone(), self.ns());
+        let deadline = Instant::now() + SETTLE;
+        while api.get_opt(name).await.expect("get").is_some() {
+            assert!(Instant::now() < deadline, "{name} was never deleted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs `helm` (installed by scripts/helm.sh) and returns its stdout.
+fn helm(args: &[&str]) -> String {
+    let path = std::process::Command::new("bash")
+        .arg(common::repo_path("scripts/helm.sh"))
+        .output()
+        .expect("scripts/helm.sh");
+    assert!(path.status.success(), "scripts/helm.sh failed");
+    let helm = String::from_utf8(path.stdout).expect("utf-8");
+    let out = std::process::Command::new(helm.trim())
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Applies YAML as the admin.
+fn kubectl_apply(yaml: &str) {
+    use std::io::Write;
+    let env = common::env();
+    let mut child = std::process::Command::new(env.bin_dir.join("kubectl"))
+        .args(["apply", "-f", "-"])
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write yaml");
+    let out = child.wait_with_output().expect("kubectl apply");
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client authenticated with a bearer `token` against the test API server.
+async fn client_with_token(token: &str) -> Client {
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(&common::env().admin_kubeconfig)
+        .expect("admin kubeconfig");
+    for user in &mut kubeconfig.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.to_owned().into()),
+            ..kube::config::AuthInfo::default()
+        });
+    }
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("config");
+    Client::try_from(config).expect("client")
+}
+
+/// A token for ServiceAccount `ns/name`, requested through `client` (whose rights must allow
+/// `serviceaccounts/token` create).
+async fn sa_token(client: &Client, ns: &str, name: &str) -> String {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": [], "expirationSeconds": 3600}
+    }))
+    .expect("token request");
+    sas.create_token_request(name, &PostParams::default(), &request)
+        .await
+        .expect("token request")
+        .status
+        .expect("token status")
+        .token
+}
+
+/// The chart's RBAC and ServiceAccount, installed for release `release` in `ns`; returns a
+/// client that is that ServiceAccount.
+async fn chart_operator_client(admin: &Client, ns: &str, release: &str) -> Client {
+    let rendered = helm(&[
+        "template",
+        release,
+        &common::repo_path("charts/xero-operator")
+            .display()
+            .to_string(),
+        "--namespace",
+        ns,
+        "--kube-version",
+        "1.35.4",
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+    ]);
+    assert!(rendered.contains("kind: ClusterRole"), "{rendered}");
+    kubectl_apply(&rendered);
+    let token = sa_token(admin, ns, &format!("{release}-xero-operator")).await;
+    client_with_token(&token).await
+}
+
+/// Alice's rights in `ns`: XeroConnections, ServiceAccounts and their tokens; no Secrets.
+async fn grant_alice(admin: &Client, ns: &str) {
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "connection-author"},
+        "rules": [
+            {"apiGroups": ["xero-operator.io"], "resources": ["xeroconnections"], "verbs": ["*"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "get", "list"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+        ],
+    }))
+    .expect("role");
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("alice's role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "connection-author"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "connection-author"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("alice's binding");
+}
+
+/// A scene: a namespace with the emulator, an opted-in client Secret `xero-app`, the token
+/// Secret `acme-xero-token` (labelled for `acme`), the controller running as the chart's
+/// ServiceAccount (with the chart's RBAC only), alice and her `spy`.
+async fn scene(hint: &str, timings: Timings) -> Scene {
+    let fx = token_fixture(hint, timings).await;
+    common::install_crds(&fx.client).await;
+    let ns = fx.namespace.clone();
+    let app: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
+        "stringData": {
+            "client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
+            "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET,
+        },
+    }))
+    .expect("app secret");
+    Api::<Secret>::namespaced(fx.client.clone(), &ns)
+        .create(&PostParams::default(), &app)
+        .await
+        .expect("client Secret");
+    let release = format!("xo-{}", &ns[ns.len() - 5..]);
+    let operator = chart_operator_client(&fx.client, &ns, &release).await;
+    grant_alice(&fx.client, &ns).await;
+    let alice = common::user_client().await;
+    // Alice cannot read Secrets herself: the baseline every attack is measured against.
+    assert!(matches!(
+        Api::<Secret>::namespaced(alice.clone(), &ns).get("xero-app").await,
+        Err(kube::Error::Api(s)) if s.code == 403
+    ));
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "spy"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(alice.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("alice creates her ServiceAccount");
+    let spy = client_with_token(&sa_token(&alice, &ns, "spy").await).await;
+    let controller =
+        common::connection::start_controller_as(&operator, &ns, fx.emulator.allowlist(), |_| {});
+    Scene {
+        fx,
+        alice,
+        spy,
+        _controller: controller,
+    }
+}
+
+/// A Secret as the admin makes it.
+async fn admin_secret(s: &Scene, body: serde_json::Value) {
+    let secret: Secret = serde_json::from_value(body).expect("secret");
+    s.admin_secrets()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("victim Secret");
+}
+
+/// A listener standing in for an attacker's endpoint: counts every connection made to it.
+async fn attacker_listener() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (format!("http://{addr}"), hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_elses_secret_is_never_adopted_read_or_granted() {
+    let s = scene("trust-adopt", Timings::default()).await;
+    // Victims: an application's password, a cluster-admin ServiceAccount's token Secret, and a
+    // TLS Secret that even carries the connection label (the type alone refuses it).
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "db-credentials"}, "type": "Opaque",
+            "stringData": {"username": "app", "password": "hunter2"}}),
+    )
+    .await;
+    let admin_sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "root"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(s.fx.client.clone(), s.ns())
+        .create(&PostParams::default(), &admin_sa)
+        .await
+        .expect("sa");
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "root-token",
+                "annotations": {"kubernetes.io/service-account.name": "root"}},
+            "type": "kubernetes.io/service-account-token"}),
+    )
+    .await;
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "web-tls", "labels": {f::LABEL_CONNECTION: "grab-tls"}},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": "CERT", "tls.key": "KEY"}}),
+    )
+    .await;
+    let victims = ["db-credentials", "root-token", "web-tls"];
+    let mut before = Vec::new();
+    for v in victims {
+        before.push(s.secret_rv(v).await);
+    }
+    let consumers = json!([{"serviceAccount": "spy"}]);
+    for (conn, victim) in [
+        ("grab-db", "db-credentials"),
+        ("grab-sa", "root-token"),
+        ("grab-tls", "web-tls"),
+    ] {
+        s.alice_creates(
+            conn,
+            json!({"tokenSecretName": victim, "consumers": consumers}),
+        )
+        .await;
+    }
+    let m = s.refused_with("grab-db", "TokenSecretNotOwned").await;
+    assert!(m.contains("kubectl label secret db-credentials"), "{m}");
+    s.refused_with("grab-sa", "TokenSecretNotOwned").await;
+    let m = s.refused_with("grab-tls", "TokenSecretNotOwned").await;
+    assert!(m.contains("only Opaque"), "{m}");
+    s.event("grab-db", "TokenSecretNotOwned").await;
+    for (v, rv) in victims.iter().zip(&before) {
+        assert_eq!(&s.secret_rv(v).await, rv, "{v} was written");
+        s.spy_cannot_read(v).await;
+    }
+    for conn in ["grab-db", "grab-sa", "grab-tls"] {
+        assert!(
+            !s.role_exists(&format!("{conn}-xero-token-consumer")).await,
+            "{conn}: a Role was granted"
+        );
+    }
+    // Deleting her connections deletes nothing of theirs.
+    for conn in ["grab-db", "grab-sa", "grab-tls"] {
+        s.alice_deletes(conn).await;
+    }
+    for (v, rv) in victims.iter().zip(&before) {
+        assert_eq!(&s.secret_rv(v).await, rv, "{v} changed after the delete");
+        let owners = s
+            .admin_secrets()
+            .get(v)
+            .await
+            .expect("still there")
+            .metadata
+            .owner_references;
+        assert!(owners.unwrap_or_default().is_empty(), "{v} got an owner");
+    }
+    assert_eq!(s.fx.report().await.counters.token_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_come_only_from_opted_in_secrets() {
+    let s = scene("trust-client", Timings::default()).await;
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "db-credentials"},
+            "stringData": {"username": "app", "password": "hunter2"}}),
+    )
+    .await;
+    let rv = s.secret_rv("db-credentials").await;
+    for (conn, grant) in [("steal", "RefreshToken"), ("steal-cc", "ClientCredentials")] {
+        s.alice_creates(
+            conn,
+            json!({"grant": grant, "consumers": [{"serviceAccount": "spy"}],
+                "clientSecretRef": {"name": "db-credentials", "clientIdKey": "username",
+                    "clientSecretKey": "password"}}),
+        )
+        .await;
+        let m = s.refused_with(conn, "ClientSecretNotOptedIn").await;
+        assert!(m.contains(LABEL_CLIENT_CREDENTIALS), "{m}");
+        assert!(!m.contains("hunter2"), "{m}");
+        s.event(conn, "ClientSecretNotOptedIn").await;
+        // Nothing was copied anywhere: no token Secret was even created, no grant was made.
+        assert!(
+            s.admin_secrets()
+                .get_opt(&format!("{conn}-xero-token"))
+                .await
+                .expect("get")
+                .is_none(),
+            "{conn}: a token Secret was created"
+        );
+        assert!(!s.role_exists(&format!("{conn}-xero-token-consumer")).await);
+    }
+    assert_eq!(s.secret_rv("db-credentials").await, rv);
+    s.spy_cannot_read("db-credentials").await;
+    assert_eq!(s.fx.report().await.counters.token_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_only_to_allowed_endpoints() {
+    let s = scene("trust-endpoints", Timings::default()).await;
+    let (listener, hits) = attacker_listener().await;
+    let evil = format!("{listener}/connect/token");
+    for (conn, spec) in [
+        ("exfil-token", json!({"endpoints": {"tokenUrl": evil}})),
+        (
+            "exfil-tenants",
+            json!({"endpoints": {"tokenUrl": s.fx.emulator.token_url(), "connectionsUrl": evil}}),
+        ),
+        (
+            "exfil-cc",
+            json!({"grant": "ClientCredentials", "endpoints": {"tokenUrl": evil}}),
+        ),
+        (
+            "ssrf-metadata",
+            json!({"endpoints": {"tokenUrl": "http://169.254.169.254/latest/meta-data/"}}),
+        ),
+        (
+            "exfil-revoke",
+            json!({"revokeOnDelete": true, "endpoints": {
+                "tokenUrl": s.fx.emulator.token_url(), "revocationUrl": evil}}),
+        ),
+    ] {
+        s.alice_creates(conn, spec).await;
+        let m = s.refused_with(conn, "EndpointNotAllowed").await;
+        assert!(m.contains("--allowed-endpoint-hosts"), "{m}");
+        s.event(conn, "EndpointNotAllowed").await;
+    }
+    s.alice_deletes("exfil-revoke").await;
+
+    // A consumer points the shared token-url annotation at the listener and expires the token:
+    // the controller (the producer) still calls only the allowed emulator.
+    s.alice_creates(
+        "acme",
+        json!({"tokenSecretName": s.fx.secret, "consumers": [{"serviceAccount": "spy"}]}),
+    )
+    .await;
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+    let rotation = s.fx.record().await.rotation;
+    Api::<Secret>::namespaced(s.spy.clone(), s.ns())
+        .patch(
+            &s.fx.secret,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"annotations": {f::ANN_TOKEN_URL: evil}},
+                "stringData": {f::EXPIRES_AT: "2000-01-01T00:00:00Z"},
+            })),
+        )
+        .await
+        .expect("a consumer may patch its token Secret");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let rec = s.fx.record().await;
+        if rec.rotation > rotation && rec.settings.token_url.as_deref() != Some(evil.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the controller never refreshed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the attacker's endpoint was called"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_connections_token_secret_stays_its_own() {
+    // Long-lived tokens: the victim's Secret must not change for reasons of its own meanwhile.
+    let timings = Timings {
+        access_token: Duration::from_secs(600),
+        ..Timings::default()
+    };
+    let s = scene("trust-steal", timings).await;
+    // The victim: an admin's connection keeping its Secret on delete (no owner reference).
+    common::connection::create(
+        &s.fx,
+        "acme",
+        &s.fx.secret,
+        timings,
+        json!({"keepTokenSecretOnDelete": true}),
+    )
+    .await;
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+    let secret = s.admin_secrets().get(&s.fx.secret).await.expect("victim");
+    assert!(
+        secret
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ANN_CONNECTION_UID)),
+        "the controller marks the Secret as the victim's"
+    );
+    let rv = secret.metadata.resource_version.clone().expect("rv");
+    let (listener, hits) = attacker_listener().await;
+    for (conn, keep) in [("thief", true), ("thief-owned", false)] {
+        s.alice_creates(
+            conn,
+            json!({"tokenSecretName": s.fx.secret, "keepTokenSecretOnDelete": keep,
+                "consumers": [{"serviceAccount": "spy"}]}),
+        )
+        .await;
+        let m = s.refused_with(conn, "TokenSecretInUse").await;
+        assert!(m.contains("another XeroConnection"), "{m}");
+        s.event(conn, "TokenSecretInUse").await;
+        assert!(!s.role_exists(&format!("{conn}-xero-token-consumer")).await);
+    }
+    s.spy_cannot_read(&s.fx.secret).await;
+    for conn in ["thief", "thief-owned"] {
+        s.alice_deletes(conn).await;
+    }
+    let after = s.admin_secrets().get(&s.fx.secret).await.expect("victim");
+    assert_eq!(
+        after.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
+    );
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+
+    // The victim's owner deletes the connection, keeping the Secret: it is released, so alice
+    // cannot take it by re-creating a connection of the same name.
+    common::connection::api(&s.fx)
+        .delete("acme", &DeleteParams::default())
+        .await
+        .expect("delete the victim connection");
+    let deadline = Instant::now() + SETTLE;
+    while common::connection::api(&s.fx)
+        .get_opt("acme")
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "acme was never deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = s.admin_secrets().get(&s.fx.secret).await.expect("kept");
+    let labels = kept.metadata.labels.clone().unwrap_or_default();
+    assert!(!labels.contains_key(f::LABEL_CONNECTION), "{labels:?}");
+    assert!(kept.data.is_some_and(|d| d.contains_key(f::REFRESH_TOKEN)));
+    s.alice_creates(
+        "acme",
+        json!({"tokenSecretName": s.fx.secret, "consumers": [{"serviceAccount": "spy"}]}),
+    )
+    .await;
+    s.refused_with("acme", "TokenSecretNotOwned").await;
+    s.spy_cannot_read(&s.fx.secret).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_objects_of_the_same_name_are_never_taken_over() {
+    let s = scene("trust-rbac", Timings::default()).await;
+    let roles: Api<Role> = Api::namespaced(s.fx.client.clone(), s.ns());
+    let bindings: Api<RoleBinding> = Api::namespaced(s.fx.client.clone(), s.ns());
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "evil-xero-token-consumer"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}],
+    }))
+    .expect("role");
+    roles
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("admin role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "evil-xero-token-consumer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "evil-xero-token-consumer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": s.ns()}],
+    }))
+    .expect("binding");
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("admin binding");
+    let rvs = |r: &Role, b: &RoleBinding| {
+        (
+            r.metadata.resource_version.clone(),
+            b.metadata.resource_version.clone(),
+        )
+    };
+    let before = rvs(
+        &roles.get("evil-xero-token-consumer").await.expect("role"),
+        &bindings.get("evil-xero-token-consumer").await.expect("rb"),
+    );
+    s.alice_creates("evil", json!({"consumers": [{"serviceAccount": "spy"}]}))
+        .await;
+    let m = s.refused_with("evil", "ConsumerRbacConflict").await;
+    assert!(m.contains("not this connection's"), "{m}");
+    s.event("evil", "ConsumerRbacConflict").await;
+    // Emptying the consumer list must not delete them either.
+    s.alice_connections()
+        .patch(
+            "evil",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"consumers": null}})),
+        )
+        .await
+        .expect("alice edits her connection");
+    s.refused_with("evil", "ConsumerRbacConflict").await;
+    s.alice_deletes("evil").await;
+    let after = rvs(
+        &roles
+            .get("evil-xero-token-consumer")
+            .await
+            .expect("role kept"),
+        &bindings
+            .get("evil-xero-token-consumer")
+            .await
+            .expect("binding kept"),
+    );
+    assert_eq!(before, after, "the admin's Role or RoleBinding was written");
+
+    // Consumers of other (even nonexistent) namespaces: refused, no RoleBinding.
+    s.alice_creates(
+        "wide",
+        json!({"consumers": [{"serviceAccount": "spy"},
+            {"serviceAccount": "default", "namespace": "kube-system"},
+            {"serviceAccount": "ghost", "namespace": "does-not-exist"}]}),
+    )
+    .await;
+    s.refused_with("wide", "ConsumerNotAllowed").await;
+    assert!(
+        bindings
+            .get_opt("wide-xero-token-consumer")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // The legitimate path with the chart's RBAC: the controller creates the Secret and the
+    // grant, later changes the grant in place, and spy reads exactly that one Secret.
+    s.alice_creates("fine", json!({"consumers": [{"serviceAccount": "spy"}]}))
+        .await;
+    s.refused_with("fine", "WaitingForAuthorization").await;
+    let spy_secrets: Api<Secret> = Api::namespaced(s.spy.clone(), s.ns());
+    let deadline = Instant::now() + SETTLE;
+    while spy_secrets.get("fine-xero-token").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "spy was never granted its Secret"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.spy_cannot_read("xero-app").await;
+    s.spy_cannot_read(&s.fx.secret).await;
+    s.alice_connections()
+        .patch(
+            "fine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"consumers": [
+                {"serviceAccount": "spy"}, {"serviceAccount": "default"}]}})),
+        )
+        .await
+        .expect("add a consumer");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let b = bindings
+            .get("fine-xero-token-consumer")
+            .await
+            .expect("binding");
+        if b.subjects.map(|s| s.len()) == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the binding was never updated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_consumer_text_cannot_break_the_operator_s_output() {
+    let s = scene("trust-text", Timings::default()).await;
+    // A name too long for the derived label value is refused at apply time.
+    let long = "a".repeat(64);
+    let conn: XeroConnection = serde_json::from_value(json!({
+        "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "metadata": {"name": long}, "spec": {"clientSecretRef": {"name": "xero-app"}},
+    }))
+    .expect("connection");
+    let refused = s
+        .alice_connections()
+        .create(&PostParams::default(), &conn)
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("at most 63 characters")),
+        "{refused:?}"
+    );
+
+    // A consumer writes escape sequences and forged lines into the annotations that reach
+    // status, Events and `kubectl get`.
+    s.alice_creates(
+        "acme",
+        json!({"tokenSecretName": s.fx.secret, "consumers": [{"serviceAccount": "spy"}]}),
+    )
+    .await;
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+    let rec = s.fx.record().await;
+    let fingerprint = rec
+        .refresh_token
+        .as_ref()
+        .map(xero_operator::redact::Sensitive::fingerprint)
+        .expect("refresh token");
+    Api::<Secret>::namespaced(s.spy.clone(), s.ns())
+        .patch(
+            &s.fx.secret,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"annotations": {
+                    f::ANN_REFRESHED_BY: "\u{1b}[2J\u{1b}[31mroot\nREADY   True",
+                    f::ANN_REAUTH_FOR: fingerprint,
+                    f::ANN_REAUTH_REASON: format!("\u{1b}]0;pwned\u{7}\r\n{}", "x".repeat(5000)),
+                }},
+                "stringData": {f::EXPIRES_AT: "2000-01-01T00:00:00Z"},
+            })),
+        )
+        .await
+        .expect("spy patches its Secret");
+    let message = s.refused_with("acme", "ReauthorizationRequired").await;
+    let event = s.event("acme", "ReauthorizationRequired").await;
+    let status = Api::<XeroConnection>::namespaced(s.fx.client.clone(), s.ns())
+        .get("acme")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
+    let shown = [
+        message,
+        event.note.unwrap_or_default(),
+        status.last_refreshed_by.unwrap_or_default(),
+    ];
+    for text in &shown {
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.chars().count() <= 1024, "uncapped: {}", text.len());
+    }
+    assert_eq!(
+        s.fx.report().await.counters.token_calls,
+        1,
+        "only the first refresh"
+    );
+
+    // An `expires_at` of the year 9999 does not keep a token in use.
+    s.fx.patch(
+        json!({f::EXPIRES_AT: "9999-12-31T23:59:59Z", f::ACCESS_TOKEN: "not-a-jwt"}),
+        json!({f::ANN_REAUTH_FOR: null, f::ANN_REAUTH_REASON: null}),
+    )
+    .await;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let rec = s.fx.record().await;
+        if rec.rotation > 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the year-9999 token was never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+}
