@@ -100,7 +100,11 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
             .add_user(&Default::default())
             .await
             .expect("user");
-        let s: Secret = serde_json::from_value(json!({"metadata": {"name": secret}, "stringData": {f::REFRESH_TOKEN: user.refresh_token}})).expect("s");
+        // Made by a person before the connection: the label opts it in for that connection.
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": secret, "labels": {f::LABEL_CONNECTION: name}},
+            "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))
+        .expect("s");
         fx.secrets()
             .create(&PostParams::default(), &s)
             .await
@@ -152,7 +156,10 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         .add_user(&Default::default())
         .await
         .expect("user");
-    let kept: Secret = serde_json::from_value(json!({"metadata": {"name": "kept-token"}, "stringData": {f::REFRESH_TOKEN: second.refresh_token}})).expect("s");
+    let kept: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "kept-token", "labels": {f::LABEL_CONNECTION: "keeper"}},
+        "stringData": {f::REFRESH_TOKEN: second.refresh_token}}))
+    .expect("s");
     fx.secrets()
         .create(&PostParams::default(), &kept)
         .await
@@ -207,6 +214,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The kept Secret is released: no owner reference, no label, no uid mark; its tokens stay.
     let kept = fx.secrets().get("kept-token").await.expect("kept");
     assert!(
         kept.metadata
@@ -214,6 +222,21 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
             .unwrap_or_default()
             .is_empty()
     );
+    assert!(
+        !kept
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key(f::LABEL_CONNECTION)
+    );
+    assert!(
+        !kept
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(xero_operator::controller::ownership::ANN_CONNECTION_UID)
+    );
+    assert!(kept.data.is_some_and(|d| d.contains_key(f::REFRESH_TOKEN)));
 }
 
 #[test]

@@ -60,6 +60,13 @@ pub struct AuthorizeArgs {
     /// Passed to the authorize endpoint as login_hint (the emulator takes a user id).
     #[arg(long)]
     login_hint: Option<String>,
+
+    /// When the token Secret does not exist yet and this command creates it: label it
+    /// `xero-operator.io/connection=<NAME>`, which opts it in for the XeroConnection NAME (the
+    /// operator uses an existing Secret only with that label). Not needed when the connection was
+    /// created first: the operator then created the Secret itself.
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
 }
 
 fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {
@@ -224,12 +231,26 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
                 ..Secret::default()
             };
             secret.metadata.name = Some(secret_name.clone());
+            if let Some(conn) = &a.connection {
+                secret.metadata.labels = Some(BTreeMap::from([(
+                    format::LABEL_CONNECTION.to_owned(),
+                    conn.clone(),
+                )]));
+            }
             secret.metadata.annotations = Some(BTreeMap::from([
                 (format::ANN_REFRESHED_BY.to_owned(), actor.clone()),
                 (format::ANN_REFRESHED_AT.to_owned(), format_time(now)),
                 (format::ANN_TOKEN_URL.to_owned(), token_url),
             ]));
             api.create(&PostParams::default(), &secret).await?;
+            if a.connection.is_none() {
+                eprintln!(
+                    "note: created {ns}/{secret_name}; the operator uses an existing Secret only once it is \
+                     opted in: kubectl label secret {secret_name} -n {ns} {}=<connection name> \
+                     (or pass --connection next time)",
+                    format::LABEL_CONNECTION
+                );
+            }
         }
     }
     println!(
