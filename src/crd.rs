@@ -83,9 +83,10 @@ pub struct XeroConnectionSpec {
 
     /// Name of the Secret (in this namespace) that holds the current token pair. Consumers mount
     /// or read it. Defaults to `<connection name>-xero-token`. Immutable once set, so consumers
-    /// never lose track of it. The controller creates it; an existing Secret is used only if it
-    /// is Opaque, owned by no other controller, and labelled
-    /// `xero-operator.io/connection: <this connection's name>`.
+    /// never lose track of it. The controller creates `<connection name>-xero-token` itself;
+    /// any other name must already exist. An existing Secret is used only if it is Opaque, owned
+    /// by no other controller, and labelled `xero-operator.io/connection: <this connection's
+    /// name>` (or was created by the controller for this connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
@@ -402,15 +403,21 @@ pub async fn install(client: &kube::Client) -> Result<(), kube::Error> {
 }
 
 impl XeroConnection {
-    /// The name of the token Secret: the spec's, or `<connection name>-xero-token`.
+    /// The name of the token Secret: the spec's, or [`Self::default_token_secret_name`].
     pub fn token_secret_name(&self) -> String {
         match &self.spec.token_secret_name {
             Some(name) => name.clone(),
-            None => format!(
-                "{}{TOKEN_SECRET_SUFFIX}",
-                self.metadata.name.as_deref().unwrap_or_default()
-            ),
+            None => self.default_token_secret_name(),
         }
+    }
+
+    /// `<connection name>-xero-token`: the one name under which the controller creates a token
+    /// Secret itself.
+    pub fn default_token_secret_name(&self) -> String {
+        format!(
+            "{}{TOKEN_SECRET_SUFFIX}",
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
     }
 }
 

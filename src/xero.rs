@@ -270,6 +270,35 @@ pub struct XeroTenant {
 
 /// A new HTTP client for Xero's endpoints. Building one loads the TLS roots and starts a
 /// connection pool, so a process builds it once and shares it (it is cheap to clone).
+/// Resolves a host name with dots as an absolute name (a trailing dot), so the resolver's search
+/// domains never apply: in a pod (`ndots:5`) `identity.xero.com` would first be tried as
+/// `identity.xero.com.<namespace>.svc.cluster.local` and so on — names that whoever controls
+/// those namespaces can answer — before the real one. The allowlist names hosts; this makes the
+/// name looked up the name allowed. `localhost` and single-label names (which only mean
+/// something through the search domains, as an admin who allows one intends) resolve as given.
+struct AbsoluteNames;
+
+/// The name to look up for `host`.
+fn lookup_name(host: &str) -> String {
+    let host = host.trim_end_matches('.');
+    if !host.contains('.') || host.eq_ignore_ascii_case("localhost") {
+        host.to_owned()
+    } else {
+        format!("{host}.")
+    }
+}
+
+impl reqwest::dns::Resolve for AbsoluteNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let lookup = lookup_name(name.as_str());
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((lookup.as_str(), 0)).await?;
+            let addrs: Vec<std::net::SocketAddr> = addrs.collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 pub fn new_http() -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(concat!("xero-operator/", env!("CARGO_PKG_VERSION")))
@@ -277,6 +306,7 @@ pub fn new_http() -> reqwest::Client {
         // secret) again to a host the endpoint allowlist never checked. Xero's token endpoint
         // does not redirect; an answer that does counts as unusable.
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(std::sync::Arc::new(AbsoluteNames))
         .build()
         .expect("a client with rustls always builds")
 }
@@ -468,6 +498,14 @@ mod tests {
 
     fn ok(body: &str) -> Result<TokenSet, XeroError> {
         classify_token_answer(200, None, None, body.as_bytes())
+    }
+
+    #[test]
+    fn host_names_with_dots_are_looked_up_as_absolute_names() {
+        assert_eq!(lookup_name("identity.xero.com"), "identity.xero.com.");
+        assert_eq!(lookup_name("identity.xero.com."), "identity.xero.com.");
+        assert_eq!(lookup_name("localhost"), "localhost");
+        assert_eq!(lookup_name("egress-proxy"), "egress-proxy");
     }
 
     #[test]

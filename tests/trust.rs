@@ -420,11 +420,30 @@ async fn someone_elses_secret_is_never_adopted_read_or_granted() {
         )
         .await;
     }
+    // A chosen name that nobody has made yet is not made by the controller (squatting).
+    s.alice_creates(
+        "squat",
+        json!({"tokenSecretName": "app-config", "consumers": consumers}),
+    )
+    .await;
+    s.refused_with("squat", "TokenSecretNotOwned").await;
+    assert!(
+        s.admin_secrets()
+            .get_opt("app-config")
+            .await
+            .expect("get")
+            .is_none(),
+        "the controller created a Secret under a name of the attacker's choosing"
+    );
+    assert!(!s.role_exists("squat-xero-token-consumer").await);
     let m = s.refused_with("grab-db", "TokenSecretNotOwned").await;
     assert!(m.contains("kubectl label secret db-credentials"), "{m}");
     s.refused_with("grab-sa", "TokenSecretNotOwned").await;
     let m = s.refused_with("grab-tls", "TokenSecretNotOwned").await;
-    assert!(m.contains("only Opaque"), "{m}");
+    assert!(
+        !m.contains("kubernetes.io/tls"),
+        "the condition must not describe the Secret: {m}"
+    );
     s.event("grab-db", "TokenSecretNotOwned").await;
     for (v, rv) in victims.iter().zip(&before) {
         assert_eq!(&s.secret_rv(v).await, rv, "{v} was written");
@@ -489,6 +508,29 @@ async fn client_credentials_come_only_from_opted_in_secrets() {
     }
     assert_eq!(s.secret_rv("db-credentials").await, rv);
     s.spy_cannot_read("db-credentials").await;
+
+    // An opted-in Secret shares its credential keys, not every key it holds.
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "shared-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
+            "stringData": {"client_id": "id", "client_secret": "secret", "db_password": "hunter2"}}),
+    )
+    .await;
+    s.alice_creates(
+        "keys",
+        json!({"consumers": [{"serviceAccount": "spy"}],
+            "clientSecretRef": {"name": "shared-app", "clientSecretKey": "db_password"}}),
+    )
+    .await;
+    let m = s.refused_with("keys", "ClientSecretNotOptedIn").await;
+    assert!(m.contains("db_password"), "{m}");
+    assert!(
+        s.admin_secrets()
+            .get_opt("keys-xero-token")
+            .await
+            .expect("get")
+            .is_none()
+    );
     assert_eq!(s.fx.report().await.counters.token_calls, 0);
 }
 
@@ -554,6 +596,65 @@ async fn credentials_go_only_to_allowed_endpoints() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     common::connection::wait_for_reason(&s.fx, "acme", "TokenValid", SETTLE).await;
+
+    // The refresher itself refuses a token URL outside the allowlist, before any claim: a
+    // producer on a Secret whose annotation names the listener.
+    let user =
+        s.fx.emulator
+            .admin()
+            .add_user(&Default::default())
+            .await
+            .expect("user");
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "direct", "annotations": {f::ANN_TOKEN_URL: evil}},
+            "stringData": {f::REFRESH_TOKEN: user.refresh_token,
+                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
+                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
+    )
+    .await;
+    let producer = xero_operator::protocol::Refresher::new(
+        s.fx.client.clone(),
+        s.ns(),
+        "direct",
+        "controller/direct",
+        xero_operator::protocol::Role::Producer {
+            ahead: Duration::ZERO,
+        },
+    )
+    .with_allowlist(s.fx.emulator.allowlist())
+    .with_max_wait(Duration::from_secs(5));
+    let refused = producer.get().await;
+    assert!(
+        matches!(
+            &refused,
+            Err(xero_operator::protocol::Error::EndpointNotAllowed(_))
+        ),
+        "{refused:?}"
+    );
+    let direct = s.admin_secrets().get("direct").await.expect("direct");
+    assert!(
+        !direct
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(f::ANN_HOLDER),
+        "no claim was written"
+    );
+
+    // revokeOnDelete towards the listener: refused, and deleting sends nothing.
+    s.alice_connections()
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"revokeOnDelete": true,
+                "endpoints": {"revocationUrl": format!("{listener}/connect/revocation")}}})),
+        )
+        .await
+        .expect("alice edits her connection");
+    s.refused_with("acme", "EndpointNotAllowed").await;
+    s.alice_deletes("acme").await;
+    assert_eq!(s.fx.report().await.counters.revocation_calls, 0);
     assert_eq!(
         hits.load(Ordering::SeqCst),
         0,
@@ -589,7 +690,16 @@ async fn another_connections_token_secret_stays_its_own() {
         "the controller marks the Secret as the victim's"
     );
     let rv = secret.metadata.resource_version.clone().expect("rv");
+    // With her own token endpoint (the attack): refused before anything is looked at.
     let (listener, hits) = attacker_listener().await;
+    s.alice_creates(
+        "thief-exfil",
+        json!({"tokenSecretName": s.fx.secret, "keepTokenSecretOnDelete": true,
+            "consumers": [{"serviceAccount": "spy"}],
+            "endpoints": {"tokenUrl": format!("{listener}/connect/token")}}),
+    )
+    .await;
+    s.refused_with("thief-exfil", "EndpointNotAllowed").await;
     for (conn, keep) in [("thief", true), ("thief-owned", false)] {
         s.alice_creates(
             conn,
@@ -599,11 +709,15 @@ async fn another_connections_token_secret_stays_its_own() {
         .await;
         let m = s.refused_with(conn, "TokenSecretInUse").await;
         assert!(m.contains("another XeroConnection"), "{m}");
+        assert!(
+            !m.contains("uid"),
+            "the condition must not describe the Secret: {m}"
+        );
         s.event(conn, "TokenSecretInUse").await;
         assert!(!s.role_exists(&format!("{conn}-xero-token-consumer")).await);
     }
     s.spy_cannot_read(&s.fx.secret).await;
-    for conn in ["thief", "thief-owned"] {
+    for conn in ["thief", "thief-owned", "thief-exfil"] {
         s.alice_deletes(conn).await;
     }
     let after = s.admin_secrets().get(&s.fx.secret).await.expect("victim");
@@ -640,8 +754,11 @@ async fn another_connections_token_secret_stays_its_own() {
     .await;
     s.refused_with("acme", "TokenSecretNotOwned").await;
     s.spy_cannot_read(&s.fx.secret).await;
-    assert_eq!(hits.load(Ordering::SeqCst), 0);
-    drop(listener);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the attacker's endpoint was called"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,6 +877,29 @@ async fn rbac_objects_of_the_same_name_are_never_taken_over() {
         assert!(Instant::now() < deadline, "the binding was never updated");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A refused consumer list withdraws the grants the controller made: none outlives a refusal.
+    s.alice_connections()
+        .patch(
+            "fine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"consumers": [
+                {"serviceAccount": "spy"}, {"serviceAccount": "default", "namespace": "kube-system"}]}})),
+        )
+        .await
+        .expect("a cross-namespace consumer");
+    s.refused_with("fine", "ConsumerNotAllowed").await;
+    let deadline = Instant::now() + SETTLE;
+    while s.role_exists("fine-xero-token-consumer").await
+        || bindings
+            .get_opt("fine-xero-token-consumer")
+            .await
+            .expect("get")
+            .is_some()
+    {
+        assert!(Instant::now() < deadline, "the grant outlived the refusal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.spy_cannot_read("fine-xero-token").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -825,7 +965,11 @@ async fn names_and_consumer_text_cannot_break_the_operator_s_output() {
     ];
     for text in &shown {
         assert!(!text.chars().any(char::is_control), "{text:?}");
-        assert!(text.chars().count() <= 1024, "uncapped: {}", text.len());
+        assert!(
+            text.chars().count() <= xero_operator::text::MAX_REASON_CHARS,
+            "uncapped: {}",
+            text.len()
+        );
     }
     assert_eq!(
         s.fx.report().await.counters.token_calls,
@@ -833,10 +977,70 @@ async fn names_and_consumer_text_cannot_break_the_operator_s_output() {
         "only the first refresh"
     );
 
+    // Settings and counters at the edge of u64 do not crash the controller (it panicked before
+    // the settings were clamped): it goes on refreshing.
+    s.fx.patch(
+        json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({f::ANN_REAUTH_FOR: null, f::ANN_REAUTH_REASON: null,
+            f::ANN_CLOCK_SKEW: "18446744073709551615",
+            f::ANN_LEASE_DURATION: "18446744073709551615",
+            f::ANN_ROTATION: "18446744073709551614"}),
+    )
+    .await;
+    let deadline = Instant::now() + SETTLE;
+    while s.fx.record().await.rotation != u64::MAX {
+        assert!(
+            Instant::now() < deadline,
+            "the controller stopped refreshing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.fx.patch(
+        json!({}),
+        json!({f::ANN_CLOCK_SKEW: "1", f::ANN_LEASE_DURATION: "5", f::ANN_ROTATION: "1"}),
+    )
+    .await;
+    // The same values read straight by a refresher (as when the controller's watch delivers a
+    // consumer's edit while it waits, or by `xero-token`): no arithmetic overflows.
+    let user =
+        s.fx.emulator
+            .admin()
+            .add_user(&Default::default())
+            .await
+            .expect("user");
+    admin_secret(
+        &s,
+        json!({"metadata": {"name": "edge", "annotations": {
+                f::ANN_TOKEN_URL: s.fx.emulator.token_url(),
+                f::ANN_CLOCK_SKEW: "18446744073709551615",
+                f::ANN_LEASE_DURATION: "18446744073709551615",
+                f::ANN_ROTATION: "18446744073709551615"}},
+            "stringData": {f::REFRESH_TOKEN: user.refresh_token,
+                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
+                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
+    )
+    .await;
+    let edge = xero_operator::protocol::Refresher::new(
+        s.fx.client.clone(),
+        s.ns(),
+        "edge",
+        "worker/edge",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .with_max_wait(Duration::from_secs(3));
+    let outcome = tokio::spawn(async move { edge.get().await.map(drop) }).await;
+    assert!(outcome.is_ok(), "the refresher panicked: {outcome:?}");
+    let edge = s.admin_secrets().get("edge").await.expect("edge");
+    assert_eq!(
+        xero_operator::protocol::TokenRecord::from_secret(&edge).rotation,
+        u64::MAX,
+        "stored, the counter saturated"
+    );
+
     // An `expires_at` of the year 9999 does not keep a token in use.
     s.fx.patch(
         json!({f::EXPIRES_AT: "9999-12-31T23:59:59Z", f::ACCESS_TOKEN: "not-a-jwt"}),
-        json!({f::ANN_REAUTH_FOR: null, f::ANN_REAUTH_REASON: null}),
+        json!({}),
     )
     .await;
     let deadline = Instant::now() + SETTLE;

@@ -201,7 +201,14 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
             loop {
                 let current = TokenRecord::from_secret(&api.get(&secret_name).await?);
                 let rv = current.resource_version.clone().unwrap_or_default();
-                let patch = token_patch(&rv, &set, expires_at, &actor, now, current.rotation + 1);
+                let patch = token_patch(
+                    &rv,
+                    &set,
+                    expires_at,
+                    &actor,
+                    now,
+                    current.rotation.saturating_add(1),
+                );
                 match api
                     .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await

@@ -21,14 +21,16 @@ use super::resources::{consumer_role, consumer_role_binding, consumer_role_name}
 use super::{Context, Error, MANAGER, kube_err};
 use crate::crd::XeroConnection;
 
-/// Brings the consumers' Role and RoleBinding in line with the spec: `Ok(Err(state))` when a
-/// Role or RoleBinding of that name is not this connection's.
-pub async fn sync(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), State>, Error> {
-    let uid = conn.uid().unwrap_or_default();
-    let generation = conn.metadata.generation.unwrap_or_default();
-    if ctx.rbac_synced_at(&uid) == Some(generation) {
-        return Ok(Ok(()));
-    }
+/// The consumers' Role and RoleBinding of a connection as they are now.
+struct Current {
+    roles: Api<Role>,
+    bindings: Api<RoleBinding>,
+    name: String,
+    role: Option<Role>,
+    binding: Option<RoleBinding>,
+}
+
+async fn current(conn: &XeroConnection, ctx: &Context) -> Result<Current, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &ns);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
@@ -41,6 +43,52 @@ pub async fn sync(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), Sta
         .get_opt(&name)
         .await
         .map_err(kube_err("reading the consumer RoleBinding"))?;
+    Ok(Current {
+        roles,
+        bindings,
+        name,
+        role,
+        binding,
+    })
+}
+
+/// Deletes the consumers' RoleBinding and Role of `conn` if (and only if) the controller made
+/// them: no grant outlives a refusal of the connection's token Secret or consumer list.
+pub async fn withdraw(conn: &XeroConnection, ctx: &Context) -> Result<(), Error> {
+    let uid = conn.uid().unwrap_or_default();
+    ctx.forget_rbac(&uid);
+    let c = current(conn, ctx).await?;
+    let ours = |meta: Option<&kube::core::ObjectMeta>| {
+        meta.filter(|m| is_controlled_by(m, &uid))
+            .and_then(|m| m.uid.clone())
+    };
+    let binding_uid = ours(c.binding.as_ref().map(|b| &b.metadata));
+    let role_uid = ours(c.role.as_ref().map(|r| &r.metadata));
+    delete_pinned(
+        &c.bindings,
+        &c.name,
+        binding_uid,
+        "removing the consumer RoleBinding",
+    )
+    .await?;
+    delete_pinned(&c.roles, &c.name, role_uid, "removing the consumer Role").await
+}
+
+/// Brings the consumers' Role and RoleBinding in line with the spec: `Ok(Err(state))` when a
+/// Role or RoleBinding of that name is not this connection's.
+pub async fn sync(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), State>, Error> {
+    let uid = conn.uid().unwrap_or_default();
+    let generation = conn.metadata.generation.unwrap_or_default();
+    if ctx.rbac_synced_at(&uid) == Some(generation) {
+        return Ok(Ok(()));
+    }
+    let Current {
+        roles,
+        bindings,
+        name,
+        role,
+        binding,
+    } = current(conn, ctx).await?;
     for (kind, meta) in [
         ("Role", role.as_ref().map(|r| &r.metadata)),
         ("RoleBinding", binding.as_ref().map(|b| &b.metadata)),

@@ -12,7 +12,8 @@ use kube::api::ListParams;
 
 use super::conditions::State;
 use super::ownership::{
-    LABEL_CLIENT_CREDENTIALS, TokenSecretVerdict, is_client_secret_opted_in, token_secret_verdict,
+    ANN_CLIENT_CREDENTIAL_KEYS, LABEL_CLIENT_CREDENTIALS, TokenSecretVerdict,
+    is_client_key_opted_in, is_client_secret_opted_in, token_secret_verdict,
 };
 use super::{Error, kube_err};
 use crate::crd::XeroConnection;
@@ -62,39 +63,53 @@ pub async fn find_token_secret(
 ) -> Result<TokenSecretLookup, Error> {
     let name = conn.token_secret_name();
     let conn_name = conn.metadata.name.as_deref().unwrap_or_default();
-    let uid = conn.metadata.uid.as_deref().unwrap_or_default();
     let action = "reading the token Secret";
     let judge = |secret: Secret| match token_secret_verdict(
         &secret.metadata,
         Some(secret.type_.as_deref().unwrap_or_default()),
-        conn_name,
-        uid,
+        &conn.metadata,
     ) {
         TokenSecretVerdict::Ours => TokenSecretLookup::Ours(Box::new(secret)),
-        refused => TokenSecretLookup::Refused(refusal(refused)),
+        refused => TokenSecretLookup::Refused(refusal(conn, &name, refused)),
     };
     let selector = format!("{LABEL_CONNECTION}={conn_name}");
     match get_if_labelled(secrets, &name, &selector, action).await? {
         Ok(None) => Ok(TokenSecretLookup::Absent),
         Ok(Some(secret)) => Ok(judge(secret)),
         // Unlabelled: ours only if we created it (a consumer may have dropped the label).
-        Err(meta) => match token_secret_verdict(&meta.metadata, None, conn_name, uid) {
+        Err(meta) => match token_secret_verdict(&meta.metadata, None, &conn.metadata) {
             TokenSecretVerdict::Ours => {
                 match secrets.get_opt(&name).await.map_err(kube_err(action))? {
                     Some(secret) => Ok(judge(secret)),
                     None => Ok(TokenSecretLookup::Absent),
                 }
             }
-            refused => Ok(TokenSecretLookup::Refused(refusal(refused))),
+            refused => Ok(TokenSecretLookup::Refused(refusal(conn, &name, refused))),
         },
     }
 }
 
-fn refusal(verdict: TokenSecretVerdict) -> State {
+/// The condition for a refused token Secret. Its author may not be able to read that Secret, so
+/// the condition states the rule, not what the Secret is (its type, owner or labels); the
+/// operator's log, which only its admins read, has the details.
+fn refusal(conn: &XeroConnection, secret: &str, verdict: TokenSecretVerdict) -> State {
+    let conn_name = conn.metadata.name.as_deref().unwrap_or_default();
+    let (TokenSecretVerdict::InUse(detail) | TokenSecretVerdict::NotOwned(detail)) = &verdict
+    else {
+        unreachable!("only refusals are turned into a state")
+    };
+    tracing::info!(connection = conn_name, namespace = ?conn.metadata.namespace, secret, detail, "token Secret refused");
     match verdict {
-        TokenSecretVerdict::InUse(why) => State::TokenSecretInUse(why),
-        TokenSecretVerdict::NotOwned(why) => State::TokenSecretNotOwned(why),
-        TokenSecretVerdict::Ours => unreachable!("only refusals are turned into a state"),
+        TokenSecretVerdict::InUse(_) => State::TokenSecretInUse(format!(
+            "Secret {secret:?} belongs to another XeroConnection or controller: a token Secret \
+             serves one connection; name another tokenSecretName (a Secret kept from a deleted \
+             connection is handed over by someone who may write it: docs/security.md)"
+        )),
+        _ => State::TokenSecretNotOwned(format!(
+            "Secret {secret:?} is not available to this connection: an existing Secret is used \
+             only if it is Opaque, has no other controlling owner and is opted in by someone who \
+             may write it: kubectl label secret {secret} {LABEL_CONNECTION}={conn_name}"
+        )),
     }
 }
 
@@ -123,6 +138,16 @@ pub async fn read_client_secret(
                 ))));
             }
         };
+    if let Some(key) = [&r.client_id_key, &r.client_secret_key]
+        .into_iter()
+        .find(|k| !is_client_key_opted_in(&secret.metadata, k))
+    {
+        return Ok(Err(State::ClientSecretNotOptedIn(format!(
+            "key {key:?} of client Secret {:?} is not opted in: only client_id, client_secret \
+             and the keys its annotation {ANN_CLIENT_CREDENTIAL_KEYS} lists may be read",
+            r.name
+        ))));
+    }
     let data = secret.data.unwrap_or_default();
     let value = |key: &str| {
         data.get(key)

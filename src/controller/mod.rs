@@ -43,6 +43,7 @@ use serde_json::json;
 use crate::crd::{Tenant, XeroConnection};
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::protocol::{Error as ProtocolError, Refresher, Role as ProtocolRole};
+use crate::text::{MAX_IDENTITY_CHARS, sanitize};
 use crate::xero::{XeroClient, XeroError};
 use checks::Policy;
 use conditions::State;
@@ -60,6 +61,9 @@ const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries
 /// no label of ours, and caching every Secret is not an option).
 const RECHECK: Duration = Duration::from_secs(30);
+/// Most rotations one reconcile counts in the metrics (they happen once per token lifetime; a
+/// larger jump is a hand edit of the `rotation` annotation).
+const MAX_ROTATIONS_COUNTED: u64 = 100;
 /// Reconciles running at once by default.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 /// Backoff of transient failures per connection: 1 s doubling to 5 minutes.
@@ -143,6 +147,10 @@ impl Context {
 
     fn mark_rbac_synced(&self, uid: &str, generation: i64) {
         lock(&self.rbac_synced).insert(uid.to_owned(), generation);
+    }
+
+    fn forget_rbac(&self, uid: &str) {
+        lock(&self.rbac_synced).remove(uid);
     }
 
     fn backoff(&self, uid: &str) -> Duration {
@@ -339,12 +347,18 @@ async fn prepare(
     ctx: &Context,
 ) -> Result<Result<Option<Secret>, State>, Error> {
     if let Err(state) = checks::validate(conn, &ctx.policy) {
+        if matches!(state, State::ConsumerNotAllowed(_)) {
+            consumers::withdraw(conn, ctx).await?;
+        }
         return Ok(Err(state));
     }
     let ns = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = match inputs::find_token_secret(conn, &secrets).await? {
-        TokenSecretLookup::Refused(state) => return Ok(Err(state)),
+        TokenSecretLookup::Refused(state) => {
+            consumers::withdraw(conn, ctx).await?;
+            return Ok(Err(state));
+        }
         TokenSecretLookup::Ours(secret) => Some(*secret),
         TokenSecretLookup::Absent => None,
     };
@@ -370,6 +384,20 @@ async fn prepare(
                 None => Some(current),
             }
         }
+        // Created only under the name derived from the connection: a chosen tokenSecretName
+        // must already exist and be opted in, so no spec makes the controller take a name that
+        // someone else's Secret is meant to have (and grant it to the spec's consumers).
+        None if name != conn.default_token_secret_name() => {
+            consumers::withdraw(conn, ctx).await?;
+            return Ok(Err(State::TokenSecretNotOwned(format!(
+                "token Secret {name:?} does not exist; the controller creates only \
+                 {:?} itself: create {name:?} and label it {}={} (xero-token authorize \
+                 --connection does both), or leave tokenSecretName unset",
+                conn.default_token_secret_name(),
+                f::LABEL_CONNECTION,
+                conn.name_any()
+            ))));
+        }
         None => {
             let mut secret = Secret::default();
             secret.metadata.name = Some(name.clone());
@@ -386,7 +414,8 @@ async fn prepare(
                     tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret");
                     Some(created)
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 => None,
+                // 409: a Secret of that name appeared since the lookup; it is judged afresh by
+                // the next reconcile (after the backoff), never used unjudged.
                 Err(e) => return Err(kube_err("creating the token Secret")(e)),
             }
         }
@@ -556,7 +585,8 @@ fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elap
             actor: actor.into(),
             result: "ok".into(),
         })
-        .inc_by(rec.rotation - last);
+        // The counter is consumer-writable: a hand edit must not inflate the metric.
+        .inc_by((rec.rotation - last).min(MAX_ROTATIONS_COUNTED));
     if by_me {
         ctx.metrics
             .token_endpoint_seconds
@@ -593,10 +623,15 @@ async fn refresh_tenants(
             Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        let patch = json!({"data": {
-            f::TENANT_ID: b64(ids.first().map(String::as_str).unwrap_or_default()),
-            f::TENANT_IDS: b64(&ids.join(",")),
-        }});
+        // Pinned to the Secret version the token came from; on a conflict the next reconcile
+        // (woken by that other write) tries again.
+        let patch = json!({
+            "metadata": {"resourceVersion": rec.resource_version},
+            "data": {
+                f::TENANT_ID: b64(ids.first().map(String::as_str).unwrap_or_default()),
+                f::TENANT_IDS: b64(&ids.join(",")),
+            },
+        });
         if let Err(e) = secrets
             .patch(
                 &conn.token_secret_name(),
@@ -606,14 +641,16 @@ async fn refresh_tenants(
             .await
         {
             tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
+            return None;
         }
     }
     Some(
         list.into_iter()
+            // What an endpoint answered reaches `kubectl get -o yaml`: shown sanitised.
             .map(|t| Tenant {
                 tenant_id: t.tenant_id,
-                tenant_type: t.tenant_type,
-                tenant_name: t.tenant_name,
+                tenant_type: t.tenant_type.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
+                tenant_name: t.tenant_name.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
                 connection_id: Some(t.id),
             })
             .collect(),

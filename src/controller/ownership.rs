@@ -17,6 +17,14 @@ use crate::text::{MAX_IDENTITY_CHARS, sanitize};
 /// Label that opts a Secret in as a client-credentials Secret: every connection in its
 /// namespace may use the credentials, and those connections' consumers can read them.
 pub const LABEL_CLIENT_CREDENTIALS: &str = "xero-operator.io/client-credentials";
+/// Annotation on an opted-in client Secret listing further keys (comma-separated) that
+/// connections may name as `clientIdKey`/`clientSecretKey`; `client_id` and `client_secret` are
+/// always allowed. Keys not listed are never read, so opting a Secret in does not expose the
+/// rest of its data.
+pub const ANN_CLIENT_CREDENTIAL_KEYS: &str = "xero-operator.io/client-credential-keys";
+/// Keys of an opted-in client Secret that any connection may read.
+pub const DEFAULT_CLIENT_CREDENTIAL_KEYS: [&str; 2] = ["client_id", "client_secret"];
+
 /// Annotation on a token Secret naming the uid of the connection it belongs to. Set by the
 /// controller on the Secrets it creates or adopts; it marks them as its own even without an owner
 /// reference (`keepTokenSecretOnDelete`), and keeps every other connection off them.
@@ -42,9 +50,10 @@ pub enum TokenSecretVerdict {
 pub fn token_secret_verdict(
     meta: &ObjectMeta,
     secret_type: Option<&str>,
-    conn_name: &str,
-    conn_uid: &str,
+    conn: &ObjectMeta,
 ) -> TokenSecretVerdict {
+    let conn_name = conn.name.as_deref().unwrap_or_default();
+    let conn_uid = conn.uid.as_deref().unwrap_or_default();
     let secret = meta.name.as_deref().unwrap_or_default();
     if let Some(t) = secret_type
         && !TOKEN_SECRET_TYPES.contains(&t)
@@ -84,6 +93,20 @@ pub fn token_secret_verdict(
     }
     let labels = meta.labels.clone().unwrap_or_default();
     match labels.get(LABEL_CONNECTION) {
+        // Versions before the uid mark left the label on a Secret kept on delete: one the
+        // operator made, older than this connection, belongs to an earlier connection of the
+        // same name and is not handed on without a person's say.
+        Some(label)
+            if label == conn_name
+                && labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+                && is_older(meta, conn) =>
+        {
+            TokenSecretVerdict::InUse(format!(
+                "Secret {secret:?} was made by the operator for an earlier XeroConnection of \
+                 this name and kept when it was deleted; someone who may write it hands it over \
+                 by removing its label {MANAGED_BY_LABEL}"
+            ))
+        }
         Some(label) if label == conn_name => TokenSecretVerdict::Ours,
         Some(label) => TokenSecretVerdict::InUse(format!(
             "Secret {secret:?} is labelled for XeroConnection {:?}: a token Secret serves one \
@@ -95,6 +118,18 @@ pub fn token_secret_verdict(
              someone who may write it labels it: kubectl label secret {secret} \
              {LABEL_CONNECTION}={conn_name}"
         )),
+    }
+}
+
+/// The label the controller sets on what it creates, and its value.
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+use super::resources::MANAGED_BY;
+
+/// Whether `secret` was created in an earlier second than `conn`.
+fn is_older(secret: &ObjectMeta, conn: &ObjectMeta) -> bool {
+    match (&secret.creation_timestamp, &conn.creation_timestamp) {
+        (Some(s), Some(c)) => s.0 < c.0,
+        _ => false,
     }
 }
 
@@ -114,6 +149,16 @@ pub fn is_client_secret_opted_in(meta: &ObjectMeta) -> bool {
         .as_ref()
         .and_then(|l| l.get(LABEL_CLIENT_CREDENTIALS))
         .is_some_and(|v| v == "true")
+}
+
+/// Whether an opted-in client Secret lets connections read `key`.
+pub fn is_client_key_opted_in(meta: &ObjectMeta, key: &str) -> bool {
+    DEFAULT_CLIENT_CREDENTIAL_KEYS.contains(&key)
+        || meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANN_CLIENT_CREDENTIAL_KEYS))
+            .is_some_and(|list| list.split(',').any(|k| k.trim() == key))
 }
 
 fn shown(text: &str) -> String {
@@ -159,7 +204,22 @@ mod tests {
     }
 
     fn verdict(m: &ObjectMeta, t: Option<&str>) -> TokenSecretVerdict {
-        token_secret_verdict(m, t, "acme", "u1")
+        token_secret_verdict(m, t, &conn_meta(1000))
+    }
+
+    fn conn_meta(created: i64) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("acme".into()),
+            uid: Some("u1".into()),
+            creation_timestamp: Some(time(created)),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn time(secs: i64) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(secs).expect("time"),
+        )
     }
 
     #[test]
@@ -207,6 +267,28 @@ mod tests {
                 "{t} must never be used"
             );
         }
+    }
+
+    #[test]
+    fn a_secret_an_earlier_version_kept_is_not_handed_to_a_newcomer() {
+        let mut kept = meta(
+            &[(LABEL_CONNECTION, "acme"), (MANAGED_BY_LABEL, MANAGED_BY)],
+            &[],
+            vec![],
+        );
+        // Made before this connection existed: an earlier `acme`'s, kept on its deletion.
+        kept.creation_timestamp = Some(time(500));
+        assert!(matches!(
+            verdict(&kept, Some("Opaque")),
+            TokenSecretVerdict::InUse(m) if m.contains(MANAGED_BY_LABEL)
+        ));
+        // Made after it (the controller made it for this very connection): still ours.
+        kept.creation_timestamp = Some(time(1000));
+        assert_eq!(verdict(&kept, Some("Opaque")), TokenSecretVerdict::Ours);
+        // A person's opt-in carries no managed-by label: ours whatever its age.
+        let mut person = meta(&[(LABEL_CONNECTION, "acme")], &[], vec![]);
+        person.creation_timestamp = Some(time(1));
+        assert_eq!(verdict(&person, Some("Opaque")), TokenSecretVerdict::Ours);
     }
 
     #[test]
@@ -273,6 +355,21 @@ mod tests {
             "u1"
         ));
         assert!(!is_controlled_by(&meta(&[], &[], vec![]), "u1"));
+    }
+
+    #[test]
+    fn only_the_credential_keys_of_a_client_secret_may_be_read() {
+        let plain = meta(&[(LABEL_CLIENT_CREDENTIALS, "true")], &[], vec![]);
+        assert!(is_client_key_opted_in(&plain, "client_id"));
+        assert!(is_client_key_opted_in(&plain, "client_secret"));
+        assert!(!is_client_key_opted_in(&plain, "db_password"));
+        let listed = meta(
+            &[(LABEL_CLIENT_CREDENTIALS, "true")],
+            &[(ANN_CLIENT_CREDENTIAL_KEYS, "id, secret")],
+            vec![],
+        );
+        assert!(is_client_key_opted_in(&listed, "secret"));
+        assert!(!is_client_key_opted_in(&listed, "db_password"));
     }
 
     #[test]

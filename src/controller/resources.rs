@@ -143,8 +143,13 @@ pub fn token_secret_patch(
         }
         _ => {}
     }
+    // Pinned to the version that was judged: a Secret replaced or changed since (a consumer's
+    // owner-reference edit, say) fails the write with a conflict instead of being overwritten.
     if changed && let Some(current_uid) = &current.metadata.uid {
         patch["metadata"]["uid"] = json!(current_uid);
+    }
+    if changed && let Some(rv) = &current.metadata.resource_version {
+        patch["metadata"]["resourceVersion"] = json!(rv);
     }
     changed.then_some(patch)
 }
@@ -274,6 +279,7 @@ mod tests {
         annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
         s.metadata.annotations = Some(annotations);
         s.metadata.uid = Some("secret-uid".into());
+        s.metadata.resource_version = Some("7".into());
         s.metadata.owner_references = Some(vec![owner()]);
         s.data = Some(BTreeMap::from([
             (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
@@ -290,6 +296,7 @@ mod tests {
         let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
         assert_eq!(p["metadata"]["ownerReferences"], json!([]));
         assert_eq!(p["metadata"]["uid"], "secret-uid");
+        assert_eq!(p["metadata"]["resourceVersion"], "7");
         // Another object's owner reference stays.
         let mut foreign = owner();
         foreign.uid = "other".into();

@@ -49,6 +49,11 @@ pub const ANN_REAUTH_FOR: &str = "xero-operator.io/reauthorization-required-for"
 pub const ANN_REAUTH_REASON: &str = "xero-operator.io/reauthorization-reason";
 pub const ANN_RETRY_NOT_BEFORE: &str = "xero-operator.io/retry-not-before";
 
+/// The range of `clock-skew-seconds` (the CRD's `clockSkewSeconds`).
+pub const CLOCK_SKEW_RANGE: std::ops::RangeInclusive<u64> = 0..=300;
+/// The range of `lease-duration-seconds` (the CRD's `leaseDurationSeconds`).
+pub const LEASE_DURATION_RANGE: std::ops::RangeInclusive<u64> = 5..=600;
+
 /// When the access token expires, as far as the Secret says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expiry {
@@ -160,9 +165,13 @@ impl TokenRecord {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let seconds = |k: &str, default: Duration| {
+        // Settings are consumer-writable: a value outside the CRD's range is clamped into it,
+        // so no hand edit can overflow the time arithmetic or stretch a claim without bound.
+        let seconds = |k: &str, default: Duration, range: std::ops::RangeInclusive<u64>| {
             a(k).and_then(|v| v.parse::<u64>().ok())
-                .map_or(default, Duration::from_secs)
+                .map_or(default, |v| {
+                    Duration::from_secs(v.clamp(*range.start(), *range.end()))
+                })
         };
         let defaults = Settings::default();
         let settings = Settings {
@@ -174,8 +183,12 @@ impl TokenRecord {
             scopes: a(ANN_SCOPES)
                 .map(|s| s.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
-            clock_skew: seconds(ANN_CLOCK_SKEW, defaults.clock_skew),
-            lease_duration: seconds(ANN_LEASE_DURATION, defaults.lease_duration),
+            clock_skew: seconds(ANN_CLOCK_SKEW, defaults.clock_skew, CLOCK_SKEW_RANGE),
+            lease_duration: seconds(
+                ANN_LEASE_DURATION,
+                defaults.lease_duration,
+                LEASE_DURATION_RANGE,
+            ),
         };
         let access_token = text(data, ACCESS_TOKEN).map(Sensitive::new);
         let expiry = match text(data, EXPIRES_AT) {
@@ -448,6 +461,22 @@ mod tests {
             &[],
         ));
         assert!(matches!(r.expiry, Expiry::At(_)));
+    }
+
+    #[test]
+    fn settings_out_of_range_are_clamped_so_no_arithmetic_overflows() {
+        let r = TokenRecord::from_secret(&secret(
+            &[],
+            &[
+                (ANN_CLOCK_SKEW, "18446744073709551615"),
+                (ANN_LEASE_DURATION, "18446744073709551615"),
+                (ANN_ROTATION, "18446744073709551615"),
+            ],
+        ));
+        assert_eq!(r.settings.clock_skew, Duration::from_secs(300));
+        assert_eq!(r.settings.lease_duration, Duration::from_secs(600));
+        let r = TokenRecord::from_secret(&secret(&[], &[(ANN_LEASE_DURATION, "0")]));
+        assert_eq!(r.settings.lease_duration, Duration::from_secs(5));
     }
 
     #[test]

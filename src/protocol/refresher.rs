@@ -554,7 +554,7 @@ impl Refresher {
     ) -> Result<Option<AccessToken>, Error> {
         let now = SystemTime::now();
         let expires_at = set.expires_at(now);
-        let rotation = rec.rotation + 1;
+        let rotation = rec.rotation.saturating_add(1);
         let identity = self.identity.clone();
         let written = self
             .write_until_landed(rec, |rv| {

@@ -32,7 +32,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # Reconcile XeroConnections (list + watch); patch adds and removes the cleanup finalizer.
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 # Write status (server-side apply on the status subresource).
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections/status"]
