@@ -127,13 +127,18 @@ fn describe(d: &Option<String>) -> String {
 impl XeroError {
     /// Whether the same request may be sent again (after a backoff).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::RateLimited { .. }
-                | Self::Unavailable(_)
-                | Self::Transport(_)
-                | Self::Malformed { .. }
-        )
+            | Self::Unavailable(_)
+            | Self::Transport(_)
+            | Self::Malformed { .. } => true,
+            // The two OAuth codes that say "later" (RFC 6749 §4.1.2.1, RFC 8628 §3.5).
+            Self::OAuth { code, .. } => {
+                code.eq_ignore_ascii_case("temporarily_unavailable")
+                    || code.eq_ignore_ascii_case("slow_down")
+            }
+            Self::InvalidGrant(_) | Self::InvalidClient => false,
+        }
     }
 
     /// Whether Xero may have acted on the request although no usable answer came back: the case

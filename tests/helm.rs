@@ -98,6 +98,16 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
     assert!(defaults.contains("helm.sh/resource-policy: keep"));
     assert!(defaults.contains("kind: ClusterRole"));
     dry_run_apply(&defaults, &ns);
+    // Values from a file: Helm reads large YAML numbers as floats, which must still render as
+    // integers the binary accepts (not `1e+06`).
+    let values = tempfile::NamedTempFile::new().expect("values file");
+    std::fs::write(
+        values.path(),
+        "appCallsPerMinute: 1000000\nallowCrossNamespaceConsumers: true\n\
+         allowedEndpointHosts: [identity.xero.com, api.xero.com, \"127.0.0.1:8480\"]\n",
+    )
+    .expect("write values");
+    let values_path = values.path().display().to_string();
     let custom = ok(
         &helm(&[
             "template",
@@ -107,6 +117,8 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             &ns,
             "--kube-version",
             "1.35.4",
+            "-f",
+            &values_path,
             "--set",
             "replicaCount=3",
             "--set",
@@ -120,8 +132,6 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "--set",
             "logLevel=debug",
             "--set",
-            "appCallsPerMinute=60",
-            "--set",
             "nodeSelector.kubernetes\\.io/os=linux",
             "--set",
             "extraEnv[0].name=HTTPS_PROXY,extraEnv[0].value=http://proxy:3128",
@@ -134,6 +144,23 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
         "leader election on with 3 replicas"
     );
     assert!(custom.contains(&format!("- --namespace={ns}")));
+    assert!(
+        custom.contains("- --app-calls-per-minute=1000000"),
+        "an integer, not a float"
+    );
+    assert!(
+        custom.contains("- --allowed-endpoint-hosts=identity.xero.com,api.xero.com,127.0.0.1:8480")
+    );
+    assert!(custom.contains("- --allow-cross-namespace-consumers"));
+    assert!(
+        defaults.contains("- --allowed-endpoint-hosts=identity.xero.com,api.xero.com")
+            && !defaults.contains("--allow-cross-namespace-consumers"),
+        "Xero's hosts only, own-namespace consumers only, by default"
+    );
+    assert!(
+        !defaults.contains("\"update\""),
+        "no verb the controller does not use"
+    );
     assert!(custom.contains("kind: PodDisruptionBudget"));
     assert!(
         !custom.contains("kind: ClusterRole\n"),

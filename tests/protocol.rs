@@ -132,7 +132,7 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
     let fx = token_fixture(
         "proto-kill",
         Timings {
-            lease_secs: 3,
+            lease_secs: 5,
             ..Timings::default()
         },
     )
@@ -201,9 +201,11 @@ async fn two_claimers_reach_xero(grace_reuse: GraceReuse) {
     let fx = token_fixture_with(
         "proto-two",
         Timings {
-            // Longer than Xero's 4 s delay below, so the answers are still valid on arrival.
-            access_token: Duration::from_secs(10),
-            lease_secs: 2,
+            // Longer than the second claimer's answer takes to arrive (the first claim's 5 s
+            // plus Xero's 7 s delay below), so both answers are still valid on arrival.
+            access_token: Duration::from_secs(20),
+            // The shortest claim the protocol allows (5 s): it runs out while Xero is slow.
+            lease_secs: 5,
             clock_skew_secs: 0,
             ..Timings::default()
         },
@@ -211,7 +213,7 @@ async fn two_claimers_reach_xero(grace_reuse: GraceReuse) {
     )
     .await;
     fx.set_faults(Faults {
-        latency: Duration::from_secs(4),
+        latency: Duration::from_secs(7),
         ..Faults::default()
     })
     .await;
@@ -399,7 +401,7 @@ async fn xero_down_for_longer_than_the_claim_is_an_error_with_the_secret_intact(
     let fx = token_fixture(
         "proto-down",
         Timings {
-            lease_secs: 3,
+            lease_secs: 5,
             ..Timings::default()
         },
     )

@@ -25,8 +25,14 @@ pub enum State {
     /// The spec is valid for the schema but cannot work (e.g. the token Secret is the client
     /// Secret).
     InvalidSpec(String),
-    /// Another party is refreshing right now.
+    /// Another party is refreshing right now, and the stored access token is still usable.
     Refreshing(String),
+    /// Another party is refreshing right now, and the stored access token has expired: not
+    /// Ready until the new one is stored.
+    RefreshingExpired(String),
+    /// Xero refused the request with an error only a configuration change can fix (other than
+    /// `invalid_client`): nobody calls until the credentials or the refresh token change.
+    RequestRefused(String),
     /// The Kubernetes API failed.
     ApiError(String),
     /// The token Secret exists and is not the operator's, nor opted in (or not Opaque).
@@ -55,7 +61,8 @@ impl State {
             Self::InvalidClientCredentials(_) => "InvalidClientCredentials",
             Self::MissingClientSecret(_) => "MissingClientSecret",
             Self::InvalidSpec(_) => "InvalidSpec",
-            Self::Refreshing(_) => "Refreshing",
+            Self::Refreshing(_) | Self::RefreshingExpired(_) => "Refreshing",
+            Self::RequestRefused(_) => "RequestRefused",
             Self::ApiError(_) => "KubernetesApiError",
             Self::TokenSecretNotOwned(_) => "TokenSecretNotOwned",
             Self::TokenSecretInUse(_) => "TokenSecretInUse",
@@ -83,6 +90,8 @@ impl State {
             | Self::MissingClientSecret(why)
             | Self::InvalidSpec(why)
             | Self::Refreshing(why)
+            | Self::RefreshingExpired(why)
+            | Self::RequestRefused(why)
             | Self::ApiError(why)
             | Self::TokenSecretNotOwned(why)
             | Self::TokenSecretInUse(why)
@@ -94,6 +103,7 @@ impl State {
         crate::text::sanitize(&text, crate::text::MAX_REASON_CHARS)
     }
 
+    /// True only while the token Secret holds a usable access token.
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::TokenValid | Self::Refreshing(_))
     }
@@ -158,6 +168,8 @@ mod tests {
             State::EndpointNotAllowed("x".into()),
             State::ConsumerNotAllowed("x".into()),
             State::ConsumerRbacConflict("x".into()),
+            State::RequestRefused("x".into()),
+            State::RefreshingExpired("x".into()),
         ] {
             let c = ready_condition(&s, None, Some(1), t(0));
             assert_eq!(

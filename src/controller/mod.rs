@@ -317,7 +317,8 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
         ctx.clear_backoff(&uid);
     }
     let requeue = match outcome.state {
-        State::XeroUnavailable(_) | State::ApiError(_) => ctx.backoff(&uid),
+        // The in-process backoff, or the one every party shares in the Secret if longer.
+        State::XeroUnavailable(_) | State::ApiError(_) => ctx.backoff(&uid).max(outcome.requeue),
         _ => outcome.requeue,
     };
     let tenants = match (&outcome.state, &outcome.record) {
@@ -499,7 +500,7 @@ async fn token_step(
         }
         Err(e) => {
             let (state, requeue) = classify(&e, record.as_ref(), ctx.recheck);
-            if !matches!(state, State::Refreshing(_)) {
+            if !matches!(state, State::Refreshing(_) | State::RefreshingExpired(_)) {
                 ctx.metrics
                     .refreshes
                     .get_or_create(&RefreshLabels {
@@ -539,33 +540,69 @@ fn classify(e: &ProtocolError, rec: Option<&TokenRecord>, recheck: Duration) -> 
             )),
             *retry_after,
         ),
-        ProtocolError::Xero(XeroError::InvalidClient) => (
-            State::InvalidClientCredentials(
-                "Xero refused the app's client id or secret (invalid_client)".into(),
-            ),
-            recheck,
-        ),
-        ProtocolError::Xero(XeroError::OAuth { code, .. }) => (
-            State::InvalidClientCredentials(format!("Xero refused the request ({code})")),
-            recheck,
-        ),
-        ProtocolError::Xero(other) => (State::XeroUnavailable(other.to_string()), BACKOFF_BASE),
-        ProtocolError::Timeout(_, why) => {
-            let until = rec.and_then(|r| r.retry_not_before);
-            match until {
-                Some(t) => (
-                    State::RateLimited("Xero asked to wait (429)".into()),
-                    t.duration_since(SystemTime::now())
-                        .unwrap_or_default()
-                        .max(Duration::from_secs(1)),
-                ),
-                None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
-            }
+        // No call is made until the credentials change (the stop marker); the recheck only
+        // reads, to notice the fix.
+        ProtocolError::Stopped { code, description } => {
+            let said = match description {
+                Some(d) => format!("{code}: {d}"),
+                None => code.clone(),
+            };
+            let state = match code.as_str() {
+                "invalid_client" => State::InvalidClientCredentials(format!(
+                    "Xero refused the app's client id or secret ({said}); fix the client Secret: \
+                     no call is made until its credentials change"
+                )),
+                "invalid_request" => State::RequestRefused(format!(
+                    "Xero refused the refresh as an invalid request ({said}); authorise again \
+                     (xero-token authorize) or check the client credentials: no call is made \
+                     until the refresh token or the credentials change"
+                )),
+                _ => State::RequestRefused(format!(
+                    "Xero refused the request ({said}); check the app's grant type and scopes \
+                     at developer.xero.com against spec.grant and spec.scopes: no call is made \
+                     until the client credentials or the refresh token change"
+                )),
+            };
+            (state, recheck)
         }
+        ProtocolError::Xero(other) => (
+            State::XeroUnavailable(other.to_string()),
+            until_not_before(rec).unwrap_or(BACKOFF_BASE),
+        ),
+        ProtocolError::Timeout(_, why) => match rec {
+            Some(r) if r.retry_not_before.is_some() && r.failed_attempts > 0 => (
+                State::XeroUnavailable(format!(
+                    "{} refreshes in a row failed (Xero unavailable or unusable answers); \
+                     the next attempt is not before {}",
+                    r.failed_attempts,
+                    r.retry_not_before.map(f::format_time).unwrap_or_default()
+                )),
+                until_not_before(rec).unwrap_or(BACKOFF_BASE),
+            ),
+            Some(r) if r.retry_not_before.is_some() => (
+                State::RateLimited("Xero asked to wait (429)".into()),
+                until_not_before(rec).unwrap_or(BACKOFF_BASE),
+            ),
+            Some(r) if !r.is_usable(SystemTime::now()) => (
+                State::RefreshingExpired(why.clone()),
+                Duration::from_secs(1),
+            ),
+            _ => (State::Refreshing(why.clone()), Duration::from_secs(1)),
+        },
         ProtocolError::EndpointNotAllowed(why) => (State::EndpointNotAllowed(why.clone()), recheck),
         ProtocolError::SecretNotFound { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
         ProtocolError::Kube { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
     }
+}
+
+/// How long until the Secret's `retry-not-before`, if it is set and ahead (at least 1 s).
+fn until_not_before(rec: Option<&TokenRecord>) -> Option<Duration> {
+    let t = rec?.retry_not_before?;
+    Some(
+        t.duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+    )
 }
 
 /// Counts the rotations that happened since the last reconcile, by who made them.

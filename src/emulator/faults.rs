@@ -27,6 +27,11 @@ pub enum FaultKind {
     TruncatedJson,
     /// Answer 400 `invalid_grant` without processing the request.
     InvalidGrant,
+    /// Answer 400 `invalid_request` without processing the request (a standards-following
+    /// server's answer to a refresh token it does not know).
+    InvalidRequest,
+    /// Answer 400 `unauthorized_client` without processing the request.
+    UnauthorizedClient,
     /// Answer 200 with a token response that has no `access_token`.
     NoAccessToken,
     /// Answer 200 with `expires_in: 0`.

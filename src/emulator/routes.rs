@@ -126,6 +126,10 @@ async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response>
         )
             .into_response(),
         FaultKind::InvalidGrant => oauth_error(&OAuthError::InvalidGrant("injected"), false),
+        FaultKind::InvalidRequest => oauth_error(&OAuthError::InvalidRequest("injected"), false),
+        FaultKind::UnauthorizedClient => {
+            oauth_error(&OAuthError::UnauthorizedClient("injected"), false)
+        }
         FaultKind::NoAccessToken => {
             Json(json!({"token_type": "Bearer", "expires_in": 1800})).into_response()
         }

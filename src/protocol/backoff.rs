@@ -17,6 +17,15 @@ pub const XERO_RETRY: Backoff = Backoff {
     cap: Duration::from_secs(5),
 };
 
+/// Across claims, after a refresh failed transiently through all its retries: 10 s doubling
+/// to 5 minutes, kept in the Secret (`retry-not-before`, `failed-attempts`) so every party and a
+/// restarted controller honour it. Xero failing for good costs a handful of calls per
+/// connection an hour, not hundreds a minute.
+pub const ACROSS_CLAIMS: Backoff = Backoff {
+    base: Duration::from_secs(10),
+    cap: Duration::from_secs(300),
+};
+
 /// Retries of a Secret write that must land (a rotated refresh token): quick first, then every
 /// few seconds while the API server is unreachable.
 pub const WRITE_RETRY: Backoff = Backoff {

@@ -26,6 +26,9 @@ pub enum Step {
     NoRefreshToken,
     /// The Secret lacks `client_id`/`client_secret`, so no one here can refresh.
     MissingClientCredentials,
+    /// Xero refused these credentials with an error only a configuration change can fix: no
+    /// call until the client credentials or the refresh token change.
+    Stopped,
     /// Someone else holds a live claim, or Xero asked everyone to wait: wait until then (or until
     /// the Secret changes).
     Wait {
@@ -92,6 +95,9 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     }
     if rec.client.is_none() {
         return Step::MissingClientCredentials;
+    }
+    if rec.stopped_for.is_some() && rec.stopped_for == rec.credentials_fingerprint() {
+        return Step::Stopped;
     }
     let skew = rec.settings.clock_skew;
     match &rec.lease {
@@ -160,6 +166,9 @@ mod tests {
             reauthorization_required_for: None,
             reauthorization_reason: None,
             retry_not_before: None,
+            failed_attempts: 0,
+            stopped_for: None,
+            stop_reason: None,
             refreshed_by: None,
             refreshed_at: None,
             rotation: 0,
@@ -171,6 +180,42 @@ mod tests {
             holder: holder.into(),
             expires,
         }
+    }
+
+    #[test]
+    fn a_stop_marker_holds_until_the_credentials_change() {
+        let mut r = rec();
+        r.expiry = Expiry::At(t(0));
+        r.stopped_for = r.credentials_fingerprint();
+        for role in [
+            Role::Consumer,
+            Role::Producer {
+                ahead: Duration::ZERO,
+            },
+        ] {
+            assert_eq!(decide(&r, t(10), ME, role), Step::Stopped);
+        }
+        // A new client secret (the controller copies it from the client Secret) lifts it …
+        let mut fixed = r.clone();
+        fixed.client = Some(ClientCredentials {
+            client_id: "app".into(),
+            client_secret: Sensitive::new("new"),
+        });
+        assert_eq!(
+            decide(&fixed, t(10), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+        // … and so does a new refresh token (a person authorised again).
+        let mut reauthorised = r.clone();
+        reauthorised.refresh_token = Some(Sensitive::new("rt2"));
+        assert_eq!(
+            decide(&reauthorised, t(10), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+        // A still-valid token is used meanwhile: the stop is about calls, not about reading.
+        let mut valid = r;
+        valid.expiry = Expiry::At(t(100));
+        assert_eq!(decide(&valid, t(10), ME, Role::Consumer), Step::Use);
     }
 
     #[test]

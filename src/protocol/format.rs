@@ -48,6 +48,16 @@ pub const ANN_ROTATION: &str = "xero-operator.io/rotation";
 pub const ANN_REAUTH_FOR: &str = "xero-operator.io/reauthorization-required-for";
 pub const ANN_REAUTH_REASON: &str = "xero-operator.io/reauthorization-reason";
 pub const ANN_RETRY_NOT_BEFORE: &str = "xero-operator.io/retry-not-before";
+/// Consecutive refreshes that ended in a transient failure (5xx, no answer, an unusable answer)
+/// after all retries within a claim; `retry-not-before` then holds the backoff, which grows with
+/// it. Cleared by a stored refresh.
+pub const ANN_FAILED_ATTEMPTS: &str = "xero-operator.io/failed-attempts";
+/// Fingerprint of the credentials (client id, client secret, refresh token) that Xero refused
+/// with an error only a configuration change can fix (`invalid_client`, `unauthorized_client`,
+/// …): nobody calls Xero while the Secret holds the same credentials.
+pub const ANN_STOPPED_FOR: &str = "xero-operator.io/stopped-for";
+/// Why: the OAuth error code and what to fix, without any token.
+pub const ANN_STOP_REASON: &str = "xero-operator.io/stop-reason";
 
 /// The range of `clock-skew-seconds` (the CRD's `clockSkewSeconds`).
 pub const CLOCK_SKEW_RANGE: std::ops::RangeInclusive<u64> = 0..=300;
@@ -114,8 +124,15 @@ pub struct TokenRecord {
     /// Fingerprint of a refresh token Xero refused with `invalid_grant`.
     pub reauthorization_required_for: Option<String>,
     pub reauthorization_reason: Option<String>,
-    /// A 429 answered: nobody calls Xero for this token before then.
+    /// A 429 answered, or the backoff after transient failures: nobody calls Xero for this
+    /// token before then.
     pub retry_not_before: Option<SystemTime>,
+    /// Consecutive transient failures (the backoff's exponent).
+    pub failed_attempts: u32,
+    /// Fingerprint of the credentials Xero refused for good ([`ANN_STOPPED_FOR`]).
+    pub stopped_for: Option<String>,
+    /// Why ([`ANN_STOP_REASON`]), sanitised.
+    pub stop_reason: Option<String>,
     pub refreshed_by: Option<String>,
     pub refreshed_at: Option<SystemTime>,
     pub rotation: u64,
@@ -248,10 +265,34 @@ impl TokenRecord {
             reauthorization_reason: a(ANN_REAUTH_REASON)
                 .map(|r| sanitize(&r, crate::text::MAX_REASON_CHARS)),
             retry_not_before: a(ANN_RETRY_NOT_BEFORE).as_deref().and_then(parse_time),
+            failed_attempts: a(ANN_FAILED_ATTEMPTS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            stopped_for: a(ANN_STOPPED_FOR),
+            stop_reason: a(ANN_STOP_REASON).map(|r| sanitize(&r, crate::text::MAX_REASON_CHARS)),
             refreshed_by: a(ANN_REFRESHED_BY).map(|r| sanitize(&r, MAX_IDENTITY_CHARS)),
             refreshed_at: a(ANN_REFRESHED_AT).as_deref().and_then(parse_time),
             rotation: a(ANN_ROTATION).and_then(|v| v.parse().ok()).unwrap_or(0),
         }
+    }
+
+    /// The fingerprint of what a refresh presents: client id, client secret and (for the
+    /// refresh-token grant) the refresh token. A stop marker names it, so a change of any of
+    /// them lifts the stop.
+    pub fn credentials_fingerprint(&self) -> Option<String> {
+        let app = self.client.as_ref()?;
+        let rt = match self.settings.grant {
+            Grant::RefreshToken => self.refresh_token.as_ref().map_or("", Sensitive::expose),
+            Grant::ClientCredentials => "",
+        };
+        Some(
+            Sensitive::new(format!(
+                "{}\n{}\n{rt}",
+                app.client_id,
+                app.client_secret.expose()
+            ))
+            .fingerprint(),
+        )
     }
 
     /// Reads the kubelet's projection of a token Secret mounted as a directory: one file per key
@@ -348,6 +389,9 @@ pub fn token_patch(
             (ANN_REAUTH_FOR, None),
             (ANN_REAUTH_REASON, None),
             (ANN_RETRY_NOT_BEFORE, None),
+            (ANN_FAILED_ATTEMPTS, None),
+            (ANN_STOPPED_FOR, None),
+            (ANN_STOP_REASON, None),
         ],
     );
     patch["data"] = Value::Object(data);

@@ -48,6 +48,18 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Xero refused the request with an error only a configuration change can fix
+    /// (`invalid_client`, `unauthorized_client`, `unsupported_grant_type`, `invalid_scope`,
+    /// `invalid_request`, …). A stop marker in the Secret keeps everyone from calling again
+    /// until the client credentials or the refresh token change.
+    #[error(
+        "Xero refused the request ({code}){}; no call is made until the client credentials or the refresh token change",
+        description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+    )]
+    Stopped {
+        code: String,
+        description: Option<String>,
+    },
     /// The token endpoint's host is not one this party may send credentials to.
     #[error("endpoint not allowed: {0}")]
     EndpointNotAllowed(String),
@@ -69,6 +81,7 @@ impl Error {
             | Self::MissingClientCredentials
             | Self::EndpointNotAllowed(_) => 6,
             Self::Timeout(..) => 7,
+            Self::Stopped { .. } => 8,
         }
     }
 }

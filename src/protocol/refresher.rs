@@ -12,11 +12,12 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
 
 use super::Error;
-use super::backoff::{WRITE_RETRY, XERO_RETRY};
+use super::backoff::{ACROSS_CLAIMS, WRITE_RETRY, XERO_RETRY};
 use super::decide::{Role, Step, WaitReason, decide};
 use super::format::{
-    ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, Lease, TokenRecord, claim_patch,
-    format_time, release_patch, salvage_patch, token_patch,
+    ANN_FAILED_ATTEMPTS, ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, ANN_STOP_REASON,
+    ANN_STOPPED_FOR, Lease, TokenRecord, claim_patch, format_time, release_patch, salvage_patch,
+    token_patch,
 };
 use crate::crd::Grant;
 use crate::redact::Sensitive;
@@ -324,6 +325,14 @@ impl Refresher {
                 }
                 Step::NoRefreshToken => return Err(Error::NoRefreshToken),
                 Step::MissingClientCredentials => return Err(Error::MissingClientCredentials),
+                Step::Stopped => {
+                    let reason = rec.stop_reason.clone().unwrap_or_default();
+                    let (code, description) = match reason.split_once(": ") {
+                        Some((c, d)) => (c.to_owned(), Some(d.to_owned())),
+                        None => (reason, None),
+                    };
+                    return Err(Error::Stopped { code, description });
+                }
                 Step::Wait { until, reason } => {
                     let wait = until.duration_since(now).unwrap_or_default();
                     if tokio::time::Instant::now() + wait > deadline {
@@ -496,18 +505,51 @@ impl Refresher {
                 e if e.is_retryable() => {
                     let delay = XERO_RETRY.delay(attempt);
                     if SystemTime::now() + delay + LEASE_MARGIN >= lease_end {
-                        self.release(&rec, &[]).await;
+                        // Out of claim: everyone backs off, longer after each such failure.
+                        let failures = rec.failed_attempts.saturating_add(1);
+                        let not_before =
+                            SystemTime::now() + ACROSS_CLAIMS.delay(failures.saturating_sub(1));
+                        tracing::warn!(secret = %self.name, error = %e, failures, not_before = %format_time(not_before), "refresh failed; backing off");
+                        self.release(
+                            &rec,
+                            &[
+                                (ANN_RETRY_NOT_BEFORE, Some(format_time(not_before))),
+                                (ANN_FAILED_ATTEMPTS, Some(failures.to_string())),
+                            ],
+                        )
+                        .await;
                         return Err(Error::Xero(e));
                     }
                     tokio::time::sleep(delay).await;
                 }
-                e => {
-                    self.release(&rec, &[]).await;
-                    return Err(Error::Xero(e));
-                }
+                e => return Err(self.stop(&rec, e).await),
             }
             attempt += 1;
         }
+    }
+
+    /// An error only a configuration change can fix: release the claim with a stop marker for
+    /// exactly these credentials, so no party calls Xero with them again.
+    async fn stop(&self, rec: &TokenRecord, e: XeroError) -> Error {
+        let (code, description) = match e {
+            XeroError::InvalidClient => ("invalid_client".to_owned(), None),
+            XeroError::OAuth { code, description } => (code, description),
+            other => return Error::Xero(other),
+        };
+        let reason = match &description {
+            Some(d) => format!("{code}: {d}"),
+            None => code.clone(),
+        };
+        tracing::error!(secret = %self.name, reason, "Xero refused the request for good: stopping until the credentials change");
+        self.release(
+            rec,
+            &[
+                (ANN_STOPPED_FOR, rec.credentials_fingerprint()),
+                (ANN_STOP_REASON, Some(reason)),
+            ],
+        )
+        .await;
+        Error::Stopped { code, description }
     }
 
     /// `invalid_grant`: if the Secret's refresh token changed meanwhile, another party rotated it
