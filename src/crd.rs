@@ -190,6 +190,7 @@ pub enum RefreshPolicy {
 #[x_kube(
     validation = Rule::new("self.policy != 'AheadOfExpiry' || has(self.aheadOfExpirySeconds)").message("policy AheadOfExpiry needs aheadOfExpirySeconds"),
     validation = Rule::new("self.policy == 'AheadOfExpiry' || !has(self.aheadOfExpirySeconds)").message("aheadOfExpirySeconds is only allowed with policy AheadOfExpiry"),
+    validation = Rule::new("self.clockSkewSeconds + (has(self.aheadOfExpirySeconds) ? self.aheadOfExpirySeconds : 0) <= 1500").message("clockSkewSeconds + aheadOfExpirySeconds is at most 1500: Xero's access tokens live 1800 s, and a larger margin would refresh without end"),
 )]
 pub struct RefreshSettings {
     /// `OnExpiry` (default): refresh only when the access token has expired. `AheadOfExpiry`:

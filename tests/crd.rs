@@ -159,6 +159,11 @@ fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
             "should be less than or equal to 1500",
         ),
         (
+            "skew-plus-margin-longer-than-token-lifetime",
+            json!({"clientSecretRef": secret, "refresh": {"policy": "AheadOfExpiry", "aheadOfExpirySeconds": 1400, "clockSkewSeconds": 200}}),
+            "clockSkewSeconds + aheadOfExpirySeconds is at most 1500",
+        ),
+        (
             "revoke-without-refresh-token",
             json!({"clientSecretRef": secret, "grant": "ClientCredentials", "revokeOnDelete": true}),
             "revokeOnDelete needs a refresh token",

@@ -154,7 +154,7 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
     assert!(custom.contains("- --allow-cross-namespace-consumers"));
     assert!(
         defaults.contains("- --allowed-endpoint-hosts=identity.xero.com,api.xero.com")
-            && !defaults.contains("--allow-cross-namespace-consumers"),
+            && !defaults.contains("- --allow-cross-namespace-consumers"),
         "Xero's hosts only, own-namespace consumers only, by default"
     );
     assert!(

@@ -170,7 +170,13 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
     holder.kill().expect("SIGKILL the holder");
     let _ = holder.wait();
     let rec = fx.record().await;
-    assert!(matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "doomed-holder"));
+    // `--identity` is a prefix: the claim names this very process.
+    assert!(
+        matches!(&rec.lease, f::Lease::Held { holder, .. }
+            if holder.starts_with("doomed-holder/") && holder.len() > "doomed-holder/".len()),
+        "{:?}",
+        rec.lease
+    );
     assert_eq!(
         rec.refresh_token.as_ref().map(Sensitive::expose),
         fx.user.refresh_token.as_deref()
@@ -514,4 +520,88 @@ async fn garbage_in_the_secret_gives_clear_errors_or_safe_recovery() {
         gone.get().await,
         Err(Error::SecretNotFound { .. })
     ));
+}
+
+/// Waits until the token Secret's record satisfies `done`.
+async fn wait_for_record(
+    fx: &common::TokenFixture,
+    what: &str,
+    done: impl Fn(&xero_operator::protocol::TokenRecord) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !done(&fx.record().await) {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_waiting_never_loses_the_rotated_pair() {
+    let fx = token_fixture("proto-cancel", Timings::default()).await;
+    // Xero rotates at once but answers after 2 s; the caller gives up after half a second (a
+    // timeout around get(), or the HTTP client of `xero-token serve` hanging up).
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(2),
+        ..Faults::default()
+    })
+    .await;
+    let r = fx.refresher("impatient");
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), r.get()).await;
+    assert!(gave_up.is_err(), "the caller stopped waiting");
+    // The refresh goes on without it: the rotated pair is stored and the claim released.
+    wait_for_record(&fx, "the rotated pair stored", |rec| {
+        rec.rotation == 1 && rec.lease == f::Lease::None
+    })
+    .await;
+    fx.set_faults(Faults::default()).await;
+    let t = r.get().await.expect("the stored token");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    assert_eq!(
+        report.counters.token_calls, 1,
+        "nothing was refreshed twice"
+    );
+    assert_eq!(
+        report.chains[0].grace_reuses, 0,
+        "no grace-period recovery needed"
+    );
+    assert!(!report.chains[0].broken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
+    let fx = token_fixture(
+        "proto-deadline",
+        Timings {
+            lease_secs: 30,
+            ..Timings::default()
+        },
+    )
+    .await;
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(2),
+        ..Faults::default()
+    })
+    .await;
+    let holder = Arc::new(fx.refresher("holder"));
+    let holding = tokio::spawn({
+        let holder = holder.clone();
+        async move { holder.get().await }
+    });
+    wait_for_record(
+        &fx,
+        "the holder's claim",
+        |rec| matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "holder"),
+    )
+    .await;
+    // The claim may last 30 s; this caller waits at most 10 s, and the holder stores in 2.
+    let t = fx
+        .refresher("waiter")
+        .with_max_wait(Duration::from_secs(10))
+        .get()
+        .await
+        .expect("the waiter gets the holder's token within its own deadline");
+    holding.await.expect("join").expect("the holder's token");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    assert_eq!(fx.report().await.counters.token_calls, 1);
 }

@@ -18,7 +18,7 @@ use ring::rand::SecureRandom;
 
 use super::{Args, EXIT_OTHER, secret_target};
 use crate::protocol::format::{self, TokenRecord, format_time, token_patch};
-use crate::protocol::refresher::default_identity;
+use crate::protocol::refresher::{default_identity, process_identity};
 use crate::redact::Sensitive;
 use crate::xero::{ClientCredentials, Endpoints, XeroClient};
 
@@ -192,71 +192,41 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
     let expires_at = now + Duration::from_secs(set.expires_in);
     let actor = format!(
         "authorize/{}",
-        args.identity.clone().unwrap_or_else(default_identity)
+        args.identity
+            .as_deref()
+            .map_or_else(default_identity, process_identity)
     );
-    match existing {
-        Some(_) => {
-            // A fresh authorisation supersedes whatever is stored: write over it, re-reading
-            // on a conflict.
-            loop {
-                let current = TokenRecord::from_secret(&api.get(&secret_name).await?);
-                let rv = current.resource_version.clone().unwrap_or_default();
-                let patch = token_patch(
-                    &rv,
-                    &set,
-                    expires_at,
-                    &actor,
-                    now,
-                    current.rotation.saturating_add(1),
+    // The exchanged pair exists nowhere else: store it with a write retried until it lands,
+    // whether the Secret appeared meanwhile (a 409 on create), changed (a 409 on the patch), or
+    // the API server failed for a while. Only a refusal (401/403) ends it: say so loudly.
+    let mut attempt = 0u32;
+    loop {
+        match store_pair(
+            &api,
+            &secret_name,
+            &set,
+            expires_at,
+            &actor,
+            now,
+            &app,
+            &token_url,
+            a,
+        )
+        .await
+        {
+            Ok(Stored::Landed) => break,
+            Ok(Stored::Conflict) => continue,
+            Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+                anyhow::bail!(
+                    "not allowed to write {ns}/{secret_name} ({}): the new token pair is lost; \
+                     fix the RBAC and authorise again",
+                    s.message
                 );
-                match api
-                    .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(kube::Error::Api(s)) if s.is_conflict() => continue,
-                    Err(e) => return Err(e.into()),
-                }
             }
-        }
-        None => {
-            let mut data = BTreeMap::new();
-            let mut put = |k: &str, v: &str| {
-                data.insert(k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec()));
-            };
-            put(format::ACCESS_TOKEN, set.access_token.expose());
-            if let Some(rt) = &set.refresh_token {
-                put(format::REFRESH_TOKEN, rt.expose());
-            }
-            put(format::EXPIRES_AT, &format_time(expires_at));
-            put(format::TOKEN_TYPE, &set.token_type);
-            put(format::SCOPE, &set.scope);
-            put(format::CLIENT_ID, &app.client_id);
-            put(format::CLIENT_SECRET, app.client_secret.expose());
-            let mut secret = Secret {
-                data: Some(data),
-                ..Secret::default()
-            };
-            secret.metadata.name = Some(secret_name.clone());
-            if let Some(conn) = &a.connection {
-                secret.metadata.labels = Some(BTreeMap::from([(
-                    format::LABEL_CONNECTION.to_owned(),
-                    conn.clone(),
-                )]));
-            }
-            secret.metadata.annotations = Some(BTreeMap::from([
-                (format::ANN_REFRESHED_BY.to_owned(), actor.clone()),
-                (format::ANN_REFRESHED_AT.to_owned(), format_time(now)),
-                (format::ANN_TOKEN_URL.to_owned(), token_url),
-            ]));
-            api.create(&PostParams::default(), &secret).await?;
-            if a.connection.is_none() {
-                eprintln!(
-                    "note: created {ns}/{secret_name}; the operator uses an existing Secret only once it is \
-                     opted in: kubectl label secret {secret_name} -n {ns} {}=<connection name> \
-                     (or pass --connection next time)",
-                    format::LABEL_CONNECTION
-                );
+            Err(e) => {
+                eprintln!("xero-token: storing the new token pair failed ({e}); retrying");
+                tokio::time::sleep(crate::protocol::backoff::WRITE_RETRY.delay(attempt)).await;
+                attempt = attempt.saturating_add(1);
             }
         }
     }
@@ -265,4 +235,87 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
         format_time(expires_at)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The outcome of one attempt to store the pair.
+enum Stored {
+    Landed,
+    /// The Secret changed or appeared meanwhile: try again at once with what it is now.
+    Conflict,
+}
+
+/// One attempt to store the freshly exchanged pair: over whatever the Secret holds (a new
+/// authorisation supersedes it), or in a new Secret labelled for `--connection`.
+#[allow(clippy::too_many_arguments)]
+async fn store_pair(
+    api: &Api<Secret>,
+    secret_name: &str,
+    set: &crate::xero::TokenSet,
+    expires_at: SystemTime,
+    actor: &str,
+    now: SystemTime,
+    app: &ClientCredentials,
+    token_url: &str,
+    a: &AuthorizeArgs,
+) -> Result<Stored, kube::Error> {
+    let conflict = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 409 => Ok(Stored::Conflict),
+        e => Err(e),
+    };
+    if let Some(current) = api.get_opt(secret_name).await? {
+        let current = TokenRecord::from_secret(&current);
+        let rv = current.resource_version.clone().unwrap_or_default();
+        let rotation = current.rotation.saturating_add(1);
+        let patch = token_patch(&rv, set, expires_at, actor, now, rotation);
+        return match api
+            .patch(secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(Stored::Landed),
+            Err(e) => conflict(e),
+        };
+    }
+    let mut data = BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        data.insert(k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec()));
+    };
+    put(format::ACCESS_TOKEN, set.access_token.expose());
+    if let Some(rt) = &set.refresh_token {
+        put(format::REFRESH_TOKEN, rt.expose());
+    }
+    put(format::EXPIRES_AT, &format_time(expires_at));
+    put(format::TOKEN_TYPE, &set.token_type);
+    put(format::SCOPE, &set.scope);
+    put(format::CLIENT_ID, &app.client_id);
+    put(format::CLIENT_SECRET, app.client_secret.expose());
+    let mut secret = Secret {
+        data: Some(data),
+        ..Secret::default()
+    };
+    secret.metadata.name = Some(secret_name.to_owned());
+    if let Some(conn) = &a.connection {
+        secret.metadata.labels = Some(BTreeMap::from([(
+            format::LABEL_CONNECTION.to_owned(),
+            conn.clone(),
+        )]));
+    }
+    secret.metadata.annotations = Some(BTreeMap::from([
+        (format::ANN_REFRESHED_BY.to_owned(), actor.to_owned()),
+        (format::ANN_REFRESHED_AT.to_owned(), format_time(now)),
+        (format::ANN_TOKEN_URL.to_owned(), token_url.to_owned()),
+    ]));
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            if a.connection.is_none() {
+                eprintln!(
+                    "note: created {secret_name}; the operator uses an existing Secret only once it is \
+                     opted in: kubectl label secret {secret_name} {}=<connection name> \
+                     (or pass --connection next time)",
+                    format::LABEL_CONNECTION
+                );
+            }
+            Ok(Stored::Landed)
+        }
+        Err(e) => conflict(e),
+    }
 }

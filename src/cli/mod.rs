@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::protocol::format::{TokenRecord, format_time};
-use crate::protocol::refresher::default_identity;
+use crate::protocol::refresher::{default_identity, process_identity};
 use crate::protocol::{AccessToken, Error, Refresher, Role};
 
 /// Exit code for errors outside the protocol (bad configuration, I/O).
@@ -48,8 +48,9 @@ pub struct Args {
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
     clock_skew: Duration,
 
-    /// Who this party is in the protocol (shown as the refresh holder and in "refreshed by").
-    /// Default: <hostname>/<pid>-<random>.
+    /// Who this party is in the protocol (shown as the refresh holder and in "refreshed by"): a
+    /// prefix, such as the pod name, to which `/<pid>-<random>` is always added so that every
+    /// process is a party of its own. Default prefix: the hostname.
     #[arg(long, global = true, env = "XERO_TOKEN_IDENTITY")]
     identity: Option<String>,
 
@@ -106,7 +107,10 @@ async fn secret_target(args: &Args) -> anyhow::Result<(String, kube::Client, Str
 /// Builds the API-backed refresher for the Secret named on the command line.
 async fn refresher(args: &Args) -> anyhow::Result<Refresher> {
     let (secret, client, namespace) = secret_target(args).await?;
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let identity = args
+        .identity
+        .as_deref()
+        .map_or_else(default_identity, process_identity);
     Ok(
         Refresher::new(client, &namespace, &secret, &identity, Role::Consumer)
             .with_max_wait(args.timeout)

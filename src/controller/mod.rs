@@ -583,16 +583,30 @@ fn classify(e: &ProtocolError, rec: Option<&TokenRecord>, recheck: Duration) -> 
                 State::RateLimited("Xero asked to wait (429)".into()),
                 until_not_before(rec).unwrap_or(BACKOFF_BASE),
             ),
-            Some(r) if !r.is_usable(SystemTime::now()) => (
-                State::RefreshingExpired(why.clone()),
-                Duration::from_secs(1),
-            ),
-            _ => (State::Refreshing(why.clone()), Duration::from_secs(1)),
+            // Another party holds the claim: its store wakes the controller (the Secret is
+            // watched); otherwise it looks again when the claim can be taken over.
+            Some(r) if !r.is_usable(SystemTime::now()) => {
+                (State::RefreshingExpired(why.clone()), until_claim_ends(r))
+            }
+            Some(r) => (State::Refreshing(why.clone()), until_claim_ends(r)),
+            None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
         },
         ProtocolError::EndpointNotAllowed(why) => (State::EndpointNotAllowed(why.clone()), recheck),
         ProtocolError::SecretNotFound { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
         ProtocolError::Kube { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
     }
+}
+
+/// How long until another party's claim on `rec` may be taken over (its end plus the clock
+/// skew), at least 1 s.
+fn until_claim_ends(rec: &TokenRecord) -> Duration {
+    let end = match rec.lease {
+        f::Lease::Held { expires, .. } => expires + rec.settings.clock_skew,
+        _ => SystemTime::now(),
+    };
+    end.duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
 }
 
 /// How long until the Secret's `retry-not-before`, if it is set and ahead (at least 1 s).

@@ -50,10 +50,25 @@ pub enum WaitReason {
 
 impl TokenRecord {
     /// When the stored access token stops being usable (its expiry minus the clock skew), if the
-    /// Secret holds a usable-looking one at all.
+    /// Secret holds a usable-looking one at all. The skew is at most the [`Self::margin_cap`].
     pub fn usable_until(&self) -> Option<SystemTime> {
         match (&self.access_token, self.expiry) {
-            (Some(_), Expiry::At(at)) => at.checked_sub(self.settings.clock_skew),
+            (Some(_), Expiry::At(at)) => {
+                let skew = self.margin_cap().map_or(self.settings.clock_skew, |cap| {
+                    self.settings.clock_skew.min(cap)
+                });
+                at.checked_sub(skew)
+            }
+            _ => None,
+        }
+    }
+
+    /// Half the stored token's lifetime (`refreshed-at` to `expires_at`), when both are known:
+    /// the most that clock skew plus refreshing ahead may take from it. A larger margin would
+    /// make every freshly stored token due at once — refreshing without end.
+    pub fn margin_cap(&self) -> Option<Duration> {
+        match (self.expiry, self.refreshed_at) {
+            (Expiry::At(exp), Some(at)) => exp.duration_since(at).ok().map(|l| l / 2),
             _ => None,
         }
     }
@@ -78,7 +93,15 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     };
     let due = match rec.usable_until() {
         Some(until) if !plausible(until) => true,
-        Some(until) => until.checked_sub(ahead).is_none_or(|due_at| now >= due_at),
+        Some(until) => {
+            let due_at = match (rec.margin_cap(), rec.expiry) {
+                (Some(cap), Expiry::At(exp)) if rec.settings.clock_skew + ahead > cap => {
+                    exp.checked_sub(cap)
+                }
+                _ => until.checked_sub(ahead),
+            };
+            due_at.is_none_or(|due_at| now >= due_at)
+        }
         // Missing or unparsable expiry, or no access token: refresh (the safe recovery).
         None => true,
     };
@@ -180,6 +203,34 @@ mod tests {
             holder: holder.into(),
             expires,
         }
+    }
+
+    #[test]
+    fn skew_and_ahead_never_take_more_than_half_the_token_s_life() {
+        // A 100 s token (refreshed at t(0), expiring at t(100)).
+        let mut r = rec();
+        r.refreshed_at = Some(t(0));
+        r.settings.clock_skew = 300 * SEC;
+        assert_eq!(
+            r.usable_until(),
+            Some(t(50)),
+            "skew capped at half the life"
+        );
+        assert_eq!(decide(&r, t(49), ME, Role::Consumer), Step::Use);
+        let ahead = Role::Producer { ahead: 1500 * SEC };
+        r.settings.clock_skew = 5 * SEC;
+        assert_eq!(decide(&r, t(49), ME, ahead), Step::Use, "not due at once");
+        assert_eq!(
+            decide(&r, t(50), ME, ahead),
+            Step::Claim { replacing: None }
+        );
+        // Within the cap, both apply as configured.
+        let modest = Role::Producer { ahead: 20 * SEC };
+        assert_eq!(decide(&r, t(74), ME, modest), Step::Use);
+        assert_eq!(
+            decide(&r, t(75), ME, modest),
+            Step::Claim { replacing: None }
+        );
     }
 
     #[test]

@@ -400,8 +400,27 @@ pub fn token_patch(
 
 /// Stores a new refresh token from an unusable answer, with no usable access token, so the
 /// rotated token is not lost; the next party refreshes with it.
-pub fn salvage_patch(resource_version: &str, refresh_token: &Sensitive, now: SystemTime) -> Value {
-    let mut patch = release_patch(resource_version, &[]);
+pub fn salvage_patch(
+    resource_version: &str,
+    refresh_token: &Sensitive,
+    refreshed_by: &str,
+    now: SystemTime,
+    rotation: u64,
+) -> Value {
+    // A rotation like any other (the refresh token changed): counted, attributed, and the stop
+    // markers of the old credentials cleared.
+    let mut patch = release_patch(
+        resource_version,
+        &[
+            (ANN_REFRESHED_BY, Some(refreshed_by.to_owned())),
+            (ANN_REFRESHED_AT, Some(format_time(now))),
+            (ANN_ROTATION, Some(rotation.to_string())),
+            (ANN_REAUTH_FOR, None),
+            (ANN_REAUTH_REASON, None),
+            (ANN_STOPPED_FOR, None),
+            (ANN_STOP_REASON, None),
+        ],
+    );
     patch["data"] = json!({
         REFRESH_TOKEN: b64(refresh_token.expose()),
         EXPIRES_AT: b64(&format_time(now)),

@@ -3,7 +3,7 @@
 //! Secret. Inside one process, concurrent callers share one cached token and one in-flight
 //! refresh (single flight); across processes the Secret decides.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -66,8 +66,28 @@ impl AccessToken {
     }
 }
 
-/// One party of the protocol for one token Secret.
+/// One party of the protocol for one token Secret: the handle callers use. The state lives in
+/// [`Inner`], shared with the task that runs a refresh.
 pub struct Refresher {
+    inner: Arc<Inner>,
+    /// Single flight: one caller at a time drives the protocol in this process.
+    flight: tokio::sync::Mutex<()>,
+    /// The refresh in progress. It runs in a task of its own, so a caller that stops waiting
+    /// (a timeout around `get`, an HTTP client that hung up) never stops it between Xero's
+    /// rotation and the store; the next caller waits for it instead of starting another.
+    pending: Mutex<Option<tokio::task::JoinHandle<Result<AccessToken, Error>>>>,
+}
+
+impl std::ops::Deref for Refresher {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// The state and the protocol steps of a [`Refresher`], shared with its refresh task.
+pub struct Inner {
     api: Api<Secret>,
     namespace: String,
     name: String,
@@ -85,7 +105,6 @@ pub struct Refresher {
     /// `None`: any (a consumer, which can read the Secret's credentials anyway).
     allowlist: Option<crate::allowlist::EndpointAllowlist>,
     cache: Mutex<Option<AccessToken>>,
-    flight: tokio::sync::Mutex<()>,
     /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
     http: std::sync::OnceLock<reqwest::Client>,
     /// A copy of the Secret just seen (by the owner, or in a watch event) and when, used
@@ -111,7 +130,7 @@ impl Refresher {
         identity: &str,
         role: Role,
     ) -> Self {
-        Self {
+        let inner = Inner {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -123,11 +142,21 @@ impl Refresher {
             gate: None,
             allowlist: None,
             cache: Mutex::new(None),
-            flight: tokio::sync::Mutex::new(()),
             http: std::sync::OnceLock::new(),
             snapshot: Mutex::new(None),
             last: Mutex::new(None),
+        };
+        Self {
+            inner: Arc::new(inner),
+            flight: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(None),
         }
+    }
+
+    /// The state, while it is still this handle's alone (the builder methods run before the
+    /// first `get`).
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("a Refresher is configured before its first get")
     }
 
     /// Calls Xero through `http` (a shared client and connection pool) instead of its own.
@@ -143,51 +172,32 @@ impl Refresher {
         self
     }
 
-    /// Keeps `secret`, seen just now, to stand in for the next read.
-    fn keep_snapshot(&self, secret: Secret) {
-        *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
-    }
-
     /// The token state as last read or written by this party (what [`Refresher::get`] ended on).
     pub fn last_record(&self) -> Option<TokenRecord> {
         lock(&self.last).clone()
     }
 
-    /// Notes `secret` as the latest state seen.
-    fn remember(&self, secret: &Secret) -> TokenRecord {
-        let rec = TokenRecord::from_secret(secret);
-        *lock(&self.last) = Some(rec.clone());
-        rec
-    }
-
-    /// Reads the Secret, noting it as the latest state seen.
-    async fn fetch(&self) -> Result<Secret, kube::Error> {
-        let secret = self.api.get(&self.name).await?;
-        self.remember(&secret);
-        Ok(secret)
-    }
-
     /// Endpoints used when the Secret names none.
     pub fn with_default_endpoints(mut self, endpoints: Endpoints) -> Self {
-        self.default_endpoints = endpoints;
+        self.inner_mut().default_endpoints = endpoints;
         self
     }
 
     /// How long one [`Refresher::get`] may wait for another party or a rate limit.
     pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = max_wait;
+        self.inner_mut().max_wait = max_wait;
         self
     }
 
     /// How long one call to Xero may take before it counts as lost.
     pub fn with_xero_timeout(mut self, timeout: Duration) -> Self {
-        self.xero_timeout = timeout;
+        self.inner_mut().xero_timeout = timeout;
         self
     }
 
     /// Makes every call to Xero wait for a permit of its app's token bucket.
     pub fn with_gate(mut self, gate: super::gate::AppGate) -> Self {
-        self.gate = Some(gate);
+        self.inner_mut().gate = Some(gate);
         self
     }
 
@@ -195,25 +205,8 @@ impl Refresher {
     /// consumer can edit it) that names another host ends the `get` with
     /// [`Error::EndpointNotAllowed`] before any claim or request.
     pub fn with_allowlist(mut self, allowlist: crate::allowlist::EndpointAllowlist) -> Self {
-        self.allowlist = Some(allowlist);
+        self.inner_mut().allowlist = Some(allowlist);
         self
-    }
-
-    /// The token endpoint for `rec`: its annotation, else the default.
-    fn token_url<'a>(&'a self, rec: &'a TokenRecord) -> &'a str {
-        rec.settings
-            .token_url
-            .as_deref()
-            .unwrap_or(&self.default_endpoints.token_url)
-    }
-
-    fn check_endpoint(&self, rec: &TokenRecord) -> Result<(), Error> {
-        match &self.allowlist {
-            Some(list) => list
-                .check(self.token_url(rec))
-                .map_err(|why| Error::EndpointNotAllowed(format!("token endpoint: {why}"))),
-            None => Ok(()),
-        }
     }
 
     pub fn identity(&self) -> &str {
@@ -239,7 +232,27 @@ impl Refresher {
         {
             return Ok(t);
         }
-        let token = self.run().await?;
+        // A refresh still running for a caller that stopped waiting is waited for; one that
+        // ended meanwhile has stored what it got, which a new run reads.
+        let handle = match lock(&self.pending).take() {
+            Some(h) if !h.is_finished() => h,
+            _ => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move { inner.run().await })
+            }
+        };
+        let mut waiting = PendingGuard {
+            slot: &self.pending,
+            handle: Some(handle),
+        };
+        let joined = waiting.handle.as_mut().expect("just set").await;
+        waiting.handle = None;
+        let token = joined.map_err(|e| {
+            Error::Timeout(
+                self.max_wait,
+                format!("the refresh task ended abnormally: {e}"),
+            )
+        })??;
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
         Ok(token)
     }
@@ -247,6 +260,58 @@ impl Refresher {
     /// Drops the cached token (after the API answered 401 with it, say).
     pub fn invalidate(&self) {
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Puts a refresh task back for the next caller when the caller awaiting it goes away.
+struct PendingGuard<'a> {
+    slot: &'a Mutex<Option<tokio::task::JoinHandle<Result<AccessToken, Error>>>>,
+    handle: Option<tokio::task::JoinHandle<Result<AccessToken, Error>>>,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            *lock(self.slot) = Some(handle);
+        }
+    }
+}
+
+impl Inner {
+    /// Keeps `secret`, seen just now, to stand in for the next read.
+    fn keep_snapshot(&self, secret: Secret) {
+        *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
+    }
+
+    /// Notes `secret` as the latest state seen.
+    fn remember(&self, secret: &Secret) -> TokenRecord {
+        let rec = TokenRecord::from_secret(secret);
+        *lock(&self.last) = Some(rec.clone());
+        rec
+    }
+
+    /// Reads the Secret, noting it as the latest state seen.
+    async fn fetch(&self) -> Result<Secret, kube::Error> {
+        let secret = self.api.get(&self.name).await?;
+        self.remember(&secret);
+        Ok(secret)
+    }
+
+    /// The token endpoint for `rec`: its annotation, else the default.
+    fn token_url<'a>(&'a self, rec: &'a TokenRecord) -> &'a str {
+        rec.settings
+            .token_url
+            .as_deref()
+            .unwrap_or(&self.default_endpoints.token_url)
+    }
+
+    fn check_endpoint(&self, rec: &TokenRecord) -> Result<(), Error> {
+        match &self.allowlist {
+            Some(list) => list
+                .check(self.token_url(rec))
+                .map_err(|why| Error::EndpointNotAllowed(format!("token endpoint: {why}"))),
+            None => Ok(()),
+        }
     }
 
     async fn read(&self) -> Result<TokenRecord, Error> {
@@ -310,6 +375,7 @@ impl Refresher {
             let rec = self.read().await?;
             let now = SystemTime::now();
             let step = decide(&rec, now, &self.identity, self.role);
+            let waited = matches!(step, Step::Wait { .. });
             tracing::debug!(secret = %self.name, ?step, "protocol step");
             match step {
                 Step::Use => {
@@ -335,7 +401,15 @@ impl Refresher {
                 }
                 Step::Wait { until, reason } => {
                     let wait = until.duration_since(now).unwrap_or_default();
-                    if tokio::time::Instant::now() + wait > deadline {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    // A holder usually stores well before its claim runs out: watch for that
+                    // until our own deadline. A rate limit or a backoff that ends after the
+                    // deadline cannot end sooner: say so at once.
+                    let give_up = match reason {
+                        WaitReason::HeldBy(_) => left.is_zero(),
+                        WaitReason::RateLimited => wait > left,
+                    };
+                    if give_up {
                         let why = match reason {
                             WaitReason::HeldBy(h) => format!(
                                 "the refresh is held by {}",
@@ -345,7 +419,7 @@ impl Refresher {
                         };
                         return Err(Error::Timeout(self.max_wait, why));
                     }
-                    self.wait_for_change(rec.resource_version.as_deref(), wait)
+                    self.wait_for_change(rec.resource_version.as_deref(), wait.min(left))
                         .await;
                 }
                 Step::Claim { replacing } => {
@@ -402,7 +476,8 @@ impl Refresher {
                     fruitless += 1;
                 }
             }
-            if tokio::time::Instant::now() > deadline {
+            // After a wait, the next round says why it gives up; otherwise claims kept failing.
+            if !waited && tokio::time::Instant::now() > deadline {
                 return Err(Error::Timeout(
                     self.max_wait,
                     "the token kept changing".to_owned(),
@@ -486,8 +561,9 @@ impl Refresher {
                     // Xero rotated the token but the answer is unusable: keep the new refresh
                     // token (never lose it) and start over with it after a pause.
                     tracing::warn!(secret = %self.name, reason, "storing the rotated refresh token from an unusable answer");
+                    let rotation = rec.rotation.saturating_add(1);
                     self.write_until_landed(&rec, |rv| {
-                        salvage_patch(rv, &new_rt, SystemTime::now())
+                        salvage_patch(rv, &new_rt, &self.identity, SystemTime::now(), rotation)
                     })
                     .await?;
                     return Ok(None);
@@ -662,15 +738,23 @@ impl Refresher {
     }
 
     /// Releases this party's claim (best effort: an expired claim is taken over anyway).
+    /// After a conflict, the claim is released only if it is still this party's: another
+    /// party's claim is never removed, only the `extra` markers are written then.
     async fn release(&self, rec: &TokenRecord, extra: &[(&str, Option<String>)]) {
         let mut rv = rec.resource_version.clone().unwrap_or_default();
+        let mut mine = true;
         for _ in 0..5 {
-            match self.patch(&release_patch(&rv, extra)).await {
+            let body = if mine {
+                release_patch(&rv, extra)
+            } else {
+                super::format::annotations_patch(&rv, extra)
+            };
+            match self.patch(&body).await {
                 Ok(_) => return,
                 Err(e) if is_conflict(&e) => match self.fetch().await {
                     Ok(secret) => {
                         let fresh = TokenRecord::from_secret(&secret);
-                        let mine = matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity);
+                        mine = matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity);
                         if !mine && extra.is_empty() {
                             return;
                         }
@@ -697,5 +781,12 @@ pub fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".to_owned());
-    format!("{host}/{}-{:04x}", std::process::id(), fastrand::u16(..))
+    process_identity(&host)
+}
+
+/// `<prefix>/<pid>-<random>`: an identity unique to this process whatever prefix it is given
+/// (a pod name is shared by a restarted container and by two sidecars of one pod, which must
+/// never take each other's live claim for their own).
+pub fn process_identity(prefix: &str) -> String {
+    format!("{prefix}/{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
