@@ -108,3 +108,90 @@ async fn refreshing_goes_on_after_the_api_server_restarts_with_one_call_per_expi
         errors.load(Ordering::Relaxed)
     );
 }
+
+/// Secret requests (GET and WATCH) the API server has answered so far, from its metrics.
+async fn secret_requests(client: &kube::Client) -> u64 {
+    let text = client
+        .request_text(
+            http::Request::get("/metrics")
+                .body(Vec::new())
+                .expect("request"),
+        )
+        .await
+        .expect("the API server's metrics");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains("resource=\"secrets\"")
+                && (l.contains("verb=\"GET\"") || l.contains("verb=\"WATCH\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
+    use serde_json::json;
+    use xero_operator::protocol::format as f;
+    let mut cp = ControlPlane::start(&Options {
+        bin_dir: common::env().bin_dir.clone(),
+        controller_manager: false,
+    })
+    .await
+    .expect("own control plane");
+    let client = common::client_from(&cp.admin_kubeconfig).await;
+    let fx = common::token_fixture_on(
+        client.clone(),
+        "gone",
+        Timings::default(),
+        GraceReuse::SamePair,
+    )
+    .await;
+    // A holder that crashed with a long claim, on a Secret that then stays unchanged.
+    let until = SystemTime::now() + Duration::from_secs(300);
+    fx.patch(
+        json!({}),
+        json!({f::ANN_LEASE_DURATION: "600", f::ANN_HOLDER: "crashed",
+            f::ANN_LEASE_EXPIRES: f::format_time(until)}),
+    )
+    .await;
+    // Other writes move the cluster's revision on; a restarted API server's watch cache then
+    // starts after the Secret's version, and a watch from it answers 410 Gone.
+    for i in 0..5 {
+        let other: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(json!({"metadata": {"name": format!("other-{i}")}}))
+                .expect("secret");
+        fx.secrets()
+            .create(&Default::default(), &other)
+            .await
+            .expect("another write");
+    }
+    cp.restart_apiserver()
+        .await
+        .expect("the API server comes back");
+    let client = common::client_from(&cp.admin_kubeconfig).await;
+    let before = secret_requests(&client).await;
+    let waited = xero_operator::protocol::Refresher::new(
+        client.clone(),
+        &fx.namespace,
+        &fx.secret,
+        "waiter",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .with_max_wait(Duration::from_secs(5))
+    .get()
+    .await;
+    assert!(
+        matches!(waited, Err(xero_operator::protocol::Error::Timeout(..))),
+        "{waited:?}"
+    );
+    // The last watch is counted once it is closed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let requests = secret_requests(&client).await - before;
+    eprintln!("Secret GET + WATCH requests of a 5 s wait: {requests}");
+    assert!(
+        requests <= 6,
+        "{requests} Secret requests in a 5 s wait: the waiter spun on 410 Gone"
+    );
+    assert_eq!(fx.report().await.counters.token_calls, 0);
+}

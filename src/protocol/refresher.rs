@@ -497,27 +497,63 @@ impl Inner {
             .fields(&format!("metadata.name={}", self.name))
             .timeout(u32::try_from(wait.as_secs() + 1).unwrap_or(60));
         let watched = async {
-            match self.api.watch(&params, rv).await {
-                Ok(stream) => {
-                    let mut stream = std::pin::pin!(stream);
-                    while let Some(event) = stream.next().await {
-                        match event {
-                            Ok(WatchEvent::Bookmark(_)) => continue,
-                            // The changed Secret itself: the next round starts from it instead
-                            // of reading it again (one API round trip less for every waiter).
-                            Ok(WatchEvent::Modified(secret)) => {
-                                self.keep_snapshot(secret);
-                                return;
+            // From the version read; if that is too old for the API server (410 Gone: a Secret
+            // unchanged for long, its version compacted away), once more from the current
+            // state ("0": it is replayed first, and skipped if it is still the one read). Any
+            // other failure sleeps out the wait: never a loop of instant retries.
+            for from in [rv, "0"] {
+                let gone = match self.api.watch(&params, from).await {
+                    Ok(stream) => {
+                        let mut stream = std::pin::pin!(stream);
+                        // How the watch ended: None = it simply ended (its timeout, a restarted
+                        // API server): read again at once.
+                        let mut failure: Option<bool> = None;
+                        while let Some(event) = stream.next().await {
+                            match event {
+                                Ok(WatchEvent::Bookmark(_)) => continue,
+                                Ok(WatchEvent::Added(s))
+                                    if s.metadata.resource_version.as_deref() == Some(rv) =>
+                                {
+                                    continue;
+                                }
+                                // The changed Secret itself: the next round starts from it
+                                // instead of reading it again.
+                                Ok(WatchEvent::Modified(secret) | WatchEvent::Added(secret)) => {
+                                    self.keep_snapshot(secret);
+                                    return;
+                                }
+                                Ok(WatchEvent::Deleted(_)) => return,
+                                Ok(WatchEvent::Error(status)) if status.code == 410 => {
+                                    failure = Some(true);
+                                    break;
+                                }
+                                Ok(WatchEvent::Error(status)) => {
+                                    tracing::debug!(code = status.code, reason = %status.reason, "watch answered an error; sleeping instead");
+                                    failure = Some(false);
+                                    break;
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "watch failed; sleeping instead");
+                                    failure = Some(false);
+                                    break;
+                                }
                             }
-                            _ => return,
+                        }
+                        match failure {
+                            None => return,
+                            Some(gone) => gone,
                         }
                     }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "watch failed; sleeping instead");
-                    tokio::time::sleep(wait).await;
+                    Err(e) => {
+                        tracing::debug!(error = %e, "watch failed; sleeping instead");
+                        false
+                    }
+                };
+                if !gone {
+                    break;
                 }
             }
+            tokio::time::sleep(wait).await;
         };
         let _ = tokio::time::timeout(wait, watched).await;
     }
