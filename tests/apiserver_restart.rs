@@ -12,14 +12,19 @@ use common::{Timings, connection};
 use xero_operator::controlplane::{ControlPlane, Options};
 use xero_operator::emulator::GraceReuse;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refreshing_goes_on_after_the_api_server_restarts_with_one_call_per_expiry() {
-    let mut cp = ControlPlane::start(&Options {
+/// A control plane of this test's own (it kills its API server).
+async fn own_control_plane() -> ControlPlane {
+    ControlPlane::start(&Options {
         bin_dir: common::env().bin_dir.clone(),
         controller_manager: false,
     })
     .await
-    .expect("own control plane");
+    .expect("own control plane")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshing_goes_on_after_the_api_server_restarts_with_one_call_per_expiry() {
+    let mut cp = own_control_plane().await;
     let client = common::client_from(&cp.admin_kubeconfig).await;
     let timings = Timings {
         access_token: Duration::from_secs(3),
@@ -133,12 +138,7 @@ async fn secret_requests(client: &kube::Client) -> u64 {
 async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
     use serde_json::json;
     use xero_operator::protocol::format as f;
-    let mut cp = ControlPlane::start(&Options {
-        bin_dir: common::env().bin_dir.clone(),
-        controller_manager: false,
-    })
-    .await
-    .expect("own control plane");
+    let mut cp = own_control_plane().await;
     let client = common::client_from(&cp.admin_kubeconfig).await;
     let fx = common::token_fixture_on(
         client.clone(),

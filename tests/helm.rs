@@ -52,23 +52,7 @@ fn ok(out: &Output, what: &str) -> String {
 
 /// Applies rendered YAML with a server-side dry run in `ns`.
 fn dry_run_apply(yaml: &str, ns: &str) {
-    use std::io::Write;
-    let env = common::env();
-    let mut child = Command::new(env.bin_dir.join("kubectl"))
-        .args(["apply", "--dry-run=server", "-n", ns, "-f", "-"])
-        .env("KUBECONFIG", &env.admin_kubeconfig)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = common::kubectl_with_input(&["apply", "--dry-run=server", "-n", ns, "-f", "-"], yaml);
     ok(&out, "kubectl apply --dry-run=server");
 }
 

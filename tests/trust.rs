@@ -192,23 +192,7 @@ fn helm(args: &[&str]) -> String {
 
 /// Applies YAML as the admin.
 fn kubectl_apply(yaml: &str) {
-    use std::io::Write;
-    let env = common::env();
-    let mut child = std::process::Command::new(env.bin_dir.join("kubectl"))
-        .args(["apply", "-f", "-"])
-        .env("KUBECONFIG", &env.admin_kubeconfig)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write yaml");
-    let out = child.wait_with_output().expect("kubectl apply");
+    let out = common::kubectl_with_input(&["apply", "-f", "-"], yaml);
     assert!(
         out.status.success(),
         "kubectl apply: {}",
@@ -354,6 +338,25 @@ async fn admin_secret(s: &Scene, body: serde_json::Value) {
         .create(&PostParams::default(), &secret)
         .await
         .expect("victim Secret");
+}
+
+/// A token Secret `name` outside any connection: a new emulator user's refresh token, the app's
+/// credentials, and `annotations`.
+async fn seeded_secret(s: &Scene, name: &str, annotations: serde_json::Value) {
+    let user =
+        s.fx.emulator
+            .admin()
+            .add_user(&Default::default())
+            .await
+            .expect("user");
+    admin_secret(
+        s,
+        json!({"metadata": {"name": name, "annotations": annotations},
+            "stringData": {f::REFRESH_TOKEN: user.refresh_token,
+                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
+                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
+    )
+    .await;
 }
 
 /// A listener standing in for an attacker's endpoint: counts every connection made to it.
@@ -599,20 +602,7 @@ async fn credentials_go_only_to_allowed_endpoints() {
 
     // The refresher itself refuses a token URL outside the allowlist, before any claim: a
     // producer on a Secret whose annotation names the listener.
-    let user =
-        s.fx.emulator
-            .admin()
-            .add_user(&Default::default())
-            .await
-            .expect("user");
-    admin_secret(
-        &s,
-        json!({"metadata": {"name": "direct", "annotations": {f::ANN_TOKEN_URL: evil}},
-            "stringData": {f::REFRESH_TOKEN: user.refresh_token,
-                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
-                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
-    )
-    .await;
+    seeded_secret(&s, "direct", json!({f::ANN_TOKEN_URL: evil})).await;
     let producer = xero_operator::protocol::Refresher::new(
         s.fx.client.clone(),
         s.ns(),
@@ -1002,22 +992,14 @@ async fn names_and_consumer_text_cannot_break_the_operator_s_output() {
     .await;
     // The same values read straight by a refresher (as when the controller's watch delivers a
     // consumer's edit while it waits, or by `xero-token`): no arithmetic overflows.
-    let user =
-        s.fx.emulator
-            .admin()
-            .add_user(&Default::default())
-            .await
-            .expect("user");
-    admin_secret(
+    seeded_secret(
         &s,
-        json!({"metadata": {"name": "edge", "annotations": {
+        "edge",
+        json!({
                 f::ANN_TOKEN_URL: s.fx.emulator.token_url(),
                 f::ANN_CLOCK_SKEW: "18446744073709551615",
                 f::ANN_LEASE_DURATION: "18446744073709551615",
-                f::ANN_ROTATION: "18446744073709551615"}},
-            "stringData": {f::REFRESH_TOKEN: user.refresh_token,
-                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
-                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
+                f::ANN_ROTATION: "18446744073709551615"}),
     )
     .await;
     let edge = xero_operator::protocol::Refresher::new(

@@ -380,22 +380,33 @@ pub fn token_patch(
     data.insert(EXPIRES_AT.into(), b64(&format_time(expires_at)));
     data.insert(TOKEN_TYPE.into(), b64(&set.token_type));
     data.insert(SCOPE.into(), b64(&set.scope));
-    let mut patch = release_patch(
-        resource_version,
-        &[
-            (ANN_REFRESHED_BY, Some(refreshed_by.to_owned())),
-            (ANN_REFRESHED_AT, Some(format_time(now))),
-            (ANN_ROTATION, Some(rotation.to_string())),
-            (ANN_REAUTH_FOR, None),
-            (ANN_REAUTH_REASON, None),
-            (ANN_RETRY_NOT_BEFORE, None),
-            (ANN_FAILED_ATTEMPTS, None),
-            (ANN_STOPPED_FOR, None),
-            (ANN_STOP_REASON, None),
-        ],
-    );
+    let mut patch = rotation_patch(resource_version, refreshed_by, now, rotation, true);
     patch["data"] = Value::Object(data);
     patch
+}
+
+/// Releases the claim recording a rotation (who, when, the counter) and clearing the stop
+/// markers of the credentials it replaced; with `clear_backoff`, the backoff too.
+fn rotation_patch(
+    resource_version: &str,
+    refreshed_by: &str,
+    now: SystemTime,
+    rotation: u64,
+    clear_backoff: bool,
+) -> Value {
+    let mut annotations = vec![
+        (ANN_REFRESHED_BY, Some(refreshed_by.to_owned())),
+        (ANN_REFRESHED_AT, Some(format_time(now))),
+        (ANN_ROTATION, Some(rotation.to_string())),
+        (ANN_REAUTH_FOR, None),
+        (ANN_REAUTH_REASON, None),
+        (ANN_STOPPED_FOR, None),
+        (ANN_STOP_REASON, None),
+    ];
+    if clear_backoff {
+        annotations.extend([(ANN_RETRY_NOT_BEFORE, None), (ANN_FAILED_ATTEMPTS, None)]);
+    }
+    release_patch(resource_version, &annotations)
 }
 
 /// Stores a new refresh token from an unusable answer, with no usable access token, so the
@@ -408,19 +419,8 @@ pub fn salvage_patch(
     rotation: u64,
 ) -> Value {
     // A rotation like any other (the refresh token changed): counted, attributed, and the stop
-    // markers of the old credentials cleared.
-    let mut patch = release_patch(
-        resource_version,
-        &[
-            (ANN_REFRESHED_BY, Some(refreshed_by.to_owned())),
-            (ANN_REFRESHED_AT, Some(format_time(now))),
-            (ANN_ROTATION, Some(rotation.to_string())),
-            (ANN_REAUTH_FOR, None),
-            (ANN_REAUTH_REASON, None),
-            (ANN_STOPPED_FOR, None),
-            (ANN_STOP_REASON, None),
-        ],
-    );
+    // markers of the old credentials cleared; the answer was unusable, so the backoff stays.
+    let mut patch = rotation_patch(resource_version, refreshed_by, now, rotation, false);
     patch["data"] = json!({
         REFRESH_TOKEN: b64(refresh_token.expose()),
         EXPIRES_AT: b64(&format_time(now)),

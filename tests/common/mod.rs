@@ -126,6 +126,27 @@ pub fn kubectl(args: &[&str]) -> std::process::Output {
         .expect("run kubectl")
 }
 
+/// Runs the control plane's kubectl as the admin with `input` on its standard input.
+pub fn kubectl_with_input(args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let env = env();
+    let mut child = Command::new(env.bin_dir.join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write kubectl's input");
+    child.wait_with_output().expect("wait for kubectl")
+}
+
 /// Child processes killed when dropped, so a failing test leaves nothing behind.
 pub struct Procs(pub Vec<std::process::Child>);
 
