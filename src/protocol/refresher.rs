@@ -26,6 +26,8 @@ use crate::xero::{Endpoints, TokenSet, XeroClient, XeroError};
 /// Safety margin: stop retrying Xero this long before the claim runs out, so the holder can
 /// still write or release before another party may take over.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// The shortest call to Xero worth making: with less of the claim left, release and start over.
+const MIN_CALL: Duration = Duration::from_secs(1);
 /// How long a copy of the Secret may stand in for reading it. Every write is conditional on the
 /// `resourceVersion`, so a stale copy costs a conflict and a re-read, never a lost token; the
 /// limit keeps a copy left from an earlier call from being used much later.
@@ -570,10 +572,23 @@ impl Inner {
         let mut endpoints = self.default_endpoints.clone();
         endpoints.token_url = self.token_url(&rec).to_owned();
         let http = self.http.get_or_init(crate::xero::new_http).clone();
-        let xero = XeroClient::with_http(http, endpoints, self.xero_timeout);
         let presented = rec.refresh_token.clone();
         let mut attempt = 0;
         loop {
+            // No call outlives the claim: each is cut LEASE_MARGIN before the claim ends, so the
+            // holder can still store or release before another party may claim — two parties
+            // never wait on Xero with the same refresh token at once. An answer cut off this
+            // way may have been processed: the next party recovers it through the grace period.
+            let left = lease_end
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .saturating_sub(LEASE_MARGIN);
+            if left < MIN_CALL {
+                self.release(&rec, &[]).await;
+                return Ok(None);
+            }
+            let xero =
+                XeroClient::with_http(http.clone(), endpoints.clone(), self.xero_timeout.min(left));
             let answer = match (rec.settings.grant, &presented) {
                 (Grant::RefreshToken, Some(rt)) => xero.refresh(&app, rt).await,
                 (Grant::RefreshToken, None) => return Err(Error::NoRefreshToken),
