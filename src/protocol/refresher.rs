@@ -584,6 +584,7 @@ impl Inner {
                 .unwrap_or_default()
                 .saturating_sub(LEASE_MARGIN);
             if left < MIN_CALL {
+                // Only before the first call (a claim taken over late): retries stop earlier.
                 self.release(&rec, &[]).await;
                 return Ok(None);
             }
@@ -620,7 +621,7 @@ impl Inner {
                     return Ok(None);
                 }
                 XeroError::RateLimited { retry_after, .. } => {
-                    if SystemTime::now() + retry_after + LEASE_MARGIN < lease_end {
+                    if SystemTime::now() + retry_after + LEASE_MARGIN + MIN_CALL < lease_end {
                         tokio::time::sleep(retry_after).await;
                     } else {
                         let until = SystemTime::now() + retry_after;
@@ -631,7 +632,9 @@ impl Inner {
                 }
                 e if e.is_retryable() => {
                     let delay = XERO_RETRY.delay(attempt);
-                    if SystemTime::now() + delay + LEASE_MARGIN >= lease_end {
+                    // No time for another call of at least MIN_CALL after the delay: give up
+                    // this claim with a backoff for everyone.
+                    if SystemTime::now() + delay + LEASE_MARGIN + MIN_CALL >= lease_end {
                         // Out of claim: everyone backs off, longer after each such failure.
                         let failures = rec.failed_attempts.saturating_add(1);
                         let not_before =
