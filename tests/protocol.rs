@@ -283,6 +283,140 @@ async fn a_slow_answer_is_recovered_when_grace_forks_the_chain() {
     a_slow_answer_is_cut_at_the_claim_and_recovered(GraceReuse::Fork).await;
 }
 
+/// Holds Xero's answers for `hold` after processing: a refresh is then done at Xero while its
+/// answer is still on the way back.
+async fn hold_answers(fx: &common::TokenFixture, hold: Duration) {
+    fx.set_faults(Faults {
+        latency: hold,
+        ..Faults::default()
+    })
+    .await;
+}
+
+/// Waits until Xero has processed `rotations` refreshes, then clears the faults (answers in
+/// flight keep the latency they arrived with).
+async fn wait_until_xero_rotated(fx: &common::TokenFixture, rotations: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fx.report().await.chains[0].rotations < rotations {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Xero never processed the refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fx.set_faults(Faults::default()).await;
+}
+
+/// Slow enough for the test to act while Xero's answer is on its way; long claims and tokens so
+/// that neither the call is cut nor the answer expired when it lands.
+fn slow_store_timings() -> Timings {
+    Timings {
+        access_token: Duration::from_secs(60),
+        lease_secs: 20,
+        ..Timings::default()
+    }
+}
+
+#[tokio::test]
+async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
+    let fx = token_fixture("proto-409-same", slow_store_timings()).await;
+    hold_answers(&fx, Duration::from_secs(3)).await;
+    let pending = tokio::spawn({
+        let r = fx.refresher("a");
+        async move { r.get().await }
+    });
+    wait_until_xero_rotated(&fx, 1).await;
+    // Someone else changes the Secret (not its tokens) while the answer is on its way: the
+    // holder's store, conditional on the version it claimed, meets a 409.
+    fx.patch(json!({}), json!({"example.com/touched": "yes"}))
+        .await;
+    let t = pending.await.expect("join").expect("stored after the 409");
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.access_token.as_ref().map(Sensitive::expose),
+        Some(t.token.expose()),
+        "the holder's answer is what the Secret holds"
+    );
+    assert_eq!(rec.refreshed_by.as_deref(), Some("a"));
+    assert_eq!(rec.rotation, 1);
+    assert_eq!(rec.lease, f::Lease::None);
+    let s = fx.secrets().get(&fx.secret).await.expect("secret");
+    assert_eq!(
+        s.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("example.com/touched")
+            .map(String::as_str),
+        Some("yes"),
+        "the other change is kept"
+    );
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 1, "no second call for it");
+    assert!(!report.chains[0].broken);
+}
+
+#[tokio::test]
+async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
+    let fx = token_fixture_with("proto-409-newer", slow_store_timings(), GraceReuse::Fork).await;
+    hold_answers(&fx, Duration::from_secs(3)).await;
+    let pending = tokio::spawn({
+        let r = fx.refresher("a");
+        async move { r.get().await }
+    });
+    wait_until_xero_rotated(&fx, 1).await;
+    // A second claimer (clocks far apart) presented the same refresh token inside the grace
+    // period, got a sibling and stored it first.
+    let sibling: serde_json::Value = reqwest::Client::new()
+        .post(fx.emulator.token_url())
+        .basic_auth(
+            xero_operator::emulator::DEFAULT_CLIENT_ID,
+            Some(xero_operator::emulator::DEFAULT_CLIENT_SECRET),
+        )
+        .form(&[
+            ("grant_type", "refresh_token"),
+            (
+                "refresh_token",
+                fx.user.refresh_token.as_deref().expect("rt"),
+            ),
+        ])
+        .send()
+        .await
+        .expect("sibling call")
+        .json()
+        .await
+        .expect("sibling answer");
+    let (sibling_at, sibling_rt) = (
+        sibling["access_token"].as_str().expect("at").to_owned(),
+        sibling["refresh_token"].as_str().expect("rt").to_owned(),
+    );
+    fx.patch(
+        json!({
+            f::ACCESS_TOKEN: sibling_at,
+            f::REFRESH_TOKEN: sibling_rt,
+            f::EXPIRES_AT: f::format_time(std::time::SystemTime::now() + Duration::from_secs(50)),
+        }),
+        json!({f::ANN_REFRESHED_BY: "b", f::ANN_ROTATION: "1"}),
+    )
+    .await;
+    let t = pending.await.expect("join").expect("the stored sibling");
+    assert_eq!(
+        t.token.expose(),
+        sibling_at,
+        "the stored token is handed out"
+    );
+    let rec = fx.record().await;
+    assert_eq!(rec.refreshed_by.as_deref(), Some("b"), "not overwritten");
+    assert_eq!(
+        rec.refresh_token.as_ref().map(Sensitive::expose),
+        Some(sibling_rt.as_str())
+    );
+    assert_eq!(rec.rotation, 1);
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 2);
+    let chain = &report.chains[0];
+    assert_eq!((chain.forks, chain.broken), (1, false), "{chain:?}");
+}
+
 #[tokio::test]
 async fn invalid_grant_records_reauthorization_and_stops_all_calls_until_a_new_token() {
     let fx = token_fixture("proto-reauth", Timings::default()).await;
@@ -334,7 +468,13 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
         let r = fx.refresher("a");
         async move { r.get().await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The refresh has reached Xero (its fate and latency are fixed on arrival).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fx.report().await.counters.token_calls == 0 {
+        assert!(std::time::Instant::now() < deadline, "no call reached Xero");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fx.set_faults(Faults::default()).await;
     let family = fx
         .emulator
         .admin()
@@ -346,10 +486,22 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
         json!({}),
     )
     .await;
-    fx.set_faults(Faults::default()).await;
     let t = pending.await.expect("join").expect("the new token is used");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
-    assert_eq!(fx.record().await.reauthorization_required_for, None);
+    let report = fx.report().await;
+    assert_eq!(
+        report.counters.token_outcomes.get("fault"),
+        Some(&1),
+        "the invalid_grant was served"
+    );
+    assert_eq!(
+        report.counters.token_calls, 2,
+        "then one call with the new token"
+    );
+    let rec = fx.record().await;
+    assert_eq!(rec.reauthorization_required_for, None);
+    assert_eq!(rec.lease, f::Lease::None, "no claim left behind");
+    assert_eq!((rec.refreshed_by.as_deref(), rec.rotation), (Some("a"), 1));
 }
 
 #[tokio::test]
@@ -447,6 +599,32 @@ async fn xero_down_for_longer_than_the_claim_is_an_error_with_the_secret_intact(
 
 #[tokio::test]
 async fn an_unusable_answer_keeps_the_rotated_refresh_token() {
+    let fx = token_fixture("proto-salvage", Timings::default()).await;
+    // Xero rotates, then answers 200 with the new refresh token but no access token.
+    set_script(&fx, &[FaultKind::RotatedWithoutAccessToken]).await;
+    let t = fx
+        .refresher("a")
+        .get()
+        .await
+        .expect("after the unusable answer");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    assert_eq!(report.counters.faults_injected, 1, "the fault was served");
+    let chain = &report.chains[0];
+    // The second call presented the salvaged token: two rotations, no grace reuse of the old
+    // one (which a party that dropped the unusable answer would have made).
+    assert_eq!(report.counters.token_calls, 2);
+    assert_eq!(
+        (chain.rotations, chain.grace_reuses, chain.broken),
+        (2, 0, false)
+    );
+    let rec = fx.record().await;
+    assert_eq!(rec.rotation, 2, "the salvage and the refresh each count");
+    assert_eq!(rec.lease, f::Lease::None);
+}
+
+#[tokio::test]
+async fn an_unprocessed_unusable_answer_is_retried_with_the_same_token() {
     let fx = token_fixture("proto-html", Timings::default()).await;
     set_script(&fx, &[FaultKind::Html, FaultKind::TruncatedJson]).await;
     let t = fx
@@ -455,7 +633,15 @@ async fn an_unusable_answer_keeps_the_rotated_refresh_token() {
         .await
         .expect("after unusable answers");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
-    assert!(!fx.report().await.chains[0].broken);
+    let report = fx.report().await;
+    assert_eq!(report.counters.faults_injected, 2);
+    assert_eq!(report.counters.token_calls, 3);
+    let chain = &report.chains[0];
+    assert_eq!(
+        (chain.rotations, chain.grace_reuses, chain.broken),
+        (1, 0, false)
+    );
+    assert_eq!(fx.record().await.rotation, 1);
 }
 
 #[tokio::test]

@@ -38,6 +38,9 @@ pub enum FaultKind {
     ExpiresInZero,
     /// Answer 200 with `expires_in` of a year.
     ExpiresInYear,
+    /// Process the request (the refresh token rotates), then answer 200 with the new refresh
+    /// token but no access token: an unusable answer whose new refresh token must be kept.
+    RotatedWithoutAccessToken,
 }
 
 /// The endpoints faults can target.
@@ -69,6 +72,14 @@ pub struct Faults {
     pub script: VecDeque<FaultKind>,
     /// Which endpoints the faults apply to; empty means all of them.
     pub endpoints: Vec<Endpoint>,
+}
+
+/// One request's fate: the fault to apply, and the latency in force when it arrived (a later
+/// change of the faults does not reach requests already in flight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fate {
+    pub kind: Option<FaultKind>,
+    pub latency: Duration,
 }
 
 /// Durations in JSON as milliseconds (`latency_ms`-style numbers are easiest to script).
@@ -109,7 +120,15 @@ impl Faults {
         Ok(())
     }
 
-    /// The fate of one request to `endpoint`: `None` is a normal answer.
+    /// The fate of one request to `endpoint`, decided when it arrives.
+    pub fn fate(&mut self, endpoint: Endpoint) -> Fate {
+        Fate {
+            kind: self.decide(endpoint),
+            latency: self.latency,
+        }
+    }
+
+    /// The fault for one request to `endpoint`: `None` is a normal answer.
     pub fn decide(&mut self, endpoint: Endpoint) -> Option<FaultKind> {
         if !self.endpoints.is_empty() && !self.endpoints.contains(&endpoint) {
             return None;

@@ -22,7 +22,7 @@ use axum::Router;
 use axum::routing::{delete, get, post};
 
 pub use admin::{AdminClient, NewUser, Report, SeededUser};
-pub use faults::{Endpoint, FaultKind, Faults};
+pub use faults::{Endpoint, Fate, FaultKind, Faults};
 pub use limits::RateLimits;
 pub use state::{Behaviour, ChainReport, GraceReuse, Lifetimes, ReuseDetection, TokenResponse};
 

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use serde_json::json;
 
-use super::faults::{Endpoint, FaultKind, Faults};
+use super::faults::{Endpoint, Fate, FaultKind, Faults};
 use super::limits::{Limited, Limiter, Remaining};
 use super::state::{BearerError, Millis, OAuthError, State, rfc3339};
 
@@ -94,13 +94,20 @@ fn remaining_headers(resp: &mut Response, r: Remaining) {
     }
 }
 
+/// Faults applied after the request was processed: the answer is lost or made unusable.
+fn after_processing(kind: FaultKind) -> bool {
+    matches!(
+        kind,
+        FaultKind::DropResponse | FaultKind::RotatedWithoutAccessToken
+    )
+}
+
 /// The answer for an injected fault that replaces processing, or `None` to process the request
-/// (`DropResponse` is applied after processing by [`finish`]).
-async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response> {
-    let kind = kind.filter(|k| *k != FaultKind::DropResponse)?;
-    let latency = shared.lock().faults.latency;
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+/// (the faults of [`after_processing`] are applied to the processed answer).
+async fn pre_fault(shared: &Shared, fate: Fate) -> Option<Response> {
+    let kind = fate.kind.filter(|k| !after_processing(*k))?;
+    if !fate.latency.is_zero() {
+        tokio::time::sleep(fate.latency).await;
     }
     let resp = match kind {
         FaultKind::Error => {
@@ -145,18 +152,19 @@ async fn pre_fault(shared: &Shared, kind: Option<FaultKind>) -> Option<Response>
             tokio::time::sleep(shared.hang).await;
             (StatusCode::GATEWAY_TIMEOUT, "timed out").into_response()
         }
-        FaultKind::DropResponse => unreachable!("filtered above"),
+        FaultKind::DropResponse | FaultKind::RotatedWithoutAccessToken => {
+            unreachable!("applied after processing")
+        }
     };
     Some(resp)
 }
 
 /// Applies latency and a dropped response to a processed answer.
-async fn finish(shared: &Shared, kind: Option<FaultKind>, resp: Response) -> Response {
-    let latency = shared.lock().faults.latency;
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+async fn finish(fate: Fate, resp: Response) -> Response {
+    if !fate.latency.is_zero() {
+        tokio::time::sleep(fate.latency).await;
     }
-    if kind == Some(FaultKind::DropResponse) {
+    if fate.kind == Some(FaultKind::DropResponse) {
         // The request was processed; now cut the connection mid-answer so the client never gets
         // it. A body stream that fails makes hyper abort the connection.
         let failing = futures_util::stream::once(async {
@@ -218,15 +226,15 @@ pub async fn token(Axum(shared): Axum<Shared>, headers: HeaderMap, body: Bytes) 
             &mut c.token_calls_by_client,
             creds.as_ref().map_or("unknown", |(id, _, _)| id.as_str()),
         );
-        let fault = inner.faults.decide(Endpoint::Token);
-        if fault.is_some() {
+        let fault = inner.faults.fate(Endpoint::Token);
+        if fault.kind.is_some() {
             inner.state.counters.faults_injected += 1;
         }
         fault
     };
     if let Some(resp) = pre_fault(&shared, fault).await {
         bump(&mut shared.lock().state.counters.token_outcomes, "fault");
-        tracing::info!(grant, ?fault, "token request answered by an injected fault");
+        tracing::info!(grant, fault = ?fault.kind, "token request answered by an injected fault");
         return resp;
     }
     let resp = {
@@ -287,17 +295,25 @@ pub async fn token(Axum(shared): Axum<Shared>, headers: HeaderMap, body: Bytes) 
                     outcome,
                     family = inner.state.family_of(presented).unwrap_or_default(),
                     presented = (!presented.is_empty()).then(|| fingerprint(presented)),
-                    dropped = fault == Some(FaultKind::DropResponse),
+                    dropped = fault.kind == Some(FaultKind::DropResponse),
                     "token request"
                 );
                 match answer {
+                    Ok(t) if fault.kind == Some(FaultKind::RotatedWithoutAccessToken) => {
+                        Json(json!({
+                            "refresh_token": t.refresh_token,
+                            "expires_in": t.expires_in,
+                            "token_type": t.token_type,
+                        }))
+                        .into_response()
+                    }
                     Ok(t) => Json(t).into_response(),
                     Err(e) => oauth_error(&e, basic),
                 }
             }
         }
     };
-    finish(&shared, fault, resp).await
+    finish(fault, resp).await
 }
 
 /// `POST /connect/revocation`.
@@ -306,7 +322,7 @@ pub async fn revocation(Axum(shared): Axum<Shared>, headers: HeaderMap, body: By
     let fault = {
         let mut inner = shared.lock();
         inner.state.counters.revocation_calls += 1;
-        inner.faults.decide(Endpoint::Revocation)
+        inner.faults.fate(Endpoint::Revocation)
     };
     if let Some(resp) = pre_fault(&shared, fault).await {
         return resp;
@@ -333,7 +349,7 @@ pub async fn revocation(Axum(shared): Axum<Shared>, headers: HeaderMap, body: By
             Err(e) => oauth_error(&e, basic),
         }
     };
-    finish(&shared, fault, resp).await
+    finish(fault, resp).await
 }
 
 /// `GET /identity/connect/authorize`: approves at once for a registered user and redirects back.
@@ -432,7 +448,7 @@ pub async fn connections(
     let fault = {
         let mut inner = shared.lock();
         inner.state.counters.connections_calls += 1;
-        inner.faults.decide(Endpoint::Connections)
+        inner.faults.fate(Endpoint::Connections)
     };
     if let Some(resp) = pre_fault(&shared, fault).await {
         return resp;
@@ -459,7 +475,7 @@ pub async fn connections(
             },
         }
     };
-    finish(&shared, fault, resp).await
+    finish(fault, resp).await
 }
 
 /// `DELETE /connections/{id}`: 204, or 404 if unknown.
@@ -483,7 +499,7 @@ pub async fn organisation(Axum(shared): Axum<Shared>, headers: HeaderMap) -> Res
     let fault = {
         let mut inner = shared.lock();
         inner.state.counters.api_calls += 1;
-        inner.faults.decide(Endpoint::Api)
+        inner.faults.fate(Endpoint::Api)
     };
     if let Some(resp) = pre_fault(&shared, fault).await {
         return resp;
@@ -519,7 +535,7 @@ pub async fn organisation(Axum(shared): Axum<Shared>, headers: HeaderMap) -> Res
     };
     let (who, remaining) = match admitted {
         Ok(ok) => ok,
-        Err(resp) => return finish(&shared, fault, resp).await,
+        Err(resp) => return finish(fault, resp).await,
     };
     let name = shared
         .lock()
@@ -533,7 +549,7 @@ pub async fn organisation(Axum(shared): Axum<Shared>, headers: HeaderMap) -> Res
         Json(json!({"Organisations": [{"OrganisationID": tenant, "Name": name}]})).into_response();
     remaining_headers(&mut resp, remaining);
     // Latency applies while the call is in flight, so the concurrency limit can bite.
-    let resp = finish(&shared, fault, resp).await;
+    let resp = finish(fault, resp).await;
     shared.lock().limiter.leave(&who.client_id, &tenant);
     resp
 }
