@@ -151,30 +151,70 @@ mod tests {
 
     #[test]
     fn ready_is_true_only_with_a_usable_token() {
-        assert_eq!(
-            ready_condition(&State::TokenValid, None, Some(1), t(0)).status,
-            "True"
-        );
-        for s in [
-            State::WaitingForAuthorization,
-            State::ReauthorizationRequired("invalid_grant".into()),
-            State::RateLimited("429".into()),
-            State::XeroUnavailable("500".into()),
-            State::MissingClientSecret("x".into()),
-            State::InvalidSpec("x".into()),
-            State::TokenSecretNotOwned("x".into()),
-            State::TokenSecretInUse("x".into()),
-            State::ClientSecretNotOptedIn("x".into()),
-            State::EndpointNotAllowed("x".into()),
-            State::ConsumerNotAllowed("x".into()),
-            State::ConsumerRbacConflict("x".into()),
-            State::RequestRefused("x".into()),
-            State::RefreshingExpired("x".into()),
-        ] {
-            let c = ready_condition(&s, None, Some(1), t(0));
+        let x = || "x".to_owned();
+        // Every state, with the status and reason a person sees (written out, not derived).
+        let table = [
+            (State::TokenValid, "True", "TokenValid"),
+            (State::Refreshing(x()), "True", "Refreshing"),
+            (State::RefreshingExpired(x()), "False", "Refreshing"),
+            (
+                State::WaitingForAuthorization,
+                "False",
+                "WaitingForAuthorization",
+            ),
+            (
+                State::ReauthorizationRequired(x()),
+                "False",
+                "ReauthorizationRequired",
+            ),
+            (State::RateLimited(x()), "False", "RateLimited"),
+            (State::XeroUnavailable(x()), "False", "XeroUnavailable"),
+            (
+                State::InvalidClientCredentials(x()),
+                "False",
+                "InvalidClientCredentials",
+            ),
+            (
+                State::MissingClientSecret(x()),
+                "False",
+                "MissingClientSecret",
+            ),
+            (State::InvalidSpec(x()), "False", "InvalidSpec"),
+            (State::RequestRefused(x()), "False", "RequestRefused"),
+            (State::ApiError(x()), "False", "KubernetesApiError"),
+            (
+                State::TokenSecretNotOwned(x()),
+                "False",
+                "TokenSecretNotOwned",
+            ),
+            (State::TokenSecretInUse(x()), "False", "TokenSecretInUse"),
+            (
+                State::ClientSecretNotOptedIn(x()),
+                "False",
+                "ClientSecretNotOptedIn",
+            ),
+            (
+                State::EndpointNotAllowed(x()),
+                "False",
+                "EndpointNotAllowed",
+            ),
+            (
+                State::ConsumerNotAllowed(x()),
+                "False",
+                "ConsumerNotAllowed",
+            ),
+            (
+                State::ConsumerRbacConflict(x()),
+                "False",
+                "ConsumerRbacConflict",
+            ),
+        ];
+        for (state, status, reason) in table {
+            let c = ready_condition(&state, None, Some(1), t(0));
             assert_eq!(
                 (c.status.as_str(), c.reason.as_str()),
-                ("False", s.reason())
+                (status, reason),
+                "{state:?}"
             );
         }
     }

@@ -117,6 +117,10 @@ pub struct Context {
     /// Per connection uid, the generation whose consumer Role/RoleBinding were last brought in
     /// line: a steady-state reconcile makes no RBAC call.
     rbac_synced: Mutex<HashMap<String, i64>>,
+    /// Per connection uid, the resourceVersion this controller's last status write produced:
+    /// a reconcile that sees an older object (the watch lags behind the write) reads the
+    /// connection again, so a transition is judged against what was really written, once.
+    status_written: Mutex<HashMap<String, u64>>,
 }
 
 impl Context {
@@ -138,6 +142,31 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
             rbac_synced: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `conn` is older than this controller's last status write to it.
+    fn status_is_stale(&self, conn: &XeroConnection) -> bool {
+        let seen = conn
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse::<u64>().ok());
+        let written = lock(&self.status_written)
+            .get(&conn.uid().unwrap_or_default())
+            .copied();
+        matches!((seen, written), (Some(seen), Some(written)) if seen < written)
+    }
+
+    fn mark_status_written(&self, conn: &XeroConnection) {
+        if let Some(rv) = conn
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse::<u64>().ok())
+        {
+            lock(&self.status_written).insert(conn.uid().unwrap_or_default(), rv);
         }
     }
 
@@ -718,6 +747,18 @@ async fn write_status(
     outcome: &TokenOutcome,
     tenants: Option<Vec<Tenant>>,
 ) -> Result<(), Error> {
+    let api: Api<XeroConnection> =
+        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+    let fresh;
+    let conn = if ctx.status_is_stale(conn) {
+        fresh = api
+            .get(&conn.name_any())
+            .await
+            .map_err(kube_err("reading the connection"))?;
+        &fresh
+    } else {
+        conn
+    };
     let previous = conn.status.clone().unwrap_or_default();
     let prev_ready = previous.conditions.iter().find(|c| c.type_ == "Ready");
     let now = SystemTime::now();
@@ -758,20 +799,20 @@ async fn write_status(
     if status == previous {
         return Ok(());
     }
-    let api: Api<XeroConnection> =
-        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
     let body = json!({
         "apiVersion": XeroConnection::api_version(&()),
         "kind": XeroConnection::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &conn.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kube_err("writing status"))?;
+    let written = api
+        .patch_status(
+            &conn.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_err("writing status"))?;
+    ctx.mark_status_written(&written);
     Ok(())
 }
 
@@ -779,6 +820,7 @@ async fn write_status(
 /// A token Secret that is not this connection's is left alone: nothing is read from it, sent,
 /// or changed.
 async fn cleanup(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    lock(&ctx.status_written).remove(&conn.uid().unwrap_or_default());
     let ns = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = conn.token_secret_name();

@@ -106,6 +106,8 @@ pub async fn wait_for_reason(
 
 /// A controller running in this test process, watching one namespace; stops when dropped.
 pub struct Running {
+    /// The controller's metrics (its reconcile counter shows that it looked again).
+    pub metrics: Arc<Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -138,11 +140,8 @@ pub fn start_controller_as(
     allowlist: xero_operator::allowlist::EndpointAllowlist,
     configure: impl FnOnce(&mut Context),
 ) -> Running {
-    let mut ctx = Context::new(
-        client.clone(),
-        CONTROLLER_ID.to_owned(),
-        Arc::new(Metrics::default()),
-    );
+    let metrics = Arc::new(Metrics::default());
+    let mut ctx = Context::new(client.clone(), CONTROLLER_ID.to_owned(), metrics.clone());
     ctx.recheck = Duration::from_secs(1);
     ctx.policy.allowlist = allowlist;
     configure(&mut ctx);
@@ -155,7 +154,30 @@ pub fn start_controller_as(
         },
     ));
     Running {
+        metrics,
         stop: Some(stop),
         task,
+    }
+}
+
+impl Running {
+    /// Reconciles run so far.
+    pub fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+
+    /// Makes the controller look at the connection `times` more times (by touching its token
+    /// Secret, which it watches) and waits until each reconcile has run.
+    pub async fn reconcile_again(&self, fx: &TokenFixture, times: u32) {
+        for i in 0..times {
+            let before = self.reconciles();
+            fx.patch(json!({}), json!({"example.com/nudge": i.to_string()}))
+                .await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.reconciles() == before {
+                assert!(Instant::now() < deadline, "the controller never reconciled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }
