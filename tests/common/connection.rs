@@ -161,6 +161,15 @@ pub fn start_controller_as(
 }
 
 impl Running {
+    /// Stops the controller and waits until it has stopped (its reconciles in flight finished).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
+    }
+
     /// Reconciles run so far.
     pub fn reconciles(&self) -> u64 {
         self.metrics.reconciles.get()
