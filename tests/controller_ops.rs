@@ -220,18 +220,31 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         .create(&PostParams::default(), &kept)
         .await
         .expect("create");
-    connection::create(
-        &fx,
-        "keeper",
-        "kept-token",
-        timings,
-        json!({"keepTokenSecretOnDelete": true}),
-    )
-    .await;
+    // Owned at first (so that it carries our owner reference), kept when asked later.
+    connection::create(&fx, "keeper", "kept-token", timings, json!({})).await;
     let _controller = common::Procs(vec![operator(&fx, "controller/del", &[])]);
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     connection::wait_for_reason(&fx, "keeper", "TokenValid", Duration::from_secs(30)).await;
     let conns: Api<XeroConnection> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let keeper_uid = conns.get("keeper").await.expect("keeper").metadata.uid;
+    let owned = fx.secrets().get("kept-token").await.expect("kept");
+    assert!(
+        owned
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .iter()
+            .any(|o| Some(&o.uid) == keeper_uid.as_ref()),
+        "precondition: the Secret carries the connection's owner reference"
+    );
+    conns
+        .patch(
+            "keeper",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"keepTokenSecretOnDelete": true}})),
+        )
+        .await
+        .expect("ask to keep the Secret");
     conns
         .delete("acme", &DeleteParams::default())
         .await
@@ -317,67 +330,135 @@ fn without_the_crd_the_controller_exits_with_a_clear_message() {
     );
 }
 
+/// The value of the sample `series` (name and labels exactly as exposed) in a scrape.
+fn sample_opt(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    sample_opt(metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+}
+
+/// Like [`sample`], but a series not exposed yet counts as 0.
+fn sample_or_zero(metrics: &str, series: &str) -> f64 {
+    sample_opt(metrics, series).unwrap_or(0.0)
+}
+
+/// Forces one refresh by the controller and waits until its status records it.
+async fn force_refresh(fx: &common::TokenFixture, conns: &Api<XeroConnection>) {
+    let before = fx.record().await.rotation;
+    fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = conns.get("acme").await.expect("get").status;
+        if status.is_some_and(|s| s.refresh_count > before) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the controller never refreshed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_endpoints_answer() {
-    let timings = Timings::default();
+    // Long tokens: nothing refreshes unless the test forces it.
+    let timings = Timings {
+        access_token: Duration::from_secs(60),
+        ..Timings::default()
+    };
     let fx = token_fixture("ops-metrics", timings).await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let _controller = common::Procs(vec![
-        Command::new(env!("CARGO_BIN_EXE_xero-operator"))
-            .args([
-                "--namespace",
-                &fx.namespace,
-                "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
-                "--identity",
-                "controller/m",
-            ])
-            .arg(format!(
-                "--allowed-endpoint-hosts={}",
-                fx.emulator.allowed_host()
-            ))
-            .env("KUBECONFIG", &common::env().admin_kubeconfig)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start"),
-    ]);
+    // Port 0: the operator binds a free port itself and logs it (no port handed over).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xero-operator"))
+        .args([
+            "--namespace",
+            &fx.namespace,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "controller/m",
+        ])
+        .arg(format!(
+            "--allowed-endpoint-hosts={}",
+            fx.emulator.allowed_host()
+        ))
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    // The operator logs to stdout.
+    let log = child.stdout.take().expect("stdout");
+    let _controller = common::Procs(vec![child]);
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(log).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("serving /metrics")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                let _ = addr_tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .expect("join")
+        .expect("the operator logged its metrics address");
+    let base = format!("http://{addr}");
+    let scrape = || async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await; // one more refresh
-    let base = format!("http://127.0.0.1:{port}");
-    assert_eq!(
-        reqwest::get(format!("{base}/healthz"))
-            .await
-            .expect("healthz")
-            .status(),
-        200
-    );
-    assert_eq!(
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .expect("readyz")
-            .status(),
-        200
-    );
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    for name in [
-        "xero_operator_reconciles_total",
-        "xero_operator_refreshes_total{actor=\"controller\",result=\"ok\"}",
-        "xero_operator_seconds_until_expiry{",
-        "xero_operator_token_endpoint_seconds_bucket",
-    ] {
-        assert!(metrics.contains(name), "no {name} in:\n{metrics}");
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            reqwest::get(format!("{base}{path}"))
+                .await
+                .expect(path)
+                .status(),
+            200,
+            "{path}"
+        );
     }
+    // Two refreshes forced between two scrapes move the counters by exactly two.
+    let refreshes = "xero_operator_refreshes_total{actor=\"controller\",result=\"ok\"}";
+    let durations = "xero_operator_token_endpoint_seconds_count";
+    let reconciles = "xero_operator_reconciles_total";
+    let before = scrape().await;
+    let conns = connection::api(&fx);
+    force_refresh(&fx, &conns).await;
+    force_refresh(&fx, &conns).await;
+    let after = scrape().await;
+    for (series, moved) in [(refreshes, 2.0), (durations, 2.0)] {
+        assert_eq!(
+            sample(&after, series) - sample_or_zero(&before, series),
+            moved,
+            "{series}"
+        );
+    }
+    assert!(sample(&after, reconciles) >= sample(&before, reconciles) + 2.0);
+    let until_expiry = sample(
+        &after,
+        &format!(
+            "xero_operator_seconds_until_expiry{{namespace=\"{}\",name=\"acme\"}}",
+            fx.namespace
+        ),
+    );
+    assert!(
+        (40.0..=60.0).contains(&until_expiry),
+        "seconds until expiry: {until_expiry}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
