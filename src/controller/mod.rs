@@ -7,11 +7,13 @@
 //!    own or opted in ([`ownership`]);
 //! 3. the token Secret's controller-owned fields brought in line ([`resources`]: labels,
 //!    settings, the app's credentials), then [`consumers`]: the consumers' Role and RoleBinding;
-//! 4. the protocol as the producer (refresh only when due: on expiry by default);
+//! 4. the protocol as the producer (refresh only when due: on expiry by default); a failure
+//!    becomes a state and a time to look again in [`classify`];
 //! 5. the tenants when the token changed, status, an Event per transition ([`conditions`]), and
 //!    a requeue at the instant the token is due.
 
 pub mod checks;
+pub mod classify;
 pub mod conditions;
 pub mod consumers;
 pub mod inputs;
@@ -42,9 +44,9 @@ use serde_json::json;
 
 use crate::crd::{Tenant, XeroConnection};
 use crate::protocol::format::{self as f, TokenRecord};
-use crate::protocol::{Error as ProtocolError, Refresher, Role as ProtocolRole};
+use crate::protocol::{Refresher, Role as ProtocolRole};
 use crate::text::{MAX_IDENTITY_CHARS, sanitize};
-use crate::xero::{XeroClient, XeroError};
+use crate::xero::XeroClient;
 use checks::Policy;
 use conditions::State;
 use inputs::TokenSecretLookup;
@@ -67,7 +69,7 @@ const MAX_ROTATIONS_COUNTED: u64 = 100;
 /// Reconciles running at once by default.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 /// Backoff of transient failures per connection: 1 s doubling to 5 minutes.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
 /// Errors that end a reconcile and go to `error_policy`.
@@ -528,7 +530,8 @@ async fn token_step(
             }
         }
         Err(e) => {
-            let (state, requeue) = classify(&e, record.as_ref(), ctx.recheck);
+            let (state, requeue) =
+                classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
             if !matches!(state, State::Refreshing(_) | State::RefreshingExpired(_)) {
                 ctx.metrics
                     .refreshes
@@ -546,106 +549,6 @@ async fn token_step(
         }
     };
     Ok(outcome)
-}
-
-/// Maps a protocol error to the state a person sees and when to look again.
-fn classify(e: &ProtocolError, rec: Option<&TokenRecord>, recheck: Duration) -> (State, Duration) {
-    match e {
-        ProtocolError::ReauthorizationRequired(why) => {
-            (State::ReauthorizationRequired(why.clone()), recheck * 10)
-        }
-        ProtocolError::NoRefreshToken => (State::WaitingForAuthorization, recheck * 10),
-        ProtocolError::MissingClientCredentials => (
-            State::MissingClientSecret("the token Secret lacks the app's credentials".into()),
-            recheck,
-        ),
-        ProtocolError::Xero(XeroError::RateLimited {
-            retry_after,
-            problem,
-        }) => (
-            State::RateLimited(format!(
-                "Xero rate limit ({problem}); retrying after {}s",
-                retry_after.as_secs()
-            )),
-            *retry_after,
-        ),
-        // No call is made until the credentials change (the stop marker); the recheck only
-        // reads, to notice the fix.
-        ProtocolError::Stopped { code, description } => {
-            let said = match description {
-                Some(d) => format!("{code}: {d}"),
-                None => code.clone(),
-            };
-            let state = match code.as_str() {
-                "invalid_client" => State::InvalidClientCredentials(format!(
-                    "Xero refused the app's client id or secret ({said}); fix the client Secret: \
-                     no call is made until its credentials change"
-                )),
-                "invalid_request" => State::RequestRefused(format!(
-                    "Xero refused the refresh as an invalid request ({said}); authorise again \
-                     (xero-token authorize) or check the client credentials: no call is made \
-                     until the refresh token or the credentials change"
-                )),
-                _ => State::RequestRefused(format!(
-                    "Xero refused the request ({said}); check the app's grant type and scopes \
-                     at developer.xero.com against spec.grant and spec.scopes: no call is made \
-                     until the client credentials or the refresh token change"
-                )),
-            };
-            (state, recheck)
-        }
-        ProtocolError::Xero(other) => (
-            State::XeroUnavailable(other.to_string()),
-            until_not_before(rec).unwrap_or(BACKOFF_BASE),
-        ),
-        ProtocolError::Timeout(_, why) => match rec {
-            Some(r) if r.retry_not_before.is_some() && r.failed_attempts > 0 => (
-                State::XeroUnavailable(format!(
-                    "{} refreshes in a row failed (Xero unavailable or unusable answers); \
-                     the next attempt is not before {}",
-                    r.failed_attempts,
-                    r.retry_not_before.map(f::format_time).unwrap_or_default()
-                )),
-                until_not_before(rec).unwrap_or(BACKOFF_BASE),
-            ),
-            Some(r) if r.retry_not_before.is_some() => (
-                State::RateLimited("Xero asked to wait (429)".into()),
-                until_not_before(rec).unwrap_or(BACKOFF_BASE),
-            ),
-            // Another party holds the claim: its store wakes the controller (the Secret is
-            // watched); otherwise it looks again when the claim can be taken over.
-            Some(r) if !r.is_usable(SystemTime::now()) => {
-                (State::RefreshingExpired(why.clone()), until_claim_ends(r))
-            }
-            Some(r) => (State::Refreshing(why.clone()), until_claim_ends(r)),
-            None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
-        },
-        ProtocolError::EndpointNotAllowed(why) => (State::EndpointNotAllowed(why.clone()), recheck),
-        ProtocolError::SecretNotFound { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
-        ProtocolError::Kube { .. } => (State::ApiError(e.to_string()), BACKOFF_BASE),
-    }
-}
-
-/// How long until another party's claim on `rec` may be taken over (its end plus the clock
-/// skew), at least 1 s.
-fn until_claim_ends(rec: &TokenRecord) -> Duration {
-    let end = match rec.lease {
-        f::Lease::Held { expires, .. } => expires + rec.settings.clock_skew,
-        _ => SystemTime::now(),
-    };
-    end.duration_since(SystemTime::now())
-        .unwrap_or_default()
-        .max(Duration::from_secs(1))
-}
-
-/// How long until the Secret's `retry-not-before`, if it is set and ahead (at least 1 s).
-fn until_not_before(rec: Option<&TokenRecord>) -> Option<Duration> {
-    let t = rec?.retry_not_before?;
-    Some(
-        t.duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-    )
 }
 
 /// Counts the rotations that happened since the last reconcile, by who made them.
