@@ -72,4 +72,12 @@ mod tests {
         assert_ne!(a.fingerprint(), Sensitive::new("token-b").fingerprint());
         assert!(!a.fingerprint().contains("token"));
     }
+
+    /// Other languages compute the same fingerprint (docs/protocol.md, P2): the first 16 hex
+    /// digits of SHA-256 of the UTF-8 bytes. Known answers from the SHA-256 test vectors.
+    #[test]
+    fn the_fingerprint_is_the_first_16_hex_digits_of_sha256() {
+        assert_eq!(Sensitive::new("abc").fingerprint(), "ba7816bf8f01cfea");
+        assert_eq!(Sensitive::new("").fingerprint(), "e3b0c44298fc1c14");
+    }
 }

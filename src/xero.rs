@@ -625,11 +625,42 @@ mod tests {
 
     #[test]
     fn retryability_follows_the_error_kind() {
-        assert!(!XeroError::InvalidGrant(None).is_retryable());
-        assert!(!XeroError::InvalidClient.is_retryable());
-        assert!(XeroError::Unavailable(500).is_retryable());
-        assert!(XeroError::Transport("x".into()).may_have_been_processed());
-        assert!(!XeroError::Unavailable(500).may_have_been_processed());
+        let oauth = |code: &str| XeroError::OAuth {
+            code: code.into(),
+            description: None,
+        };
+        let malformed = || XeroError::Malformed {
+            reason: "html".into(),
+            refresh_token: None,
+        };
+        let rate_limited = || XeroError::RateLimited {
+            retry_after: Duration::from_secs(1),
+            problem: "minute".into(),
+        };
+        // (error, retrying may help, Xero may have acted on it)
+        let table = [
+            (XeroError::InvalidGrant(None), false, false),
+            (XeroError::InvalidClient, false, false),
+            (oauth("invalid_request"), false, false),
+            (oauth("unauthorized_client"), false, false),
+            (oauth("unsupported_grant_type"), false, false),
+            (oauth("invalid_scope"), false, false),
+            (oauth("some_new_code"), false, false),
+            (oauth("temporarily_unavailable"), true, false),
+            (oauth("SLOW_DOWN"), true, false),
+            (rate_limited(), true, false),
+            (XeroError::Unavailable(500), true, false),
+            (XeroError::Unavailable(503), true, false),
+            (XeroError::Transport("reset".into()), true, true),
+            (malformed(), true, true),
+        ];
+        for (e, retryable, processed) in table {
+            assert_eq!(
+                (e.is_retryable(), e.may_have_been_processed()),
+                (retryable, processed),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

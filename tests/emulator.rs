@@ -1,6 +1,8 @@
 //! The Xero emulator over real HTTP: every rule the operator depends on, each fault kind, the
 //! chain report, and the binary's command line.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -718,29 +720,30 @@ fn the_binary_documents_every_flag_and_serves_on_a_free_port() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("CLIENT_ID:CLIENT_SECRET"));
 
-    let mut child = std::process::Command::new(bin)
-        .args(["--port", "0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read");
+    let mut child = common::Procs(vec![
+        std::process::Command::new(bin)
+            .args(["--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start"),
+    ]);
+    let stdout = child.0[0].stdout.take().expect("stdout");
+    let line = common::first_line(stdout, Duration::from_secs(30), |l| {
+        l.starts_with("listening on ")
+    })
+    .expect("the emulator printed its address");
     let port: u16 = line
-        .trim()
         .strip_prefix("listening on http://127.0.0.1:")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("address line, got {line:?}"));
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     std::io::Write::write_all(&mut conn, b"GET /_admin/health HTTP/1.0\r\n\r\n").expect("write");
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut conn, &mut answer).expect("read");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(
         answer.starts_with("HTTP/1.0 200") && answer.ends_with("ok"),
         "{answer}"

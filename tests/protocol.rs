@@ -145,20 +145,22 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
     })
     .await;
     let env = common::env();
-    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
-        .args([
-            "get",
-            "--secret",
-            &fx.secret,
-            "--namespace",
-            &fx.namespace,
-            "--identity",
-            "doomed-holder",
-        ])
-        .env("KUBECONFIG", &env.admin_kubeconfig)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start xero-token");
+    let mut holder = common::Procs(vec![
+        std::process::Command::new(env!("CARGO_BIN_EXE_xero-token"))
+            .args([
+                "get",
+                "--secret",
+                &fx.secret,
+                "--namespace",
+                &fx.namespace,
+                "--identity",
+                "doomed-holder",
+            ])
+            .env("KUBECONFIG", &env.admin_kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start xero-token"),
+    ]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while fx.report().await.chains[0].rotations == 0 {
         assert!(
@@ -167,8 +169,8 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    holder.kill().expect("SIGKILL the holder");
-    let _ = holder.wait();
+    holder.0[0].kill().expect("SIGKILL the holder");
+    let _ = holder.0[0].wait();
     let rec = fx.record().await;
     // `--identity` is a prefix: the claim names this very process.
     assert!(

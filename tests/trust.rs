@@ -180,6 +180,7 @@ fn helm(args: &[&str]) -> String {
     let helm = String::from_utf8(path.stdout).expect("utf-8");
     let out = std::process::Command::new(helm.trim())
         .args(args)
+        .env("KUBECONFIG", common::NO_CLUSTER)
         .output()
         .expect("run helm");
     assert!(

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Timings, token_fixture};
 use serde_json::{Value, json};
+use xero_operator::emulator::Faults;
 use xero_operator::protocol::format as f;
 
 fn xero_token(fx: &common::TokenFixture, args: &[&str]) -> Command {
@@ -25,29 +25,28 @@ fn xero_token(fx: &common::TokenFixture, args: &[&str]) -> Command {
 
 /// Starts `xero-token serve` on a free port; returns the process and its base URL.
 fn serve(fx: &common::TokenFixture, identity: &str) -> (Child, String) {
-    let mut child = xero_token(
-        fx,
-        &["serve", "--listen", "127.0.0.1:0", "--identity", identity],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .expect("start xero-token serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the address line");
-    let url = line
-        .trim()
-        .strip_prefix("serving on ")
-        .expect("address line")
-        .to_owned();
-    (child, url)
+    let mut child = common::Procs(vec![
+        xero_token(
+            fx,
+            &["serve", "--listen", "127.0.0.1:0", "--identity", identity],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start xero-token serve"),
+    ]);
+    let stdout = child.0[0].stdout.take().expect("stdout");
+    let line = common::first_line(stdout, Duration::from_secs(30), |l| {
+        l.starts_with("serving on ")
+    })
+    .expect("xero-token serve printed its address");
+    let url = line["serving on ".len()..].to_owned();
+    (child.0.pop().expect("the child"), url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
-    // 3 s tokens, 1 s skew: a new token is due every 2 s; 24 s cover about 12 expiries. The
-    // controller takes part too: it is one more party of the protocol.
+    // 3 s tokens, 1 s skew: a new token is due every 2 s. The consumers run until Xero has
+    // rotated 10 times. The controller takes part too: it is one more party of the protocol.
     let fx = Arc::new(token_fixture("cli-hammer", Timings::default()).await);
     common::connection::create(&fx, "acme", &fx.secret, Timings::default(), json!({})).await;
     let controller = common::connection::start_controller(&fx, |_| {});
@@ -58,43 +57,56 @@ async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
         procs.0.push(child);
         urls.push(url);
     }
-    let started = Instant::now();
-    let run_for = Duration::from_secs(24);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handed = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
-    let tasks = urls.into_iter().map(|url| {
-        let (fx, handed, rejected) = (fx.clone(), handed.clone(), rejected.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            while started.elapsed() < run_for {
-                let resp = http
-                    .get(format!("{url}/token"))
-                    .send()
-                    .await
-                    .expect("sidecar answers");
-                assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-                let body: Value = resp.json().await.expect("json");
-                let token = body["access_token"].as_str().expect("token");
-                // The independent check: does Xero itself accept what the consumer was handed?
-                if !fx.accepted_by_xero(token).await {
-                    rejected.fetch_add(1, Ordering::Relaxed);
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let (fx, handed, rejected, stop) =
+                (fx.clone(), handed.clone(), rejected.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let resp = http
+                        .get(format!("{url}/token"))
+                        .send()
+                        .await
+                        .expect("sidecar answers");
+                    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+                    let body: Value = resp.json().await.expect("json");
+                    let token = body["access_token"].as_str().expect("token");
+                    // The independent check: does Xero itself accept what the consumer was
+                    // handed?
+                    if !fx.accepted_by_xero(token).await {
+                        rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    handed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                handed.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            })
         })
-    });
+        .collect();
+    let started = Instant::now();
+    while fx.report().await.chains[0].rotations < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "fewer than 10 expiries in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
     for t in futures_util::future::join_all(tasks).await {
         t.expect("consumer loop");
     }
-    let elapsed = started.elapsed();
     drop(procs);
-    drop(controller);
+    controller.stop().await;
     let report = fx.report().await;
     let chain = &report.chains[0];
     eprintln!(
-        "handed {} tokens in {elapsed:?}: {} token calls, {} rotations, chain {chain:?}",
+        "handed {} tokens in {:?}: {} token calls, {} rotations, chain {chain:?}",
         handed.load(Ordering::Relaxed),
+        started.elapsed(),
         report.counters.token_calls,
         chain.rotations
     );
@@ -111,18 +123,29 @@ async fn twenty_consumer_processes_make_exactly_one_token_call_per_expiry() {
         (chain.grace_reuses, chain.dead_token_uses, chain.broken),
         (0, 0, false)
     );
+    // Never early, by Xero's clock: a token issued in second s expires (JWT `exp`, whole
+    // seconds) at s + 3 and is due at s + 2, so calls are at least 2 whole seconds apart.
+    let seconds: Vec<u64> = report
+        .counters
+        .token_calls_by_second
+        .keys()
+        .copied()
+        .collect();
     assert!(
-        chain.rotations >= 10,
-        "lived through at least 10 expiries: {}",
-        chain.rotations
+        report
+            .counters
+            .token_calls_by_second
+            .values()
+            .all(|n| *n == 1),
+        "two calls in one second: {:?}",
+        report.counters.token_calls_by_second
     );
-    // Never early: at most one rotation per 2 s usable window (+1 for the first token).
-    let windows = elapsed.as_secs_f64() / 2.0;
-    assert!(
-        (chain.rotations as f64) <= windows + 1.0,
-        "{} rotations in {windows} windows",
-        chain.rotations
-    );
+    for pair in seconds.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 2,
+            "a refresh before its token was due: {seconds:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,6 +205,40 @@ async fn exit_codes_say_what_went_wrong() {
     let out = xero_token(&fx, &["get"]).output().expect("run");
     assert_eq!(out.status.code(), Some(4), "no refresh token yet");
 
+    // Xero failing for the whole claim: 5, and a backoff published for everyone.
+    fx.patch(
+        json!({f::REFRESH_TOKEN: fx.user.refresh_token.clone().expect("rt")}),
+        json!({}),
+    )
+    .await;
+    fx.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
+    let out = xero_token(&fx, &["get"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(5), "Xero unavailable");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Xero answered HTTP 500"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = fx.record().await;
+    assert!(rec.retry_not_before.is_some() && rec.failed_attempts == 1);
+    // Told to wait past its own deadline: 7 at once, without calling Xero.
+    fx.set_faults(Faults::default()).await;
+    let calls = fx.report().await.counters.token_calls;
+    let out = xero_token(&fx, &["get", "--timeout", "1s"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(7), "no token within the timeout");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no usable token within"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fx.report().await.counters.token_calls, calls);
+
     let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .args(["get", "--secret", "missing", "--namespace", &fx.namespace])
         .env("KUBECONFIG", &common::env().admin_kubeconfig)
@@ -192,6 +249,7 @@ async fn exit_codes_say_what_went_wrong() {
     let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .arg("get")
         .env_remove("XERO_TOKEN_SECRET")
+        .env("KUBECONFIG", common::NO_CLUSTER)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
@@ -199,6 +257,7 @@ async fn exit_codes_say_what_went_wrong() {
 
     let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .arg("frobnicate")
+        .env("KUBECONFIG", common::NO_CLUSTER)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2), "usage error");
@@ -215,6 +274,8 @@ async fn from_dir_uses_a_fresh_mounted_copy_and_falls_back_to_the_api_when_it_is
     let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
         .args(["get", "--from-dir", dir.path().to_str().expect("utf-8")])
         .env_remove("XERO_TOKEN_SECRET")
+        .env("KUBECONFIG", common::NO_CLUSTER)
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mounted-token");
@@ -277,33 +338,33 @@ async fn authorize_runs_the_pkce_flow_and_stores_the_first_pair() {
         Some(3)
     );
 
-    let mut child = xero_token(
-        &fx,
-        &[
-            "authorize",
-            "--authorize-url",
-            &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
-            "--port",
-            "0",
-            "--login-hint",
-            &fx.user.user_id,
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start authorize");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut url = String::new();
-    while !url.starts_with("http") {
-        url.clear();
-        stderr.read_line(&mut url).expect("read the URL line");
-        url = url.trim().to_owned();
-        assert!(
-            !url.is_empty() || child.try_wait().expect("wait").is_none(),
-            "authorize exited early"
-        );
-    }
+    let mut child = common::Procs(vec![
+        xero_token(
+            &fx,
+            &[
+                "authorize",
+                "--authorize-url",
+                &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
+                "--port",
+                "0",
+                "--login-hint",
+                &fx.user.user_id,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start authorize"),
+    ]);
+    let stderr = child.0[0].stderr.take().expect("stderr");
+    let stdout = child.0[0].stdout.take().expect("stdout");
+    let url = common::first_line(stderr, Duration::from_secs(30), |l| l.starts_with("http"))
+        .expect("authorize printed the URL to open");
+    let said = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stdout }, &mut all);
+        all
+    });
     // The "browser": follow the emulator's redirect back to the CLI's callback.
     let page = reqwest::get(&url)
         .await
@@ -312,16 +373,17 @@ async fn authorize_runs_the_pkce_flow_and_stores_the_first_pair() {
         .await
         .expect("page");
     assert!(page.contains("authorised"), "{page}");
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stdout)
-    );
-    assert!(String::from_utf8_lossy(&status.stdout).contains("stored a new token pair"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.0[0].try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "authorize never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let said = said.join().expect("stdout");
+    assert!(status.success(), "{said}");
+    assert!(said.contains("stored a new token pair"), "{said}");
     let rec = fx.record().await;
     assert_eq!(rec.reauthorization_required_for, None);
     assert!(

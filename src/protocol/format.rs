@@ -450,6 +450,27 @@ mod tests {
         s
     }
 
+    /// The stop marker's fingerprint (docs/protocol.md, step 2.4): client id, client secret and
+    /// refresh token joined by newlines; the refresh token empty for client credentials.
+    #[test]
+    fn the_credentials_fingerprint_is_pinned() {
+        let creds = [
+            (CLIENT_ID, "emulator-client"),
+            (CLIENT_SECRET, "emulator-secret"),
+            (REFRESH_TOKEN, "rt-1"),
+        ];
+        let rec = TokenRecord::from_secret(&secret(&creds, &[]));
+        assert_eq!(
+            rec.credentials_fingerprint().as_deref(),
+            Some("5de69f8bbbe8cf80")
+        );
+        let cc = TokenRecord::from_secret(&secret(&creds, &[(ANN_GRANT, "ClientCredentials")]));
+        assert_eq!(
+            cc.credentials_fingerprint().as_deref(),
+            Some("32b28f6337ecd872")
+        );
+    }
+
     #[test]
     fn a_complete_secret_parses() {
         let r = TokenRecord::from_secret(&secret(

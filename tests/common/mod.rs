@@ -116,10 +116,18 @@ pub async fn install_crds(client: &Client) {
         .expect("install the CRD");
 }
 
+/// A kubeconfig that does not exist: commands that must not reach any cluster get it, so they
+/// never fall back to the user's own `~/.kube/config` or `KUBECONFIG`.
+pub const NO_CLUSTER: &str = "/nonexistent/xero-operator-tests/kubeconfig";
+
+/// Per-request timeout of the tests' kubectl: a hung API server fails the test, not the run.
+const KUBECTL_TIMEOUT: &str = "--request-timeout=60s";
+
 /// Runs the control plane's own kubectl (same release as the server) as the admin.
 pub fn kubectl(args: &[&str]) -> std::process::Output {
     let env = env();
     Command::new(env.bin_dir.join("kubectl"))
+        .arg(KUBECTL_TIMEOUT)
         .args(args)
         .env("KUBECONFIG", &env.admin_kubeconfig)
         .output()
@@ -131,6 +139,7 @@ pub fn kubectl_with_input(args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write;
     let env = env();
     let mut child = Command::new(env.bin_dir.join("kubectl"))
+        .arg(KUBECTL_TIMEOUT)
         .args(args)
         .env("KUBECONFIG", &env.admin_kubeconfig)
         .stdin(Stdio::piped())
@@ -157,6 +166,29 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
+}
+
+/// Reads `from` line by line on a thread of its own (to its end, so the writer never blocks on
+/// a full pipe) and returns the first line `want` accepts, trimmed; `None` if the stream ends
+/// first or no such line comes within `within`.
+pub fn first_line(
+    from: impl std::io::Read + Send + 'static,
+    within: Duration,
+    want: impl Fn(&str) -> bool + Send + 'static,
+) -> Option<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if !sent && want(line.trim()) {
+                let _ = tx.send(line.trim().to_owned());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(within).ok()
 }
 
 /// Path of a file in the repo.
