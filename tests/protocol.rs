@@ -36,6 +36,15 @@ async fn the_first_get_refreshes_and_everyone_else_uses_the_stored_token() {
     assert_eq!(a.token, b.token);
     let report = fx.report().await;
     assert_eq!(report.counters.token_calls, 1);
+    // P42, P43: the refresh grant, the client authenticated by HTTP Basic.
+    assert_eq!(
+        report.counters.token_calls_by_grant,
+        [("refresh_token".to_owned(), 1)].into()
+    );
+    assert_eq!(
+        report.counters.token_calls_by_client_auth,
+        [("basic".to_owned(), 1)].into()
+    );
     let rec = fx.record().await;
     assert_eq!(rec.refreshed_by.as_deref(), Some("consumer-a"));
     assert_eq!(rec.rotation, 1);
@@ -48,6 +57,92 @@ async fn the_first_get_refreshes_and_everyone_else_uses_the_stored_token() {
         rec.refresh_token.as_ref().map(Sensitive::expose),
         fx.user.refresh_token.as_deref()
     );
+}
+
+#[tokio::test]
+async fn client_credentials_with_scopes_end_to_end() {
+    let fx = token_fixture("proto-cc", Timings::default()).await;
+    fx.emulator
+        .admin()
+        .add_user(&xero_operator::emulator::NewUser {
+            custom_connection: true,
+            ..Default::default()
+        })
+        .await
+        .expect("custom connection");
+    let scopes = "accounting.transactions accounting.contacts";
+    fx.patch(
+        json!({f::REFRESH_TOKEN: ""}),
+        json!({f::ANN_GRANT: "ClientCredentials", f::ANN_SCOPES: scopes}),
+    )
+    .await;
+    let t = fx
+        .refresher("cc")
+        .get()
+        .await
+        .expect("a client-credentials token");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let report = fx.report().await;
+    assert_eq!(
+        report.counters.token_calls_by_grant,
+        [("client_credentials".to_owned(), 1)].into()
+    );
+    assert_eq!(
+        report.counters.client_credentials_scopes,
+        [(scopes.to_owned(), 1)].into(),
+        "the scopes were sent"
+    );
+    assert_eq!(
+        report.counters.token_calls_by_client_auth,
+        [("basic".to_owned(), 1)].into()
+    );
+    let rec = fx.record().await;
+    assert_eq!((rec.rotation, rec.lease.clone()), (1, f::Lease::None));
+    // Used by everyone until it expires: no second call.
+    fx.refresher("cc-2").get().await.expect("the stored token");
+    assert_eq!(fx.report().await.counters.token_calls, 1);
+}
+
+/// P35: a rotation costs two writes to the Secret, the claim and the store, seen on a watch
+/// of the Secret (every write is a new resourceVersion).
+#[tokio::test]
+async fn a_rotation_is_two_writes_the_claim_and_the_store() {
+    use futures_util::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let fx = token_fixture("proto-writes", Timings::default()).await;
+    let start = fx.record().await.resource_version.expect("rv");
+    let params = WatchParams::default()
+        .fields(&format!("metadata.name={}", fx.secret))
+        .timeout(60);
+    let mut events = std::pin::pin!(fx.secrets().watch(&params, &start).await.expect("watch"));
+    fx.refresher("a").get().await.expect("token");
+    let end = fx.record().await.resource_version.expect("rv");
+    let mut writes = Vec::new();
+    while writes.last() != Some(&end) {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("the watch delivers the writes")
+            .expect("the watch goes on")
+            .expect("an event");
+        if let WatchEvent::Modified(secret) = event {
+            let rec = xero_operator::protocol::TokenRecord::from_secret(&secret);
+            writes.push(rec.resource_version.clone().expect("rv"));
+            match writes.len() {
+                1 => assert!(
+                    matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "a"),
+                    "first the claim: {:?}",
+                    rec.lease
+                ),
+                2 => assert_eq!(
+                    (rec.lease, rec.rotation),
+                    (f::Lease::None, 1),
+                    "then the store, which releases the claim"
+                ),
+                n => panic!("write {n} for one rotation"),
+            }
+        }
+    }
+    assert_eq!(writes.len(), 2);
 }
 
 #[tokio::test]
@@ -804,4 +899,71 @@ async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
     holding.await.expect("join").expect("the holder's token");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
     assert_eq!(fx.report().await.counters.token_calls, 1);
+}
+
+/// P39: a watch that simply ends makes the waiter read again, but a proxy that ends every
+/// watch at once must not turn that into a loop of reads. The real API server does not end
+/// watches early, so a stand-in for such a proxy serves the Secret (with another party's live
+/// claim) and answers every watch with an empty stream.
+#[tokio::test]
+async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (reads, watches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let claim_ends = f::format_time(std::time::SystemTime::now() + Duration::from_secs(25));
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "t", "namespace": "n", "resourceVersion": "7",
+            "annotations": {f::ANN_HOLDER: "another-party", f::ANN_LEASE_EXPIRES: claim_ends,
+                f::ANN_LEASE_DURATION: "30"}},
+        "data": {f::REFRESH_TOKEN: "cnQ=", f::CLIENT_ID: "aWQ=", f::CLIENT_SECRET: "c2VjcmV0"},
+    });
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/n/secrets/t",
+            axum::routing::get({
+                let reads = reads.clone();
+                move || async move {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    axum::Json(secret)
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/n/secrets",
+            axum::routing::get({
+                let watches = watches.clone();
+                move || async move {
+                    watches.fetch_add(1, Ordering::Relaxed);
+                    ([("content-type", "application/json")], "")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client =
+        kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
+    let waited = Refresher::new(
+        client,
+        "n",
+        "t",
+        "waiter",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .with_max_wait(Duration::from_secs(3))
+    .get()
+    .await;
+    server.abort();
+    assert!(matches!(waited, Err(Error::Timeout(..))), "{waited:?}");
+    let (reads, watches) = (
+        reads.load(Ordering::Relaxed),
+        watches.load(Ordering::Relaxed),
+    );
+    assert!(watches >= 1, "the waiter watched");
+    assert!(
+        reads + watches <= 10,
+        "{reads} reads and {watches} watches in a 3 s wait: a loop"
+    );
 }

@@ -29,7 +29,9 @@ struct Args {
     )]
     metrics_addr: SocketAddr,
 
-    /// This replica's identity in the refresh protocol (default: controller/<hostname>).
+    /// This replica's identity in the refresh protocol and the leader Lease, used as given: it
+    /// must be unique per process. Default: controller/<hostname>/<pid>-<random>, so that a
+    /// restarted container is a party of its own.
     #[arg(long, env = "XERO_OPERATOR_IDENTITY")]
     identity: Option<String>,
 
@@ -130,7 +132,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("controller/{}", host.trim())
+        xero_operator::protocol::process_identity(&format!("controller/{}", host.trim()))
     });
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));

@@ -226,6 +226,20 @@ pub async fn token(Axum(shared): Axum<Shared>, headers: HeaderMap, body: Bytes) 
             &mut c.token_calls_by_client,
             creds.as_ref().map_or("unknown", |(id, _, _)| id.as_str()),
         );
+        bump(
+            &mut c.token_calls_by_client_auth,
+            match &creds {
+                Some((_, _, true)) => "basic",
+                Some((_, _, false)) => "form",
+                None => "none",
+            },
+        );
+        if grant == "client_credentials" {
+            bump(
+                &mut c.client_credentials_scopes,
+                form.get("scope").map_or("(none)", String::as_str),
+            );
+        }
         let fault = inner.faults.fate(Endpoint::Token);
         if fault.kind.is_some() {
             inner.state.counters.faults_injected += 1;

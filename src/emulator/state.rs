@@ -221,6 +221,11 @@ pub struct Counters {
     pub faults_injected: u64,
     /// Token-endpoint requests per Unix second (to check calls per minute against a cap).
     pub token_calls_by_second: BTreeMap<u64, u64>,
+    /// Token-endpoint requests by how the client authenticated: `basic` (HTTP Basic), `form`
+    /// (client_id/client_secret in the body) or `none`.
+    pub token_calls_by_client_auth: BTreeMap<String, u64>,
+    /// Client-credentials requests by the `scope` parameter sent (`(none)` when absent).
+    pub client_credentials_scopes: BTreeMap<String, u64>,
 }
 
 struct Client {

@@ -16,7 +16,7 @@ pub mod refresher;
 
 pub use decide::{Role, Step, decide};
 pub use format::TokenRecord;
-pub use refresher::{AccessToken, Refresher};
+pub use refresher::{AccessToken, Refresher, process_identity};
 
 use crate::xero::XeroError;
 

@@ -34,6 +34,10 @@ const MIN_CALL: Duration = Duration::from_secs(1);
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 /// Longest single watch (the API server caps watches at a few minutes anyway).
 const MAX_WATCH: Duration = Duration::from_secs(60);
+/// A watch that ends without an event sooner than this is followed by a read only once this
+/// long has passed since it started: a proxy that ends watches at once makes one read a second,
+/// not a loop.
+const MIN_WATCH: Duration = Duration::from_secs(1);
 
 /// A usable access token, handed to a workload.
 #[derive(Clone, Debug)]
@@ -498,6 +502,7 @@ impl Inner {
         let params = WatchParams::default()
             .fields(&format!("metadata.name={}", self.name))
             .timeout(u32::try_from(wait.as_secs() + 1).unwrap_or(60));
+        let started = tokio::time::Instant::now();
         let watched = async {
             // From the version read; if that is too old for the API server (410 Gone: a Secret
             // unchanged for long, its version compacted away), once more from the current
@@ -542,7 +547,12 @@ impl Inner {
                             }
                         }
                         match failure {
-                            None => return,
+                            // Read again at once, unless the watch was cut short (a proxy
+                            // ending watches at once must not make a loop of reads).
+                            None => {
+                                tokio::time::sleep_until(started + MIN_WATCH).await;
+                                return;
+                            }
                             Some(gone) => gone,
                         }
                     }
@@ -842,5 +852,26 @@ pub fn default_identity() -> String {
 /// (a pod name is shared by a restarted container and by two sidecars of one pod, which must
 /// never take each other's live claim for their own).
 pub fn process_identity(prefix: &str) -> String {
+    // The suffix takes at most 16 characters ("/" + a 32-bit pid + "-" + 4 hex digits); the
+    // prefix is cut so that the whole stays printable and within MAX_IDENTITY_CHARS.
+    let prefix = crate::text::sanitize(prefix, crate::text::MAX_IDENTITY_CHARS - 16);
     format!("{prefix}/{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_identities_are_printable_bounded_and_per_process() {
+        let a = super::process_identity("pod-1");
+        assert!(
+            a.starts_with(&format!("pod-1/{}-", std::process::id())),
+            "{a}"
+        );
+        let long = super::process_identity(&format!("x\u{1b}[31m{}", "y".repeat(500)));
+        assert!(
+            long.chars().count() <= crate::text::MAX_IDENTITY_CHARS,
+            "{long}"
+        );
+        assert!(!long.chars().any(char::is_control), "{long:?}");
+    }
 }
