@@ -229,3 +229,68 @@ async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
     );
     assert_eq!(fx.report().await.counters.token_calls, 0);
 }
+
+/// P34: the holder's store of a rotated pair meets an API server that is down; it is retried
+/// until it lands, and the pair is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_meets_an_api_outage_is_retried_until_it_lands() {
+    use xero_operator::emulator::Faults;
+    use xero_operator::redact::Sensitive;
+    let mut cp = own_control_plane().await;
+    let client = common::client_from(&cp.admin_kubeconfig).await;
+    let timings = Timings {
+        access_token: Duration::from_secs(60),
+        lease_secs: 20,
+        ..Timings::default()
+    };
+    let fx = common::token_fixture_on(client, "outage", timings, GraceReuse::SamePair).await;
+    // Xero answers 4 s after it rotated.
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(4),
+        ..Faults::default()
+    })
+    .await;
+    let pending = tokio::spawn({
+        let r = fx.refresher("holder");
+        async move { r.get().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fx.report().await.chains[0].rotations == 0 {
+        assert!(Instant::now() < deadline, "Xero never rotated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rotated = Instant::now();
+    fx.set_faults(Faults::default()).await;
+    cp.kill_apiserver().expect("kill the API server");
+    assert!(
+        rotated.elapsed() < Duration::from_secs(3),
+        "precondition: the API server went down before Xero's answer arrived"
+    );
+    // Down until well after the answer reached the holder: its store fails and is retried.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    cp.start_apiserver()
+        .await
+        .expect("the API server comes back");
+    let t = tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .expect("the store landed")
+        .expect("join")
+        .expect("the rotated pair");
+    assert!(fx.accepted_by_xero(t.token.expose()).await);
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.access_token.as_ref().map(Sensitive::expose),
+        Some(t.token.expose())
+    );
+    assert_eq!(
+        (rec.rotation, rec.refreshed_by.as_deref(), rec.lease),
+        (
+            1,
+            Some("holder"),
+            xero_operator::protocol::format::Lease::None
+        )
+    );
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, 1);
+    assert!(!report.chains[0].broken);
+}

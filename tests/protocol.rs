@@ -514,6 +514,31 @@ async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
     assert_eq!((chain.forks, chain.broken), (1, false), "{chain:?}");
 }
 
+/// P34: only a 404 (the Secret was deleted) stops the store of a rotated pair.
+#[tokio::test]
+async fn a_store_into_a_deleted_secret_stops_with_not_found() {
+    let fx = token_fixture("proto-store-404", slow_store_timings()).await;
+    hold_answers(&fx, Duration::from_secs(3)).await;
+    let pending = tokio::spawn({
+        let r = fx.refresher("a");
+        async move { r.get().await }
+    });
+    wait_until_xero_rotated(&fx, 1).await;
+    fx.secrets()
+        .delete(&fx.secret, &Default::default())
+        .await
+        .expect("delete the Secret");
+    let result = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the store gave up")
+        .expect("join");
+    assert!(
+        matches!(result, Err(Error::SecretNotFound { .. })),
+        "{result:?}"
+    );
+    assert_eq!(fx.report().await.counters.token_calls, 1);
+}
+
 #[tokio::test]
 async fn invalid_grant_records_reauthorization_and_stops_all_calls_until_a_new_token() {
     let fx = token_fixture("proto-reauth", Timings::default()).await;

@@ -293,15 +293,32 @@ impl ControlPlane {
     /// Kills the API server (SIGKILL, as a crash would) and starts it again on the same port and
     /// state; returns once it answers `/readyz` again. Clients see it down for a few seconds.
     pub async fn restart_apiserver(&mut self) -> Result<(), Error> {
-        let c = self
-            .components
-            .iter_mut()
-            .find(|c| c.name == "kube-apiserver")
-            .ok_or(Error::Build("no API server is running".into()))?;
+        self.kill_apiserver()?;
+        self.start_apiserver().await
+    }
+
+    /// Kills the API server (SIGKILL, as a crash would); [`Self::start_apiserver`] brings it
+    /// back. Until then clients get connection errors.
+    pub fn kill_apiserver(&mut self) -> Result<(), Error> {
+        let c = self.apiserver()?;
         let _ = c.child.kill();
         let _ = c.child.wait();
+        Ok(())
+    }
+
+    /// Starts the API server killed by [`Self::kill_apiserver`] again on the same port and
+    /// state; returns once it answers `/readyz`.
+    pub async fn start_apiserver(&mut self) -> Result<(), Error> {
+        let c = self.apiserver()?;
         c.child = start_component(c.name, &c.program, &c.args, &c.log)?;
         self.wait_ready().await
+    }
+
+    fn apiserver(&mut self) -> Result<&mut Component, Error> {
+        self.components
+            .iter_mut()
+            .find(|c| c.name == "kube-apiserver")
+            .ok_or(Error::Build("no API server is running".into()))
     }
 
     async fn wait_ready(&mut self) -> Result<(), Error> {

@@ -72,4 +72,25 @@ mod tests {
             assert!(d >= c / 2 && d <= c, "{d:?} vs {c:?}");
         }
     }
+
+    /// The schedules docs/protocol.md states (P27, P34, P51), pinned: other implementations
+    /// follow the document, so the code must say the same.
+    #[test]
+    fn the_documented_schedules() {
+        let ms = |b: Backoff| -> Vec<u128> { (0..8).map(|a| b.ceiling(a).as_millis()).collect() };
+        // Inside a claim and after an expired replay: 200 ms doubling to 5 s.
+        assert_eq!(
+            ms(XERO_RETRY),
+            [200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        // Across claims: 10 s doubling to 5 minutes.
+        assert_eq!(
+            ms(ACROSS_CLAIMS),
+            [
+                10_000, 20_000, 40_000, 80_000, 160_000, 300_000, 300_000, 300_000
+            ]
+        );
+        // A store that must land: 50 ms doubling to 5 s.
+        assert_eq!(ms(WRITE_RETRY), [50, 100, 200, 400, 800, 1600, 3200, 5000]);
+    }
 }
