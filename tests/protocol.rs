@@ -404,6 +404,34 @@ async fn wait_until_xero_rotated(fx: &common::TokenFixture, rotations: u64) {
     fx.set_faults(Faults::default()).await;
 }
 
+/// Merge-patches the token Secret while the holder `a` waits for Xero's answer, and checks from
+/// the patch's own answer that it came first (the claim still held, nothing stored yet).
+async fn patch_before_the_store(
+    fx: &common::TokenFixture,
+    string_data: serde_json::Value,
+    annotations: serde_json::Value,
+) {
+    let patched = fx
+        .secrets()
+        .patch(
+            &fx.secret,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({
+                "stringData": string_data,
+                "metadata": {"annotations": annotations},
+            })),
+        )
+        .await
+        .expect("patch");
+    let rec = xero_operator::protocol::TokenRecord::from_secret(&patched);
+    assert!(
+        matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "a")
+            && rec.refreshed_by.as_deref() != Some("a"),
+        "precondition: the patch came before the holder's store ({:?})",
+        rec.lease
+    );
+}
+
 /// Slow enough for the test to act while Xero's answer is on its way; long claims and tokens so
 /// that neither the call is cut nor the answer expired when it lands.
 fn slow_store_timings() -> Timings {
@@ -417,7 +445,7 @@ fn slow_store_timings() -> Timings {
 #[tokio::test]
 async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
     let fx = token_fixture("proto-409-same", slow_store_timings()).await;
-    hold_answers(&fx, Duration::from_secs(3)).await;
+    hold_answers(&fx, Duration::from_secs(6)).await;
     let pending = tokio::spawn({
         let r = fx.refresher("a");
         async move { r.get().await }
@@ -425,8 +453,7 @@ async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
     wait_until_xero_rotated(&fx, 1).await;
     // Someone else changes the Secret (not its tokens) while the answer is on its way: the
     // holder's store, conditional on the version it claimed, meets a 409.
-    fx.patch(json!({}), json!({"example.com/touched": "yes"}))
-        .await;
+    patch_before_the_store(&fx, json!({}), json!({"example.com/touched": "yes"})).await;
     let t = pending.await.expect("join").expect("stored after the 409");
     let rec = fx.record().await;
     assert_eq!(
@@ -455,7 +482,7 @@ async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
 #[tokio::test]
 async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
     let fx = token_fixture_with("proto-409-newer", slow_store_timings(), GraceReuse::Fork).await;
-    hold_answers(&fx, Duration::from_secs(3)).await;
+    hold_answers(&fx, Duration::from_secs(6)).await;
     let pending = tokio::spawn({
         let r = fx.refresher("a");
         async move { r.get().await }
@@ -486,7 +513,8 @@ async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
         sibling["access_token"].as_str().expect("at").to_owned(),
         sibling["refresh_token"].as_str().expect("rt").to_owned(),
     );
-    fx.patch(
+    patch_before_the_store(
+        &fx,
         json!({
             f::ACCESS_TOKEN: sibling_at,
             f::REFRESH_TOKEN: sibling_rt,
@@ -577,11 +605,18 @@ async fn invalid_grant_records_reauthorization_and_stops_all_calls_until_a_new_t
 
 #[tokio::test]
 async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_revocation() {
-    let fx = token_fixture("proto-race", Timings::default()).await;
-    // Xero answers invalid_grant after 2 s; meanwhile a person re-authorises and a new refresh
+    let fx = token_fixture(
+        "proto-race",
+        Timings {
+            lease_secs: 20,
+            ..Timings::default()
+        },
+    )
+    .await;
+    // Xero answers invalid_grant after 5 s; meanwhile a person re-authorises and a new refresh
     // token lands in the Secret.
     fx.set_faults(Faults {
-        latency: Duration::from_secs(2),
+        latency: Duration::from_secs(5),
         script: [FaultKind::InvalidGrant].into(),
         ..Faults::default()
     })
@@ -628,7 +663,15 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
 
 #[tokio::test]
 async fn rate_limits_are_waited_out_or_shared_with_everyone() {
-    let fx = token_fixture("proto-429", Timings::default()).await;
+    // A claim that leaves room to wait out a 1 s Retry-After on a busy machine.
+    let fx = token_fixture(
+        "proto-429",
+        Timings {
+            lease_secs: 15,
+            ..Timings::default()
+        },
+    )
+    .await;
     // A short Retry-After inside the claim: waited out, then success.
     set_script(&fx, &[FaultKind::RateLimit]).await;
     fx.refresher("a").get().await.expect("after the 429");
@@ -670,7 +713,15 @@ async fn rate_limits_are_waited_out_or_shared_with_everyone() {
 
 #[tokio::test]
 async fn server_errors_and_timeouts_are_retried_within_the_claim() {
-    let fx = token_fixture("proto-5xx", Timings::default()).await;
+    // A claim long enough for three retries with their backoff on a busy machine.
+    let fx = token_fixture(
+        "proto-5xx",
+        Timings {
+            lease_secs: 15,
+            ..Timings::default()
+        },
+    )
+    .await;
     set_script(
         &fx,
         &[FaultKind::Error, FaultKind::Unavailable, FaultKind::Timeout],
@@ -678,7 +729,7 @@ async fn server_errors_and_timeouts_are_retried_within_the_claim() {
     .await;
     let t = fx
         .refresher("a")
-        .with_xero_timeout(Duration::from_millis(500))
+        .with_xero_timeout(Duration::from_secs(2))
         .get()
         .await
         .expect("after retries");
@@ -893,13 +944,15 @@ async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
     let fx = token_fixture(
         "proto-deadline",
         Timings {
+            access_token: Duration::from_secs(60),
             lease_secs: 30,
             ..Timings::default()
         },
     )
     .await;
+    // The holder's claim lasts 5 s at least (Xero's delay): long enough to be seen held.
     fx.set_faults(Faults {
-        latency: Duration::from_secs(2),
+        latency: Duration::from_secs(5),
         ..Faults::default()
     })
     .await;
@@ -914,10 +967,10 @@ async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
         |rec| matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "holder"),
     )
     .await;
-    // The claim may last 30 s; this caller waits at most 10 s, and the holder stores in 2.
+    // The claim may last 30 s; this caller waits at most 15 s, and the holder stores in 5.
     let t = fx
         .refresher("waiter")
-        .with_max_wait(Duration::from_secs(10))
+        .with_max_wait(Duration::from_secs(15))
         .get()
         .await
         .expect("the waiter gets the holder's token within its own deadline");
