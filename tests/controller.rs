@@ -81,6 +81,115 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
     );
 }
 
+/// The `AheadOfExpiry` policy through the controller: each refresh comes `aheadOfExpirySeconds`
+/// (plus the skew) before the stored token expires, not on expiry and not earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ahead_of_expiry_refreshes_while_the_token_is_still_valid() {
+    // 20 s tokens, 1 s skew, 10 s ahead: due 11 s before expiry, every 9 s or so.
+    let timings = Timings {
+        access_token: Duration::from_secs(20),
+        ..Timings::default()
+    };
+    let fx = token_fixture("ctl-ahead", timings).await;
+    connection::create(
+        &fx,
+        "acme",
+        &fx.secret,
+        timings,
+        json!({"refresh": {"policy": "AheadOfExpiry", "aheadOfExpirySeconds": 10,
+            "clockSkewSeconds": 1, "leaseDurationSeconds": 5}}),
+    )
+    .await;
+    let _controller = start_controller(&fx, |_| {});
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    let mut last = fx.record().await;
+    let mut margins = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while margins.len() < 3 {
+        assert!(Instant::now() < deadline, "fewer than 3 refreshes in 90 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rec = fx.record().await;
+        if rec.rotation == last.rotation {
+            continue;
+        }
+        assert_eq!(rec.rotation, last.rotation + 1, "one rotation at a time");
+        let f::Expiry::At(expired_at) = last.expiry else {
+            panic!("the replaced token had an expiry")
+        };
+        let refreshed_at = rec.refreshed_at.expect("refreshed-at");
+        let margin = expired_at
+            .duration_since(refreshed_at)
+            .expect("refreshed before the old token expired");
+        margins.push(margin);
+        last = rec;
+    }
+    eprintln!("time left on the replaced token at each refresh: {margins:?}");
+    for m in &margins {
+        // Due 11 s before expiry (10 ahead + 1 skew): never earlier; a busy machine may be a
+        // few seconds late, never as late as the expiry itself.
+        assert!(
+            *m <= Duration::from_secs(11) && *m >= Duration::from_secs(5),
+            "{margins:?}"
+        );
+    }
+    let report = fx.report().await;
+    assert_eq!(report.counters.token_calls, report.chains[0].rotations);
+    assert!(!report.chains[0].broken);
+}
+
+/// While another party holds the claim, the controller calls nobody and says `Refreshing`:
+/// Ready while the stored token is usable, not Ready once it has expired; when the claim ends
+/// without a store, the controller takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_partys_claim_shows_refreshing_and_then_is_taken_over() {
+    let timings = Timings {
+        access_token: Duration::from_secs(60),
+        lease_secs: 10,
+        ..Timings::default()
+    };
+    let fx = token_fixture("ctl-refreshing", timings).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let controller = start_controller(&fx, |_| {});
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    let calls = fx.report().await.counters.token_calls;
+    // A consumer claimed the expired token and then went silent.
+    let claim_ends = std::time::SystemTime::now() + Duration::from_secs(10);
+    fx.patch(
+        json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({f::ANN_HOLDER: "consumer/silent", f::ANN_LEASE_EXPIRES: f::format_time(claim_ends)}),
+    )
+    .await;
+    let conn =
+        connection::wait_for_reason(&fx, "acme", "Refreshing", Duration::from_secs(30)).await;
+    let ready = &conn.status.expect("status").conditions[0];
+    assert_eq!(
+        ready.status, "False",
+        "an expired token is not Ready: {ready:?}"
+    );
+    assert!(
+        ready.message.contains("consumer/silent"),
+        "{}",
+        ready.message
+    );
+    controller.reconcile_again(&fx, 2).await;
+    if std::time::SystemTime::now() < claim_ends {
+        assert_eq!(
+            fx.report().await.counters.token_calls,
+            calls,
+            "no call while the claim lasts"
+        );
+    }
+    // The claim ends (plus the skew) without a store: the controller refreshes.
+    let conn =
+        connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(40)).await;
+    assert!(std::time::SystemTime::now() >= claim_ends);
+    assert_eq!(
+        conn.status.expect("status").last_refreshed_by.as_deref(),
+        Some(CONTROLLER_ID)
+    );
+    assert_eq!(fx.report().await.counters.token_calls, calls + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_consumer_refreshed_first_the_controller_only_records_it() {
     // Long-lived tokens: the restarted controller has all the time it needs to see the
@@ -409,6 +518,37 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
     assert!(
         matches!(worker_secrets.list(&ListParams::default()).await, Err(kube::Error::Api(s)) if s.code == 403)
     );
+    // A waiter's watch (by name, from a version read) is allowed too: under these rights it
+    // delivers the next change instead of failing into a sleep.
+    {
+        use futures_util::StreamExt;
+        let rv = worker_secrets
+            .get(&fx.secret)
+            .await
+            .expect("get")
+            .metadata
+            .resource_version
+            .expect("rv");
+        let params = kube::api::WatchParams::default()
+            .fields(&format!("metadata.name={}", fx.secret))
+            .timeout(30);
+        let mut events = std::pin::pin!(
+            worker_secrets
+                .watch(&params, &rv)
+                .await
+                .expect("the ServiceAccount may watch its token Secret")
+        );
+        fx.patch(json!({}), json!({"probe": "2"})).await;
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("an event within 30 s")
+            .expect("the watch goes on")
+            .expect("no watch error (403 would be one)");
+        assert!(
+            matches!(event, kube::api::WatchEvent::Modified(_)),
+            "{event:?}"
+        );
+    }
     // And the protocol works with exactly these rights.
     let t = xero_operator::protocol::Refresher::new(
         as_worker,
