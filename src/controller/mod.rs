@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod resources;
 pub mod server;
+pub mod wake;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -148,7 +149,10 @@ impl Context {
         }
     }
 
-    /// Whether `conn` is older than this controller's last status write to it.
+    /// Whether `conn` is older than this controller's last status write to it. Compares
+    /// resourceVersions as numbers, which the API calls opaque: they are etcd revisions on
+    /// every real API server, and a value that is not a number counts as not stale (the
+    /// object is used as it is, as before this check existed).
     fn status_is_stale(&self, conn: &XeroConnection) -> bool {
         let seen = conn
             .metadata
@@ -278,13 +282,21 @@ async fn run_scope(
             PredicateConfig::default(),
         );
     // Token Secrets only, by label, and only their metadata: the data (tokens) of every Secret
-    // is neither sent to nor held by the controller until a reconcile reads one.
+    // is neither sent to nor held by the controller until a reconcile reads one. A change that
+    // only moves the refresh claim (the controller's own claim and release among them) does
+    // not wake it ([`wake`]).
+    let mut wake_filter = wake::WakeFilter::new(&ctx.identity);
     let token_secrets = watcher(
         secrets,
         watcher::Config::default().labels(f::LABEL_CONNECTION),
     )
     .default_backoff()
-    .touched_objects();
+    .filter_map(move |event| {
+        std::future::ready(match event {
+            Ok(event) => wake_filter.pass(event).map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
     Controller::for_stream(connections, store)
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
         .watches_stream(token_secrets, |s: PartialObjectMeta<Secret>| {
@@ -652,17 +664,18 @@ async fn write_status(
 ) -> Result<(), Error> {
     let api: Api<XeroConnection> =
         Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
-    let fresh;
-    let conn = if ctx.status_is_stale(conn) {
-        fresh = api
-            .get(&conn.name_any())
+    // The status as last written: the object reconciled may predate this controller's own last
+    // status write (the watch lags behind it); then only its status is read again. The spec and
+    // generation stay those of the object reconciled.
+    let previous = if ctx.status_is_stale(conn) {
+        api.get(&conn.name_any())
             .await
-            .map_err(kube_err("reading the connection"))?;
-        &fresh
+            .map_err(kube_err("reading the connection"))?
+            .status
+            .unwrap_or_default()
     } else {
-        conn
+        conn.status.clone().unwrap_or_default()
     };
-    let previous = conn.status.clone().unwrap_or_default();
     let prev_ready = previous.conditions.iter().find(|c| c.type_ == "Ready");
     let now = SystemTime::now();
     let ready =
