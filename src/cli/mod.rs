@@ -44,7 +44,8 @@ pub struct Args {
     #[arg(long, global = true, env = "XERO_TOKEN_FROM_DIR")]
     from_dir: Option<PathBuf>,
 
-    /// Clock skew for the mounted copy (the API copy carries its own setting).
+    /// Clock skew for a mounted copy without the connection's own (`clock_skew_seconds`, which
+    /// the controller writes); the API copy carries its setting in an annotation.
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
     clock_skew: Duration,
 
@@ -144,9 +145,8 @@ impl Source {
     /// A usable token, or why there is none.
     pub async fn get(&self) -> Result<AccessToken, SourceError> {
         if let Some(dir) = &self.from_dir {
-            match TokenRecord::from_dir(dir) {
-                Ok(mut rec) => {
-                    rec.settings.clock_skew = self.clock_skew;
+            match TokenRecord::from_dir(dir, self.clock_skew) {
+                Ok(rec) => {
                     if rec.is_usable(SystemTime::now())
                         && let Some(token) = mounted_token(&rec)
                     {

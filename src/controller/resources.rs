@@ -120,6 +120,11 @@ pub fn token_secret_patch(
     if text(f::CLIENT_SECRET).as_deref() != Some(app.client_secret.expose()) {
         new_data.insert(f::CLIENT_SECRET.into(), b64(app.client_secret.expose()));
     }
+    // For readers of the mounted Secret, which see no annotations.
+    let skew = conn.spec.refresh.clock_skew_seconds.to_string();
+    if text(f::CLOCK_SKEW_SECONDS).as_deref() != Some(skew.as_str()) {
+        new_data.insert(f::CLOCK_SKEW_SECONDS.into(), b64(&skew));
+    }
     if !new_data.is_empty() {
         patch["data"] = Value::Object(new_data);
         changed = true;
@@ -266,6 +271,8 @@ mod tests {
         .expect("needs a patch");
         assert_eq!(patch["metadata"]["labels"][f::LABEL_CONNECTION], "acme");
         assert_eq!(patch["metadata"]["annotations"][f::ANN_CLOCK_SKEW], "5");
+        // The skew in the data too, for readers of the mounted Secret ("5" in base64).
+        assert_eq!(patch["data"][f::CLOCK_SKEW_SECONDS], "NQ==");
         assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "u1");
         assert_eq!(patch["metadata"]["annotations"][ANN_CONNECTION_UID], "u1");
         assert!(
@@ -286,6 +293,10 @@ mod tests {
             (
                 f::CLIENT_SECRET.into(),
                 k8s_openapi::ByteString(b"s".to_vec()),
+            ),
+            (
+                f::CLOCK_SKEW_SECONDS.into(),
+                k8s_openapi::ByteString(b"5".to_vec()),
             ),
         ]));
         assert_eq!(

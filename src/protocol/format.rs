@@ -27,6 +27,10 @@ pub const TENANT_ID: &str = "tenant_id";
 pub const TENANT_IDS: &str = "tenant_ids";
 pub const CLIENT_ID: &str = "client_id";
 pub const CLIENT_SECRET: &str = "client_secret";
+/// The connection's clock skew in seconds, also in the data (the controller's copy of the
+/// `clock-skew-seconds` annotation) so that readers of the mounted Secret, which see no
+/// annotations, judge expiry as the API's readers do.
+pub const CLOCK_SKEW_SECONDS: &str = "clock_skew_seconds";
 
 /// Label naming the XeroConnection a token Secret belongs to (the controller watches by it).
 pub const LABEL_CONNECTION: &str = "xero-operator.io/connection";
@@ -297,7 +301,7 @@ impl TokenRecord {
 
     /// Reads the kubelet's projection of a token Secret mounted as a directory: one file per key
     /// (through the `..data` symlink). Only the data keys exist there, no annotations.
-    pub fn from_dir(dir: &std::path::Path) -> std::io::Result<Self> {
+    pub fn from_dir(dir: &std::path::Path, default_clock_skew: Duration) -> std::io::Result<Self> {
         let mut data = BTreeMap::new();
         for key in [
             ACCESS_TOKEN,
@@ -307,6 +311,7 @@ impl TokenRecord {
             SCOPE,
             TENANT_ID,
             TENANT_IDS,
+            CLOCK_SKEW_SECONDS,
         ] {
             match std::fs::read(dir.join(key)) {
                 Ok(bytes) => {
@@ -322,7 +327,14 @@ impl TokenRecord {
                 format!("{} holds no token keys", dir.display()),
             ));
         }
-        Ok(Self::from_parts(None, &data, &BTreeMap::new()))
+        // The mount has no annotations: the skew comes from its data copy when the controller
+        // wrote one, else from the caller (parsed, clamped and defaulted like the annotation).
+        let skew = data
+            .remove(CLOCK_SKEW_SECONDS)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_else(|| default_clock_skew.as_secs().to_string());
+        let annotations = BTreeMap::from([(ANN_CLOCK_SKEW.to_owned(), skew)]);
+        Ok(Self::from_parts(None, &data, &annotations))
     }
 }
 
@@ -658,10 +670,27 @@ mod tests {
             std::os::unix::fs::symlink(format!("..data/{key}"), dir.path().join(key))
                 .expect("link");
         }
-        let r = TokenRecord::from_dir(dir.path()).expect("read");
+        let r = TokenRecord::from_dir(dir.path(), Duration::from_secs(7)).expect("read");
         assert_eq!(r.access_token.as_ref().map(Sensitive::expose), Some("at"));
         assert!(r.resource_version.is_none());
+        assert_eq!(
+            r.settings.clock_skew,
+            Duration::from_secs(7),
+            "the caller's skew"
+        );
+        // The controller's copy of the connection's skew wins, parsed like the annotation.
+        std::fs::write(real.join(CLOCK_SKEW_SECONDS), "42").expect("write");
+        std::os::unix::fs::symlink(
+            format!("..data/{CLOCK_SKEW_SECONDS}"),
+            dir.path().join(CLOCK_SKEW_SECONDS),
+        )
+        .expect("link");
+        let r = TokenRecord::from_dir(dir.path(), Duration::from_secs(7)).expect("read");
+        assert_eq!(r.settings.clock_skew, Duration::from_secs(42));
+        std::fs::write(real.join(CLOCK_SKEW_SECONDS), "99999").expect("write");
+        let r = TokenRecord::from_dir(dir.path(), Duration::from_secs(7)).expect("read");
+        assert_eq!(r.settings.clock_skew, Duration::from_secs(300), "clamped");
         let empty = tempfile::tempdir().expect("dir");
-        assert!(TokenRecord::from_dir(empty.path()).is_err());
+        assert!(TokenRecord::from_dir(empty.path(), Duration::ZERO).is_err());
     }
 }
