@@ -9,13 +9,13 @@ dir="${XERO_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xero-operator/tools}/he
 if [ ! -x "$dir/helm" ]; then
   mkdir -p "$dir"
   exec 9>"$dir.lock"
-  flock 9
+  flock -w 1800 9 || { echo "scripts/helm.sh: another install held the lock for 30 minutes" >&2; exit 1; }
   if [ ! -x "$dir/helm" ]; then
     echo "installing helm $version from the Go module proxy into $dir (a few minutes, once)" >&2
     tmp="$(mktemp -d "$dir/.install.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN="$tmp" GOFLAGS=-mod=mod \
-      go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$version" \
+      timeout 1500 go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$version" \
       "helm.sh/helm/v3/cmd/helm@$version" >&2
     mv "$tmp/helm" "$dir/helm"
   fi

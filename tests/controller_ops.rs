@@ -53,12 +53,21 @@ async fn settled_report(fx: &common::TokenFixture) -> xero_operator::emulator::R
     }
 }
 
-/// Stops an operator as Kubernetes does (SIGTERM) and waits for it to exit.
-fn terminate(child: &mut Child) {
+/// Stops an operator as Kubernetes does (SIGTERM) and waits for it to exit, at most 30 s (then
+/// it is killed and the test fails).
+async fn terminate(child: &mut Child) {
     let pid = libc::pid_t::try_from(child.id()).expect("pid");
     // SAFETY: signalling our own child, which has not been waited for yet.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the operator did not stop within 30 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +119,7 @@ async fn with_two_replicas_only_the_leader_calls_xero_and_the_other_takes_over()
         assert!(Instant::now() < deadline, "the follower never took over");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    terminate(&mut b.0[0]);
+    terminate(&mut b.0[0]).await;
     b.0.clear();
     let report = settled_report(&fx).await;
     let chain = &report.chains[0];

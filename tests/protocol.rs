@@ -101,6 +101,20 @@ async fn client_credentials_with_scopes_end_to_end() {
     // Used by everyone until it expires: no second call.
     fx.refresher("cc-2").get().await.expect("the stored token");
     assert_eq!(fx.report().await.counters.token_calls, 1);
+    // Without scopes, no scope parameter is sent.
+    fx.patch(
+        json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}),
+        json!({f::ANN_SCOPES: null}),
+    )
+    .await;
+    fx.refresher("cc-3")
+        .get()
+        .await
+        .expect("a token without scopes");
+    assert_eq!(
+        fx.report().await.counters.client_credentials_scopes,
+        [(scopes.to_owned(), 1), ("(none)".to_owned(), 1)].into()
+    );
 }
 
 /// P35: a rotation costs two writes to the Secret, the claim and the store, seen on a watch
@@ -546,7 +560,7 @@ async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
 #[tokio::test]
 async fn a_store_into_a_deleted_secret_stops_with_not_found() {
     let fx = token_fixture("proto-store-404", slow_store_timings()).await;
-    hold_answers(&fx, Duration::from_secs(3)).await;
+    hold_answers(&fx, Duration::from_secs(6)).await;
     let pending = tokio::spawn({
         let r = fx.refresher("a");
         async move { r.get().await }
@@ -908,7 +922,16 @@ async fn wait_for_record(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_stops_waiting_never_loses_the_rotated_pair() {
-    let fx = token_fixture("proto-cancel", Timings::default()).await;
+    // Tokens that outlive the held answer (a 3 s token held 2 s may arrive expired on a busy
+    // machine and be refreshed again, which is right but not what this test is about).
+    let fx = token_fixture(
+        "proto-cancel",
+        Timings {
+            access_token: Duration::from_secs(60),
+            ..Timings::default()
+        },
+    )
+    .await;
     // Xero rotates at once but answers after 2 s; the caller gives up after half a second (a
     // timeout around get(), or the HTTP client of `xero-token serve` hanging up).
     fx.set_faults(Faults {
@@ -967,13 +990,20 @@ async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
         |rec| matches!(&rec.lease, f::Lease::Held { holder, .. } if holder == "holder"),
     )
     .await;
-    // The claim may last 30 s; this caller waits at most 15 s, and the holder stores in 5.
+    // The claim may last 30 s; this caller waits at most 15 s, and the holder stores in 5: a
+    // watching waiter returns soon after the store, long before its own deadline.
+    let asked = std::time::Instant::now();
     let t = fx
         .refresher("waiter")
         .with_max_wait(Duration::from_secs(15))
         .get()
         .await
         .expect("the waiter gets the holder's token within its own deadline");
+    assert!(
+        asked.elapsed() < Duration::from_secs(11),
+        "woken by the store, not by its deadline: {:?}",
+        asked.elapsed()
+    );
     holding.await.expect("join").expect("the holder's token");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
     assert_eq!(fx.report().await.counters.token_calls, 1);
@@ -1040,6 +1070,12 @@ async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
         watches.load(Ordering::Relaxed),
     );
     assert!(watches >= 1, "the waiter watched");
+    // Each ended watch is followed by a read (at most one a second): a waiter that slept out
+    // its wait instead would read once.
+    assert!(
+        reads >= 2,
+        "{reads} reads: the waiter did not read again after a watch ended"
+    );
     assert!(
         reads + watches <= 10,
         "{reads} reads and {watches} watches in a 3 s wait: a loop"

@@ -46,8 +46,8 @@ fn references(cell: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Whether `source` defines `name` as a test (a `#[test]` or `#[tokio::test…]` attribute right
-/// above its `fn`).
+/// Whether `source` defines `name` as a test that runs (a `#[test]` or `#[tokio::test…]`
+/// attribute right above its `fn`, and no `#[ignore]` among the attributes).
 fn defines_test(source: &str, name: &str) -> bool {
     let lines: Vec<&str> = source.lines().collect();
     lines.iter().enumerate().any(|(i, line)| {
@@ -55,10 +55,17 @@ fn defines_test(source: &str, name: &str) -> bool {
         let defines = [format!("fn {name}("), format!("async fn {name}(")]
             .iter()
             .any(|d| line.starts_with(d.as_str()));
+        let attributes: Vec<&str> = lines[..i]
+            .iter()
+            .rev()
+            .map(|l| l.trim_start())
+            .take_while(|l| l.starts_with("#["))
+            .collect();
         defines
-            && i > 0
-            && (lines[i - 1].trim_start().starts_with("#[test]")
-                || lines[i - 1].trim_start().starts_with("#[tokio::test"))
+            && attributes
+                .first()
+                .is_some_and(|a| a.starts_with("#[test]") || a.starts_with("#[tokio::test"))
+            && !attributes.iter().any(|a| a.starts_with("#[ignore"))
     })
 }
 
@@ -108,11 +115,15 @@ fn every_named_test_exists() {
 
 #[test]
 fn the_checks_see_tests_and_only_tests() {
-    let source = "#[test]\nfn a_test() {}\nfn a_helper() {}\n#[tokio::test(flavor = \"x\")]\nasync fn b() {}";
+    let source = "#[test]\nfn a_test() {}\nfn a_helper() {}\n#[tokio::test(flavor = \"x\")]\nasync fn b() {}\n#[ignore]\n#[test]\nfn skipped() {}";
     assert!(defines_test(source, "a_test"));
     assert!(defines_test(source, "b"));
     assert!(!defines_test(source, "a_helper"));
     assert!(!defines_test(source, "a_tes"));
+    assert!(
+        !defines_test(source, "skipped"),
+        "an ignored test proves nothing"
+    );
     assert_eq!(
         references("`tests/x.rs::a`, `src/y.rs::b`"),
         [

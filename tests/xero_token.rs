@@ -227,11 +227,24 @@ async fn exit_codes_say_what_went_wrong() {
     assert!(rec.retry_not_before.is_some() && rec.failed_attempts == 1);
     // Told to wait past its own deadline: 7 at once, without calling Xero.
     fx.set_faults(Faults::default()).await;
+    fx.patch(
+        json!({}),
+        json!({f::ANN_RETRY_NOT_BEFORE: f::format_time(
+            std::time::SystemTime::now() + Duration::from_secs(120)
+        )}),
+    )
+    .await;
     let calls = fx.report().await.counters.token_calls;
-    let out = xero_token(&fx, &["get", "--timeout", "1s"])
+    let asked = Instant::now();
+    let out = xero_token(&fx, &["get", "--timeout", "30s"])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(7), "no token within the timeout");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "gave up at once, not at its deadline: {:?}",
+        asked.elapsed()
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no usable token within"),
         "{}",
@@ -279,6 +292,24 @@ async fn from_dir_uses_a_fresh_mounted_copy_and_falls_back_to_the_api_when_it_is
         .output()
         .expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mounted-token");
+    // Judged with the connection's skew from the mount's data copy, not the CLI's default: a
+    // token with 100 s left is stale for a connection whose skew is 300 s.
+    let soon = f::format_time(std::time::SystemTime::now() + Duration::from_secs(100));
+    std::fs::write(dir.path().join(f::EXPIRES_AT), &soon).expect("write");
+    std::fs::write(dir.path().join(f::CLOCK_SKEW_SECONDS), "300").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
+        .args(["get", "--from-dir", dir.path().to_str().expect("utf-8")])
+        .env_remove("XERO_TOKEN_SECRET")
+        .env("KUBECONFIG", common::NO_CLUSTER)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stale, and no API to fall back to"
+    );
+    std::fs::remove_file(dir.path().join(f::CLOCK_SKEW_SECONDS)).expect("rm");
     // A stale mounted copy (the kubelet lags): the API copy is used and refreshed.
     std::fs::write(dir.path().join(f::EXPIRES_AT), "2000-01-01T00:00:00Z").expect("write");
     let out = xero_token(

@@ -130,6 +130,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+    if let Some(id) = &args.identity
+        && (id.is_empty()
+            || xero_operator::text::sanitize(id, xero_operator::text::MAX_IDENTITY_CHARS) != *id)
+    {
+        anyhow::bail!(
+            "--identity must be printable text of 1 to {} characters",
+            xero_operator::text::MAX_IDENTITY_CHARS
+        );
+    }
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         xero_operator::protocol::process_identity(&format!("controller/{}", host.trim()))

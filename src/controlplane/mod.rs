@@ -310,6 +310,11 @@ impl ControlPlane {
     /// state; returns once it answers `/readyz`.
     pub async fn start_apiserver(&mut self) -> Result<(), Error> {
         let c = self.apiserver()?;
+        if c.child.try_wait().ok().flatten().is_none() {
+            // Still running: replaced, not leaked.
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
         c.child = start_component(c.name, &c.program, &c.args, &c.log)?;
         self.wait_ready().await
     }

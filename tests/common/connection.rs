@@ -167,7 +167,14 @@ impl Running {
             let _ = stop.send(());
         }
         let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
-        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+            panic!("the controller did not stop within 60 s");
+        }
     }
 
     /// Reconciles run so far.
