@@ -205,36 +205,16 @@ async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
         .expect("the API server comes back");
     let client = common::client_from(&cp.admin_kubeconfig).await;
     // Precondition: a watch from the version the waiter will read is answered 410 Gone.
-    {
-        use futures_util::StreamExt;
-        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-            kube::Api::namespaced(client.clone(), &fx.namespace);
-        let rv = secrets
-            .get(&fx.secret)
-            .await
-            .expect("get")
-            .metadata
-            .resource_version
-            .expect("rv");
-        let params = kube::api::WatchParams::default()
-            .fields(&format!("metadata.name={}", fx.secret))
-            .timeout(5);
-        let gone = match secrets.watch(&params, &rv).await {
-            Ok(events) => {
-                let mut events = std::pin::pin!(events);
-                matches!(
-                    tokio::time::timeout(Duration::from_secs(10), events.next()).await,
-                    Ok(Some(Ok(kube::api::WatchEvent::Error(s)))) if s.code == 410
-                )
-            }
-            Err(kube::Error::Api(s)) => s.code == 410,
-            Err(_) => false,
-        };
-        assert!(
-            gone,
-            "precondition: the Secret's version is gone from the watch cache"
-        );
-    }
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), &fx.namespace);
+    let gone = match common::first_watch_answer(&secrets, &fx.secret, async {}).await {
+        Ok(kube::api::WatchEvent::Error(s)) | Err(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    };
+    assert!(
+        gone,
+        "precondition: the Secret's version is gone from the watch cache"
+    );
     let before = secret_requests(&client).await;
     let waited = xero_operator::protocol::Refresher::new(
         client.clone(),

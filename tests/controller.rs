@@ -548,35 +548,17 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
     );
     // A waiter's watch (by name, from a version read) is allowed too: under these rights it
     // delivers the next change instead of failing into a sleep.
-    {
-        use futures_util::StreamExt;
-        let rv = worker_secrets
-            .get(&fx.secret)
-            .await
-            .expect("get")
-            .metadata
-            .resource_version
-            .expect("rv");
-        let params = kube::api::WatchParams::default()
-            .fields(&format!("metadata.name={}", fx.secret))
-            .timeout(30);
-        let mut events = std::pin::pin!(
-            worker_secrets
-                .watch(&params, &rv)
-                .await
-                .expect("the ServiceAccount may watch its token Secret")
-        );
-        fx.patch(json!({}), json!({"probe": "2"})).await;
-        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
-            .await
-            .expect("an event within 30 s")
-            .expect("the watch goes on")
-            .expect("no watch error (403 would be one)");
-        assert!(
-            matches!(event, kube::api::WatchEvent::Modified(_)),
-            "{event:?}"
-        );
-    }
+    let event = common::first_watch_answer(
+        &worker_secrets,
+        &fx.secret,
+        fx.patch(json!({}), json!({"probe": "2"})),
+    )
+    .await
+    .expect("the ServiceAccount may watch its token Secret");
+    assert!(
+        matches!(event, kube::api::WatchEvent::Modified(_)),
+        "{event:?}"
+    );
     // And the protocol works with exactly these rights.
     let t = xero_operator::protocol::Refresher::new(
         as_worker,

@@ -16,25 +16,32 @@ use xero_operator::crd::XeroConnection;
 use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
 
+/// The operator for the fixture's namespace, allowed to call its emulator, metrics on a port of
+/// its own choosing.
+fn operator_command(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xero-operator"));
+    cmd.args([
+        "--namespace",
+        &fx.namespace,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--identity",
+        identity,
+    ])
+    .arg(format!(
+        "--allowed-endpoint-hosts={}",
+        fx.emulator.allowed_host()
+    ))
+    .args(extra)
+    .env("KUBECONFIG", &common::env().admin_kubeconfig)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cmd
+}
+
 fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_xero-operator"))
-        .args([
-            "--namespace",
-            &fx.namespace,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--identity",
-            identity,
-        ])
-        .arg(format!(
-            "--allowed-endpoint-hosts={}",
-            fx.emulator.allowed_host()
-        ))
-        .args(extra)
-        .env("KUBECONFIG", &common::env().admin_kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    operator_command(fx, identity, extra)
         .spawn()
         .expect("start xero-operator")
 }
@@ -382,23 +389,8 @@ async fn metrics_and_health_endpoints_answer() {
     let fx = token_fixture("ops-metrics", timings).await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     // Port 0: the operator binds a free port itself and logs it (no port handed over).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xero-operator"))
-        .args([
-            "--namespace",
-            &fx.namespace,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--identity",
-            "controller/m",
-        ])
-        .arg(format!(
-            "--allowed-endpoint-hosts={}",
-            fx.emulator.allowed_host()
-        ))
-        .env("KUBECONFIG", &common::env().admin_kubeconfig)
-        .env("RUST_LOG", "info")
+    let mut child = operator_command(&fx, "controller/m", &[])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .expect("start");
     // The operator logs to stdout.

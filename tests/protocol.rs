@@ -404,6 +404,20 @@ async fn hold_answers(fx: &common::TokenFixture, hold: Duration) {
     .await;
 }
 
+/// Starts a refresh by party `a` whose answer Xero holds for 6 s, and returns once Xero has
+/// rotated: the test then acts while the answer is on its way.
+async fn refresh_with_the_answer_held(
+    fx: &common::TokenFixture,
+) -> tokio::task::JoinHandle<Result<xero_operator::protocol::AccessToken, Error>> {
+    hold_answers(fx, Duration::from_secs(6)).await;
+    let pending = tokio::spawn({
+        let r = fx.refresher("a");
+        async move { r.get().await }
+    });
+    wait_until_xero_rotated(fx, 1).await;
+    pending
+}
+
 /// Waits until Xero has processed `rotations` refreshes, then clears the faults (answers in
 /// flight keep the latency they arrived with).
 async fn wait_until_xero_rotated(fx: &common::TokenFixture, rotations: u64) {
@@ -459,12 +473,7 @@ fn slow_store_timings() -> Timings {
 #[tokio::test]
 async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
     let fx = token_fixture("proto-409-same", slow_store_timings()).await;
-    hold_answers(&fx, Duration::from_secs(6)).await;
-    let pending = tokio::spawn({
-        let r = fx.refresher("a");
-        async move { r.get().await }
-    });
-    wait_until_xero_rotated(&fx, 1).await;
+    let pending = refresh_with_the_answer_held(&fx).await;
     // Someone else changes the Secret (not its tokens) while the answer is on its way: the
     // holder's store, conditional on the version it claimed, meets a 409.
     patch_before_the_store(&fx, json!({}), json!({"example.com/touched": "yes"})).await;
@@ -496,12 +505,7 @@ async fn a_409_on_the_store_with_the_presented_token_still_stored_is_retried() {
 #[tokio::test]
 async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
     let fx = token_fixture_with("proto-409-newer", slow_store_timings(), GraceReuse::Fork).await;
-    hold_answers(&fx, Duration::from_secs(6)).await;
-    let pending = tokio::spawn({
-        let r = fx.refresher("a");
-        async move { r.get().await }
-    });
-    wait_until_xero_rotated(&fx, 1).await;
+    let pending = refresh_with_the_answer_held(&fx).await;
     // A second claimer (clocks far apart) presented the same refresh token inside the grace
     // period, got a sibling and stored it first.
     let sibling: serde_json::Value = reqwest::Client::new()
@@ -560,12 +564,7 @@ async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
 #[tokio::test]
 async fn a_store_into_a_deleted_secret_stops_with_not_found() {
     let fx = token_fixture("proto-store-404", slow_store_timings()).await;
-    hold_answers(&fx, Duration::from_secs(6)).await;
-    let pending = tokio::spawn({
-        let r = fx.refresher("a");
-        async move { r.get().await }
-    });
-    wait_until_xero_rotated(&fx, 1).await;
+    let pending = refresh_with_the_answer_held(&fx).await;
     fx.secrets()
         .delete(&fx.secret, &Default::default())
         .await

@@ -276,6 +276,17 @@ async fn exit_codes_say_what_went_wrong() {
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
 
+/// `xero-token get --from-dir DIR` with no way to reach any cluster.
+fn get_from_mount_only(dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xero-token"))
+        .args(["get", "--from-dir", dir.to_str().expect("utf-8")])
+        .env_remove("XERO_TOKEN_SECRET")
+        .env("KUBECONFIG", common::NO_CLUSTER)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_dir_uses_a_fresh_mounted_copy_and_falls_back_to_the_api_when_it_is_stale() {
     let fx = token_fixture("cli-dir", Timings::default()).await;
@@ -284,26 +295,14 @@ async fn from_dir_uses_a_fresh_mounted_copy_and_falls_back_to_the_api_when_it_is
     std::fs::write(dir.path().join(f::ACCESS_TOKEN), "mounted-token").expect("write");
     std::fs::write(dir.path().join(f::EXPIRES_AT), &far).expect("write");
     // A fresh mounted copy needs no API at all (no --secret).
-    let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
-        .args(["get", "--from-dir", dir.path().to_str().expect("utf-8")])
-        .env_remove("XERO_TOKEN_SECRET")
-        .env("KUBECONFIG", common::NO_CLUSTER)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .expect("run");
+    let out = get_from_mount_only(dir.path());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mounted-token");
     // Judged with the connection's skew from the mount's data copy, not the CLI's default: a
     // token with 100 s left is stale for a connection whose skew is 300 s.
     let soon = f::format_time(std::time::SystemTime::now() + Duration::from_secs(100));
     std::fs::write(dir.path().join(f::EXPIRES_AT), &soon).expect("write");
     std::fs::write(dir.path().join(f::CLOCK_SKEW_SECONDS), "300").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_xero-token"))
-        .args(["get", "--from-dir", dir.path().to_str().expect("utf-8")])
-        .env_remove("XERO_TOKEN_SECRET")
-        .env("KUBECONFIG", common::NO_CLUSTER)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .expect("run");
+    let out = get_from_mount_only(dir.path());
     assert_eq!(
         out.status.code(),
         Some(1),

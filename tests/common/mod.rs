@@ -191,6 +191,33 @@ pub fn first_line(
     rx.recv_timeout(within).ok()
 }
 
+/// Watches the Secret `name` as a waiter of the protocol does: by name, from the version it
+/// has now (read first). Returns the watch's first answer within 30 s: an event, or the error
+/// opening it.
+pub async fn first_watch_answer(
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Result<kube::api::WatchEvent<k8s_openapi::api::core::v1::Secret>, kube::Error> {
+    use futures_util::StreamExt;
+    let rv = secrets
+        .get(name)
+        .await?
+        .metadata
+        .resource_version
+        .expect("a stored object has a version");
+    let params = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(30);
+    let events = secrets.watch(&params, &rv).await?;
+    let mut events = std::pin::pin!(events);
+    meanwhile.await;
+    tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("the watch answered within 30 s")
+        .expect("the watch went on")
+}
+
 /// Path of a file in the repo.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
