@@ -6,7 +6,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && r
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin xero-operator --bin xero-token
+# The workspace's other member (the proving ground: emulator, control plane, benchmarks) must be
+# present for Cargo to load the workspace; only the product is built.
+COPY proving-ground ./proving-ground
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl -p xero-operator --bin xero-operator --bin xero-token
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /src/target/x86_64-unknown-linux-musl/release/xero-operator /xero-operator

@@ -66,6 +66,14 @@ impl TokenSet {
     }
 }
 
+/// `BASE64URL(SHA256(verifier))`, the S256 PKCE challenge of the authorization-code flow
+/// (RFC 7636).
+pub fn pkce_challenge(verifier: &str) -> String {
+    use base64::Engine;
+    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
 /// The `exp` claim of a JWT (Xero's access tokens are JWTs); `None` for anything else.
 pub fn jwt_expiry(token: &str) -> Option<std::time::SystemTime> {
     use base64::Engine;
@@ -499,6 +507,15 @@ fn transport_reason(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pkce_matches_the_rfc7636_example() {
+        // RFC 7636, appendix B.
+        assert_eq!(
+            super::pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
     use super::*;
 
     fn ok(body: &str) -> Result<TokenSet, XeroError> {

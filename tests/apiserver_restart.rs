@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Timings, connection};
-use xero_operator::controlplane::{ControlPlane, Options};
-use xero_operator::emulator::GraceReuse;
+use xero_proving_ground::controlplane::{ControlPlane, Options};
+use xero_proving_ground::emulator::GraceReuse;
 
 /// A control plane of this test's own (it kills its API server).
 async fn own_control_plane() -> ControlPlane {
@@ -245,8 +245,8 @@ async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
 /// until it lands, and the pair is not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_meets_an_api_outage_is_retried_until_it_lands() {
-    use xero_operator::emulator::Faults;
     use xero_operator::redact::Sensitive;
+    use xero_proving_ground::emulator::Faults;
     let mut cp = own_control_plane().await;
     let client = common::client_from(&cp.admin_kubeconfig).await;
     let timings = Timings {

@@ -13,8 +13,8 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
-use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
+use xero_proving_ground::emulator::{FaultKind, Faults};
 
 use common::connection::{self, CONTROLLER_ID, start_controller};
 
@@ -676,7 +676,7 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
     drop(controller);
 
     let mut secrets: Vec<String> = vec![
-        xero_operator::emulator::DEFAULT_CLIENT_SECRET.to_owned(),
+        xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET.to_owned(),
         "refused-token-value".to_owned(),
         fx.user.refresh_token.clone().expect("rt"),
     ];

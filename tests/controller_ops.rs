@@ -13,8 +13,8 @@ use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use xero_operator::crd::XeroConnection;
-use xero_operator::emulator::{FaultKind, Faults};
 use xero_operator::protocol::format as f;
+use xero_proving_ground::emulator::{FaultKind, Faults};
 
 /// The operator for the fixture's namespace, allowed to call its emulator, metrics on a port of
 /// its own choosing.
@@ -47,7 +47,7 @@ fn operator(fx: &common::TokenFixture, identity: &str, extra: &[&str]) -> Child 
 }
 
 /// The emulator's report once no token call is in flight (every call counted has an outcome).
-async fn settled_report(fx: &common::TokenFixture) -> xero_operator::emulator::Report {
+async fn settled_report(fx: &common::TokenFixture) -> xero_proving_ground::emulator::Report {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let report = fx.report().await;
@@ -282,7 +282,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         report
             .chains
             .iter()
-            .any(|c| c.ended == Some(xero_operator::emulator::state::FamilyEnd::Revoked))
+            .any(|c| c.ended == Some(xero_proving_ground::emulator::state::FamilyEnd::Revoked))
     );
     // The owned Secret is garbage-collected; the kept one stays, without our owner reference.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -327,7 +327,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
 #[test]
 fn without_the_crd_the_controller_exits_with_a_clear_message() {
     // A control plane of its own, where the CRD was never installed.
-    let out = Command::new(env!("CARGO_BIN_EXE_xero-controlplane"))
+    let out = Command::new(common::proving_ground_bin("xero-controlplane"))
         .args([
             "--no-controller-manager",
             "--",

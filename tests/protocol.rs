@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use common::{Timings, token_fixture, token_fixture_with};
 use serde_json::json;
-use xero_operator::emulator::{FaultKind, Faults, GraceReuse, RateLimits};
 use xero_operator::protocol::format as f;
 use xero_operator::protocol::{Error, Refresher};
 use xero_operator::redact::Sensitive;
+use xero_proving_ground::emulator::{FaultKind, Faults, GraceReuse, RateLimits};
 
 async fn set_script(fx: &common::TokenFixture, script: &[FaultKind]) {
     fx.set_faults(Faults::scripted(script)).await;
@@ -64,7 +64,7 @@ async fn client_credentials_with_scopes_end_to_end() {
     let fx = token_fixture("proto-cc", Timings::default()).await;
     fx.emulator
         .admin()
-        .add_user(&xero_operator::emulator::NewUser {
+        .add_user(&xero_proving_ground::emulator::NewUser {
             custom_connection: true,
             ..Default::default()
         })
@@ -511,8 +511,8 @@ async fn a_409_on_the_store_with_a_newer_token_stored_drops_the_answer() {
     let sibling: serde_json::Value = reqwest::Client::new()
         .post(fx.emulator.token_url())
         .basic_auth(
-            xero_operator::emulator::DEFAULT_CLIENT_ID,
-            Some(xero_operator::emulator::DEFAULT_CLIENT_SECRET),
+            xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
+            Some(xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET),
         )
         .form(&[
             ("grant_type", "refresh_token"),
@@ -648,7 +648,7 @@ async fn invalid_grant_after_the_token_changed_meanwhile_is_a_lost_race_not_a_re
     let family = fx
         .emulator
         .admin()
-        .add_user(&xero_operator::emulator::NewUser::default())
+        .add_user(&xero_proving_ground::emulator::NewUser::default())
         .await
         .expect("second authorisation");
     fx.patch(

@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
-use xero_operator::emulator::{Endpoint, FaultKind, Faults};
 use xero_operator::protocol::format as f;
+use xero_proving_ground::emulator::{Endpoint, FaultKind, Faults};
 
 /// How long each failing connection runs: the three minutes.
 const WINDOW: Duration = Duration::from_secs(180);
@@ -43,7 +43,7 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
     if let Setup::WrongClientSecret = setup {
         let wrong: Secret = serde_json::from_value(json!({
             "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
-            "stringData": {"client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
+            "stringData": {"client_id": xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
                 "client_secret": "not-the-secret"},
         }))
         .expect("secret");
@@ -84,7 +84,7 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
                 "xero-app",
                 &PatchParams::default(),
                 &Patch::Merge(json!({"stringData": {
-                    "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET}})),
+                    "client_secret": xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET}})),
             )
             .await
             .expect("fix the client Secret");

@@ -297,8 +297,8 @@ async fn scene(hint: &str, timings: Timings) -> Scene {
     let app: Secret = serde_json::from_value(json!({
         "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
         "stringData": {
-            "client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
-            "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET,
+            "client_id": xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
+            "client_secret": xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET,
         },
     }))
     .expect("app secret");
@@ -354,8 +354,8 @@ async fn seeded_secret(s: &Scene, name: &str, annotations: serde_json::Value) {
         s,
         json!({"metadata": {"name": name, "annotations": annotations},
             "stringData": {f::REFRESH_TOKEN: user.refresh_token,
-                f::CLIENT_ID: xero_operator::emulator::DEFAULT_CLIENT_ID,
-                f::CLIENT_SECRET: xero_operator::emulator::DEFAULT_CLIENT_SECRET}}),
+                f::CLIENT_ID: xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
+                f::CLIENT_SECRET: xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET}}),
     )
     .await;
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{Timings, token_fixture};
 use serde_json::{Value, json};
-use xero_operator::emulator::Faults;
 use xero_operator::protocol::format as f;
+use xero_proving_ground::emulator::Faults;
 
 fn xero_token(fx: &common::TokenFixture, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xero-token"));

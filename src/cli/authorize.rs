@@ -121,7 +121,7 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
     };
 
     let verifier = random_urlsafe(48)?;
-    let challenge = crate::emulator::state::pkce_challenge(&verifier);
+    let challenge = crate::xero::pkce_challenge(&verifier);
     let state = random_urlsafe(16)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?;
     let redirect_uri = format!(

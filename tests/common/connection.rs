@@ -30,8 +30,8 @@ pub async fn create(
     let app: Secret = serde_json::from_value(json!({
         "metadata": {"name": "xero-app", "labels": {LABEL_CLIENT_CREDENTIALS: "true"}},
         "stringData": {
-            "client_id": xero_operator::emulator::DEFAULT_CLIENT_ID,
-            "client_secret": xero_operator::emulator::DEFAULT_CLIENT_SECRET,
+            "client_id": xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
+            "client_secret": xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET,
         },
     }))
     .expect("secret");

@@ -47,7 +47,7 @@ pub fn env() -> &'static TestEnv {
 }
 
 fn start_own_control_plane() -> TestEnv {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xero-controlplane"))
+    let mut child = Command::new(proving_ground_bin("xero-controlplane"))
         .arg("--exit-with-parent")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -156,39 +156,27 @@ pub fn kubectl_with_input(args: &[&str], input: &str) -> std::process::Output {
     child.wait_with_output().expect("wait for kubectl")
 }
 
-/// Child processes killed when dropped, so a failing test leaves nothing behind.
-pub struct Procs(pub Vec<std::process::Child>);
+#[allow(unused_imports)] // each test binary uses a different part of this helper
+pub use xero_proving_ground::procs::{Procs, first_line};
 
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Reads `from` line by line on a thread of its own (to its end, so the writer never blocks on
-/// a full pipe) and returns the first line `want` accepts, trimmed; `None` if the stream ends
-/// first or no such line comes within `within`.
-pub fn first_line(
-    from: impl std::io::Read + Send + 'static,
-    within: Duration,
-    want: impl Fn(&str) -> bool + Send + 'static,
-) -> Option<String> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            if !sent && want(line.trim()) {
-                let _ = tx.send(line.trim().to_owned());
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(within).ok()
+/// A binary of the proving ground (`proving-ground/src/bin/`). `CARGO_BIN_EXE_*` names only this
+/// package's binaries, so it is looked up where Cargo puts every binary of the workspace: next to
+/// `deps/`, which holds this test binary. `make test`, `cargo build` and `cargo test` at the
+/// workspace root build it (the proving ground is a default member with integration tests of its
+/// own).
+pub fn proving_ground_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/<profile>/deps/")
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} not found: build the workspace first (`cargo build`, as `make test` does)",
+        bin.display()
+    );
+    bin
 }
 
 /// Watches the Secret `name` as a waiter of the protocol does: by name, from the version it
@@ -230,8 +218,8 @@ pub struct TokenFixture {
     pub client: Client,
     pub namespace: String,
     pub secret: String,
-    pub emulator: xero_operator::emulator::Emulator,
-    pub user: xero_operator::emulator::SeededUser,
+    pub emulator: xero_proving_ground::emulator::Emulator,
+    pub user: xero_proving_ground::emulator::SeededUser,
 }
 
 /// Protocol timings for a fixture.
@@ -255,13 +243,18 @@ impl Default for Timings {
 }
 
 pub async fn token_fixture(hint: &str, timings: Timings) -> TokenFixture {
-    token_fixture_with(hint, timings, xero_operator::emulator::GraceReuse::SamePair).await
+    token_fixture_with(
+        hint,
+        timings,
+        xero_proving_ground::emulator::GraceReuse::SamePair,
+    )
+    .await
 }
 
 pub async fn token_fixture_with(
     hint: &str,
     timings: Timings,
-    grace_reuse: xero_operator::emulator::GraceReuse,
+    grace_reuse: xero_proving_ground::emulator::GraceReuse,
 ) -> TokenFixture {
     token_fixture_on(admin_client().await, hint, timings, grace_reuse).await
 }
@@ -271,13 +264,13 @@ pub async fn token_fixture_on(
     client: Client,
     hint: &str,
     timings: Timings,
-    grace_reuse: xero_operator::emulator::GraceReuse,
+    grace_reuse: xero_proving_ground::emulator::GraceReuse,
 ) -> TokenFixture {
-    use xero_operator::emulator::{
+    use xero_operator::protocol::format as f;
+    use xero_proving_ground::emulator::{
         Behaviour, Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, Lifetimes, NewUser,
         RateLimits,
     };
-    use xero_operator::protocol::format as f;
     let namespace = namespace(&client, hint).await;
     let emulator = Emulator::start(Config {
         behaviour: Behaviour {
@@ -376,7 +369,7 @@ impl TokenFixture {
     }
 
     /// Sets the emulator's faults (`Faults::default()` turns them off).
-    pub async fn set_faults(&self, faults: xero_operator::emulator::Faults) {
+    pub async fn set_faults(&self, faults: xero_proving_ground::emulator::Faults) {
         self.emulator
             .admin()
             .set_faults(&faults)
@@ -384,7 +377,7 @@ impl TokenFixture {
             .expect("set faults");
     }
 
-    pub async fn report(&self) -> xero_operator::emulator::Report {
+    pub async fn report(&self) -> xero_proving_ground::emulator::Report {
         self.emulator.admin().report().await.expect("report")
     }
 

@@ -21,8 +21,8 @@ use tokio::process::{Child, Command};
 
 use crate::controlplane::ControlPlane;
 use crate::emulator::{self, Emulator, Faults};
-use crate::protocol::format::{Expiry, TokenRecord};
-use crate::xero::{ClientCredentials, Endpoints, XeroClient};
+use xero_operator::protocol::format::{Expiry, TokenRecord};
+use xero_operator::xero::{ClientCredentials, Endpoints, XeroClient};
 
 /// Inputs of the soak.
 #[derive(Clone, Debug)]
@@ -303,7 +303,7 @@ fn sample_availability(
                     Ok(Ok(secret)) => {
                         let rec = TokenRecord::from_secret(&secret);
                         let valid = rec.access_token.as_ref().is_some_and(|t| {
-                            crate::xero::jwt_expiry(t.expose())
+                            xero_operator::xero::jwt_expiry(t.expose())
                                 .is_some_and(|exp| SystemTime::now() < exp)
                         });
                         if !valid {
@@ -325,7 +325,7 @@ pub async fn soak(
     cp: &mut ControlPlane,
     client: &Client,
 ) -> anyhow::Result<Value> {
-    crate::crd::install(client).await?;
+    xero_operator::crd::install(client).await?;
     let emu = super::start_emulator(cfg.token_lifetime, cfg.grace).await?;
     let namespace = super::create_namespace(client, "soak").await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
@@ -568,7 +568,7 @@ async fn refresh_tokens_lost(
         let before = emu.admin().report().await?;
         let app = ClientCredentials {
             client_id: emulator::DEFAULT_CLIENT_ID.to_owned(),
-            client_secret: crate::redact::Sensitive::new(
+            client_secret: xero_operator::redact::Sensitive::new(
                 emulator::DEFAULT_CLIENT_SECRET.to_owned(),
             ),
         };

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use xero_operator::bench::{self, RefreshBench, consumer};
-use xero_operator::controlplane::{ControlPlane, Options};
+use xero_proving_ground::bench::{self, RefreshBench, consumer};
+use xero_proving_ground::controlplane::{ControlPlane, Options};
 
 #[derive(Parser, Debug)]
 #[command(version)]

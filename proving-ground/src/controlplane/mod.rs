@@ -107,7 +107,8 @@ impl Options {
                 controller_manager: true,
             }),
             None => Self::from_build_script(
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh"),
+                // The Go module of the control plane stays in the product's tests/.
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane/build.sh"),
             ),
         }
     }

@@ -109,8 +109,8 @@ impl Emulator {
     }
 
     /// Xero's hosts plus this emulator: the allowlist of a controller that talks to it.
-    pub fn allowlist(&self) -> crate::allowlist::EndpointAllowlist {
-        crate::allowlist::EndpointAllowlist::default()
+    pub fn allowlist(&self) -> xero_operator::allowlist::EndpointAllowlist {
+        xero_operator::allowlist::EndpointAllowlist::default()
             .with(&self.addr.ip().to_string(), self.addr.port())
     }
 

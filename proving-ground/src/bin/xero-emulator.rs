@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use xero_operator::emulator::{
+use xero_proving_ground::emulator::{
     Behaviour, Config, Emulator, Endpoint, Faults, GraceReuse, Lifetimes, RateLimits,
     ReuseDetection,
 };

@@ -14,8 +14,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use crate::crd::XeroConnection;
-use crate::protocol::format::{self as f, format_time};
+use xero_operator::crd::XeroConnection;
+use xero_operator::protocol::format::{self as f, format_time};
 
 /// Inputs of the scale benchmark.
 #[derive(Clone, Debug)]
@@ -74,7 +74,7 @@ pub fn max_per_minute(by_second: &std::collections::BTreeMap<u64, u64>) -> u64 {
 
 /// Runs every count and returns the JSON document.
 pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
-    crate::crd::install(client).await?;
+    xero_operator::crd::install(client).await?;
     let mut rows = Vec::new();
     for &n in &cfg.counts {
         let row = run_one(cfg, client, n).await?;

@@ -24,12 +24,12 @@ use kube::api::{PostParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use crate::controller::ownership::LABEL_CLIENT_CREDENTIALS;
-use crate::controller::{self, Context, metrics::Metrics};
-use crate::crd::XeroConnection;
 use crate::emulator::{self, Emulator, Lifetimes, NewUser, RateLimits};
-use crate::protocol::format as f;
 use consumer::{ConsumerReport, Mode};
+use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
+use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::crd::XeroConnection;
+use xero_operator::protocol::format as f;
 
 /// Inputs of the refresh-economy benchmark.
 #[derive(Clone, Debug)]
@@ -151,7 +151,7 @@ async fn run_one(
     };
 
     let controller = if mode == Mode::Protocol {
-        crate::crd::install(client).await?;
+        xero_operator::crd::install(client).await?;
         let mut refresh =
             json!({"clockSkewSeconds": cfg.clock_skew.as_secs(), "leaseDurationSeconds": 5});
         if let Some(ahead) = ahead {

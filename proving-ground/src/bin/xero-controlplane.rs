@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use xero_operator::controlplane::{ControlPlane, Options};
+use xero_proving_ground::controlplane::{ControlPlane, Options};
 
 /// Start etcd + kube-apiserver (+ kube-controller-manager) on 127.0.0.1 with a temporary state dir.
 #[derive(Parser, Debug)]

@@ -11,13 +11,13 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::controller::ownership::LABEL_CLIENT_CREDENTIALS;
-use crate::controller::{self, Context, metrics::Metrics};
 use crate::controlplane::{ControlPlane, Options};
-use crate::crd::XeroConnection;
 use crate::emulator::{self, Emulator, Lifetimes, NewUser};
-use crate::protocol::format::{self as f, TokenRecord, format_time};
-use crate::protocol::{Refresher, Role};
+use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
+use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::crd::XeroConnection;
+use xero_operator::protocol::format::{self as f, TokenRecord, format_time};
+use xero_operator::protocol::{Refresher, Role};
 
 /// Settings of a demo run.
 pub struct RunOptions {
@@ -85,7 +85,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let client = Client::try_from(
         kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
     )?;
-    crate::crd::install(&client).await?;
+    xero_operator::crd::install(&client).await?;
     say("installed the XeroConnection CRD");
     let user = emu.admin().add_user(&NewUser::default()).await?;
     seed(&client, &emu, &user).await?;

@@ -1,15 +1,15 @@
 //! The Xero emulator over real HTTP: every rule the operator depends on, each fault kind, the
 //! chain report, and the binary's command line.
 
-mod common;
-
 use std::time::{Duration, Instant};
+
+use xero_proving_ground::procs::{Procs, first_line};
 
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::Value;
-use xero_operator::emulator::state::pkce_challenge;
-use xero_operator::emulator::{
+use xero_operator::xero::pkce_challenge;
+use xero_proving_ground::emulator::{
     Behaviour, Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, FaultKind, Faults,
     GraceReuse, Lifetimes, NewUser, RateLimits, SeededUser,
 };
@@ -83,7 +83,7 @@ fn rt(v: &Value) -> String {
         .to_owned()
 }
 
-async fn chain(emu: &Emulator) -> xero_operator::emulator::ChainReport {
+async fn chain(emu: &Emulator) -> xero_proving_ground::emulator::ChainReport {
     let report = emu.admin().report().await.expect("report");
     assert_eq!(report.chains.len(), 1, "{:?}", report.chains);
     report.chains[0].clone()
@@ -720,7 +720,7 @@ fn the_binary_documents_every_flag_and_serves_on_a_free_port() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("CLIENT_ID:CLIENT_SECRET"));
 
-    let mut child = common::Procs(vec![
+    let mut child = Procs(vec![
         std::process::Command::new(bin)
             .args(["--port", "0"])
             .stdout(std::process::Stdio::piped())
@@ -729,7 +729,7 @@ fn the_binary_documents_every_flag_and_serves_on_a_free_port() {
             .expect("start"),
     ]);
     let stdout = child.0[0].stdout.take().expect("stdout");
-    let line = common::first_line(stdout, Duration::from_secs(30), |l| {
+    let line = first_line(stdout, Duration::from_secs(30), |l| {
         l.starts_with("listening on ")
     })
     .expect("the emulator printed its address");

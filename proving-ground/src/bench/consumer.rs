@@ -16,10 +16,10 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::format::{self as f, TokenRecord, format_time};
-use crate::protocol::{Refresher, Role};
-use crate::redact::Sensitive;
-use crate::xero::{Endpoints, XeroClient};
+use xero_operator::protocol::format::{self as f, TokenRecord, format_time};
+use xero_operator::protocol::{Refresher, Role};
+use xero_operator::redact::Sensitive;
+use xero_operator::xero::{Endpoints, XeroClient};
 
 /// The three designs compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -98,7 +98,7 @@ pub async fn run(
             }
         })
     });
-    let identity = crate::protocol::refresher::default_identity();
+    let identity = xero_operator::protocol::refresher::default_identity();
     let refresher = Arc::new(Refresher::new(
         client.clone(),
         namespace,
@@ -140,7 +140,7 @@ pub async fn run(
                         totals.errors.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(token) => {
-                        if crate::xero::jwt_expiry(token.expose())
+                        if xero_operator::xero::jwt_expiry(token.expose())
                             .is_some_and(|exp| SystemTime::now() > exp + Duration::from_secs(1))
                         {
                             report.expired_handed_out += 1;

@@ -4,8 +4,8 @@
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::protocol::format as f;
-use crate::redact::Sensitive;
+use xero_operator::protocol::format as f;
+use xero_operator::redact::Sensitive;
 
 /// The writes seen in a Secret's watch, and where its access token changed.
 #[derive(Debug, Default)]

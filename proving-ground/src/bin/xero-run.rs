@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use xero_operator::controlplane::Options;
-use xero_operator::devrun::{RunOptions, run};
+use xero_proving_ground::controlplane::Options;
+use xero_proving_ground::devrun::{RunOptions, run};
 
 /// Run xero-operator end to end on this machine: local control plane, Xero emulator, controller.
 #[derive(Parser, Debug)]
