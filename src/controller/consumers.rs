@@ -1,4 +1,4 @@
-//! The third step of a reconcile: the consumers' Role and RoleBinding, which let the listed
+//! The fourth step of a reconcile: the consumers' Role and RoleBinding, which let the listed
 //! ServiceAccounts read, watch and refresh exactly the token Secret.
 //!
 //! The controller touches only the Role and RoleBinding it created for this connection (a

@@ -1,0 +1,68 @@
+//! On delete (finalizer `xero-operator.io/cleanup`): revoke the refresh token at Xero if asked
+//! (at an allowed host only), and let the token Secret go with the connection, or keep it and
+//! release it.
+
+use super::*;
+
+/// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
+/// A token Secret that is not this connection's is left alone: nothing is read from it, sent,
+/// or changed.
+pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.forget_status(&conn.uid().unwrap_or_default());
+    let ns = conn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = conn.token_secret_name();
+    let TokenSecretLookup::Ours(secret) = inputs::find_token_secret(&conn, &secrets).await? else {
+        return Ok(Action::await_change());
+    };
+    if conn.spec.revoke_on_delete {
+        revoke(&conn, &ctx, &secret).await;
+    }
+    if conn.spec.keep_token_secret_on_delete {
+        // Released, not handed on: without our owner reference, label and uid mark, no other
+        // connection can take the kept Secret until someone who may write it labels it again.
+        let uid = conn.uid().unwrap_or_default();
+        let owners: Vec<_> = secret
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| o.uid != uid)
+            .collect();
+        let patch = json!({"metadata": {
+            "uid": secret.metadata.uid,
+            "ownerReferences": owners,
+            "labels": {f::LABEL_CONNECTION: null},
+            "annotations": {ownership::ANN_CONNECTION_UID: null},
+        }});
+        secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(kube_err("keeping the token Secret"))?;
+        tracing::info!(connection = %conn.name_any(), secret = %name, "kept and released the token Secret");
+    }
+    Ok(Action::await_change())
+}
+
+/// Revokes the refresh token of `secret` at Xero (best effort: deletion must not hang on Xero).
+async fn revoke(conn: &XeroConnection, ctx: &Context, secret: &Secret) {
+    let rec = TokenRecord::from_secret(secret);
+    let (Some(app), Some(rt)) = (rec.client.clone(), rec.refresh_token.clone()) else {
+        return;
+    };
+    let endpoints = checks::endpoints(conn, &ctx.policy.default_endpoints);
+    if let Err(why) = ctx.policy.allowlist.check(&endpoints.revocation_url) {
+        tracing::warn!(connection = %conn.name_any(), why, "not revoking: the revocation endpoint is not allowed");
+        return;
+    }
+    let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
+    match xero.revoke(&app, &rt).await {
+        Ok(()) => {
+            tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
+        }
+        Err(e) => {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "revoking the refresh token failed")
+        }
+    }
+}

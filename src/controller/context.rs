@@ -1,0 +1,140 @@
+//! What reconciles share ([`Context`]: the client, the identity, the operator's policy, the
+//! HTTP client and the per-app gate) and what the controller remembers per connection between
+//! reconciles: the backoff of transient failures, the rotation last counted, the generation
+//! whose consumer RBAC is in line, the version of its last status write.
+
+use super::*;
+
+/// Recheck interval for states that only a person or another object can change (missing client
+/// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries
+/// no label of ours, and caching every Secret is not an option).
+const RECHECK: Duration = Duration::from_secs(30);
+/// Reconciles running at once by default.
+pub const DEFAULT_CONCURRENCY: u16 = 32;
+/// Backoff of transient failures per connection: 1 s doubling to 5 minutes.
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What reconciles share.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// The controller's identity in the refresh protocol.
+    pub identity: String,
+    /// The operator-wide limits on specs: endpoint allowlist, consumer namespaces, default
+    /// endpoints (Xero's).
+    pub policy: Policy,
+    /// Recheck interval for states only a person can fix (default [`RECHECK`]).
+    pub recheck: Duration,
+    /// The per-app token bucket of this controller's calls to Xero.
+    pub gate: Option<crate::protocol::gate::AppGate>,
+    /// One HTTP client (and connection pool) for every call to Xero.
+    pub http: reqwest::Client,
+    /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
+    /// when thousands of connections become due together.
+    pub concurrency: u16,
+    /// Consecutive transient failures per connection uid (for the backoff).
+    failures: Mutex<HashMap<String, u32>>,
+    /// The rotation last seen per connection uid (to count refreshes by actor).
+    rotations: Mutex<HashMap<String, u64>>,
+    /// Per connection uid, the generation whose consumer Role/RoleBinding were last brought in
+    /// line: a steady-state reconcile makes no RBAC call.
+    rbac_synced: Mutex<HashMap<String, i64>>,
+    /// Per connection uid, the resourceVersion this controller's last status write produced:
+    /// a reconcile that sees an older object (the watch lags behind the write) reads the
+    /// connection again, so a transition is judged against what was really written, once.
+    status_written: Mutex<HashMap<String, u64>>,
+}
+
+impl Context {
+    /// Remembers `rotation` as the last seen for connection `uid`; returns the one before.
+    pub(super) fn note_rotation(&self, uid: &str, rotation: u64) -> Option<u64> {
+        lock(&self.rotations).insert(uid.to_owned(), rotation)
+    }
+
+    /// Forgets the last status write to connection `uid` (it is being deleted).
+    pub(super) fn forget_status(&self, uid: &str) {
+        lock(&self.status_written).remove(uid);
+    }
+
+    pub fn new(client: Client, identity: String, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(identity.clone()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            identity,
+            policy: Policy::default(),
+            recheck: RECHECK,
+            gate: None,
+            http: crate::xero::new_http(),
+            concurrency: DEFAULT_CONCURRENCY,
+            failures: Mutex::new(HashMap::new()),
+            rotations: Mutex::new(HashMap::new()),
+            rbac_synced: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `conn` is older than this controller's last status write to it. Compares
+    /// resourceVersions as numbers, which the API calls opaque: they are etcd revisions on
+    /// every real API server, and a value that is not a number counts as not stale (the
+    /// object is used as it is, as before this check existed).
+    pub(super) fn status_is_stale(&self, conn: &XeroConnection) -> bool {
+        let seen = conn
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse::<u64>().ok());
+        let written = lock(&self.status_written)
+            .get(&conn.uid().unwrap_or_default())
+            .copied();
+        matches!((seen, written), (Some(seen), Some(written)) if seen < written)
+    }
+
+    pub(super) fn mark_status_written(&self, conn: &XeroConnection) {
+        if let Some(rv) = conn
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse::<u64>().ok())
+        {
+            lock(&self.status_written).insert(conn.uid().unwrap_or_default(), rv);
+        }
+    }
+
+    pub(super) fn rbac_synced_at(&self, uid: &str) -> Option<i64> {
+        lock(&self.rbac_synced).get(uid).copied()
+    }
+
+    pub(super) fn mark_rbac_synced(&self, uid: &str, generation: i64) {
+        lock(&self.rbac_synced).insert(uid.to_owned(), generation);
+    }
+
+    pub(super) fn forget_rbac(&self, uid: &str) {
+        lock(&self.rbac_synced).remove(uid);
+    }
+
+    pub(super) fn backoff(&self, uid: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(uid.to_owned()).or_default();
+        *n = n.saturating_add(1);
+        let factor = 1u32.checked_shl((*n - 1).min(16)).unwrap_or(u32::MAX);
+        BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_CAP)
+    }
+
+    pub(super) fn clear_backoff(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+}

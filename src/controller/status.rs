@@ -1,0 +1,86 @@
+//! The last step: the status a person sees (the `Ready` condition from [`super::conditions`],
+//! an Event per transition, the token's expiry, the last refresh and the tenants), written only
+//! when it changed and judged against this controller's own last write.
+
+use super::token::TokenOutcome;
+use super::*;
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+pub(super) async fn write(
+    conn: &XeroConnection,
+    ctx: &Context,
+    outcome: &TokenOutcome,
+    tenants: Option<Vec<Tenant>>,
+) -> Result<(), Error> {
+    let api: Api<XeroConnection> =
+        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+    // The status as last written: the object reconciled may predate this controller's own last
+    // status write (the watch lags behind it); then only its status is read again. The spec and
+    // generation stay those of the object reconciled.
+    let previous = if ctx.status_is_stale(conn) {
+        api.get(&conn.name_any())
+            .await
+            .map_err(kube_err("reading the connection"))?
+            .status
+            .unwrap_or_default()
+    } else {
+        conn.status.clone().unwrap_or_default()
+    };
+    let prev_ready = previous.conditions.iter().find(|c| c.type_ == "Ready");
+    let now = SystemTime::now();
+    let ready =
+        conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);
+    if conditions::is_transition(prev_ready, &outcome.state) {
+        let event = KubeEvent {
+            type_: if outcome.state.is_ready() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: outcome.state.reason().to_owned(),
+            note: Some(outcome.state.message()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish an Event");
+        }
+        tracing::info!(connection = %conn.name_any(), reason = outcome.state.reason(), message = %outcome.state.message(), "Ready changed");
+    }
+    let mut status = previous.clone();
+    status.conditions = vec![ready];
+    status.observed_generation = conn.metadata.generation;
+    status.token_secret_name = Some(conn.token_secret_name());
+    if let Some(rec) = &outcome.record {
+        if let f::Expiry::At(at) = rec.expiry {
+            status.access_token_expires_at = to_time(at);
+        }
+        status.last_refresh_time = rec.refreshed_at.and_then(to_time);
+        status.last_refreshed_by = rec.refreshed_by.clone();
+        status.refresh_count = rec.rotation;
+    }
+    if let Some(t) = tenants {
+        status.tenants = t;
+    }
+    if status == previous {
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": XeroConnection::api_version(&()),
+        "kind": XeroConnection::kind(&()),
+        "status": status,
+    });
+    let written = api
+        .patch_status(
+            &conn.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_err("writing status"))?;
+    ctx.mark_status_written(&written);
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The producer's step of the refresh protocol (`docs/protocol.md`): refresh only when due (on
+//! expiry, or `aheadOfExpirySeconds` before), starting from the token Secret the earlier steps
+//! saw; a failure becomes a state and a time to look again ([`super::classify`]); rotations are
+//! counted by who made them.
+
+use super::*;
+
+/// How long the controller waits for a consumer that holds the refresh claim before it
+/// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
+const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Most rotations one reconcile counts in the metrics (they happen once per token lifetime; a
+/// larger jump is a hand edit of the `rotation` annotation).
+const MAX_ROTATIONS_COUNTED: u64 = 100;
+
+/// The outcome of the token step.
+pub(super) struct TokenOutcome {
+    pub(super) state: State,
+    pub(super) requeue: Duration,
+    pub(super) record: Option<TokenRecord>,
+}
+
+/// The producer's part in the protocol, starting from the token Secret `prepare` saw.
+pub(super) async fn step(
+    conn: &XeroConnection,
+    ctx: &Context,
+    token_secret: Option<Secret>,
+) -> Result<TokenOutcome, Error> {
+    let ns = conn.namespace().unwrap_or_default();
+    let ahead = resources::ahead_of_expiry(conn);
+    let refresher = Refresher::new(
+        ctx.client.clone(),
+        &ns,
+        &conn.token_secret_name(),
+        &ctx.identity,
+        ProtocolRole::Producer { ahead },
+    )
+    .with_default_endpoints(ctx.policy.default_endpoints.clone())
+    .with_allowlist(ctx.policy.allowlist.clone())
+    .with_max_wait(PRODUCER_MAX_WAIT)
+    .with_http(ctx.http.clone());
+    let refresher = match &ctx.gate {
+        Some(gate) => refresher.with_gate(gate.clone()),
+        None => refresher,
+    };
+    let refresher = match token_secret {
+        Some(secret) => refresher.with_snapshot(secret),
+        None => refresher,
+    };
+    let started = std::time::Instant::now();
+    let result = refresher.get().await;
+    // What the protocol ended on: the Secret as last read or written (no second read).
+    let record = refresher.last_record();
+    if let Some(rec) = &record {
+        count_refreshes(conn, ctx, rec, started.elapsed());
+    }
+    let outcome = match result {
+        Ok(token) => {
+            let now = SystemTime::now();
+            let due = token.usable_until.checked_sub(ahead).unwrap_or(now);
+            ctx.metrics
+                .seconds_until_expiry
+                .get_or_create(&ConnectionLabels {
+                    namespace: ns.clone(),
+                    name: conn.name_any(),
+                })
+                .set(
+                    token
+                        .expires_at
+                        .duration_since(now)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+            TokenOutcome {
+                state: State::TokenValid,
+                requeue: due
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(200)),
+                record,
+            }
+        }
+        Err(e) => {
+            let (state, requeue) =
+                classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
+            if !matches!(state, State::Refreshing(_) | State::RefreshingExpired(_)) {
+                ctx.metrics
+                    .refreshes
+                    .get_or_create(&RefreshLabels {
+                        actor: "controller".into(),
+                        result: state.reason().to_owned(),
+                    })
+                    .inc();
+            }
+            TokenOutcome {
+                state,
+                requeue,
+                record,
+            }
+        }
+    };
+    Ok(outcome)
+}
+
+/// Counts the rotations that happened since the last reconcile, by who made them.
+fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elapsed: Duration) {
+    let Some(last) = ctx.note_rotation(&conn.uid().unwrap_or_default(), rec.rotation) else {
+        return;
+    };
+    if rec.rotation <= last {
+        return;
+    }
+    let by_me = rec.refreshed_by.as_deref() == Some(ctx.identity.as_str());
+    let actor = if by_me { "controller" } else { "consumer" };
+    ctx.metrics
+        .refreshes
+        .get_or_create(&RefreshLabels {
+            actor: actor.into(),
+            result: "ok".into(),
+        })
+        // The counter is consumer-writable: a hand edit must not inflate the metric.
+        .inc_by((rec.rotation - last).min(MAX_ROTATIONS_COUNTED));
+    if by_me {
+        ctx.metrics
+            .token_endpoint_seconds
+            .observe(elapsed.as_secs_f64());
+    }
+}

@@ -1,0 +1,122 @@
+//! Running the controller: the CRD checked first, one controller per namespace scope (or one
+//! for all), what wakes a reconcile (a connection's spec or finalizers, not its status; a token
+//! Secret's metadata, filtered by [`super::wake`]), and the backoff of a failed reconcile.
+
+use super::*;
+
+/// Runs the controller until `shutdown` resolves: over all namespaces (`namespaces` empty) or
+/// over each listed one. Fails at once, with a clear message, when the CRD is not installed.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    for scope in &scopes {
+        check_crd(&ctx.client, scope.as_deref()).await?;
+    }
+    // One shutdown signal fanned out to a controller per scope.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let controllers = scopes.into_iter().map(|scope| {
+        let mut stop = stop_rx.clone();
+        run_scope(ctx.clone(), scope, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+    });
+    futures_util::future::join_all(controllers).await;
+    signal.abort();
+    Ok(())
+}
+
+async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let conns: Api<XeroConnection> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match conns.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+            "the XeroConnection CRD is not installed: run `kubectl apply -f crds/` (or install the Helm chart with CRDs)"
+        ),
+        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+            "not allowed to list XeroConnections ({}): check the controller's RBAC",
+            s.message
+        ),
+        Err(e) => anyhow::bail!("cannot list XeroConnections: {e}"),
+    }
+}
+
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    // `Api<PartialObjectMeta<_>>` lists and watches metadata only.
+    let (conns, secrets): (Api<XeroConnection>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    // The connections, cached without their managedFields (memory), and passed on only when
+    // the spec (generation: also bumped when deletion starts) or the finalizers change: the
+    // controller's own status writes do not wake it again.
+    let (store, writer) = reflector::store();
+    let connections = watcher(conns, watcher::Config::default())
+        .default_backoff()
+        .modify(|c: &mut XeroConnection| c.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            PredicateConfig::default(),
+        );
+    // Token Secrets only, by label, and only their metadata: the data (tokens) of every Secret
+    // is neither sent to nor held by the controller until a reconcile reads one. A change that
+    // only moves the refresh claim (the controller's own claim and release among them) does
+    // not wake it ([`wake`]).
+    let mut wake_filter = wake::WakeFilter::new(&ctx.identity);
+    let token_secrets = watcher(
+        secrets,
+        watcher::Config::default().labels(f::LABEL_CONNECTION),
+    )
+    .default_backoff()
+    .filter_map(move |event| {
+        std::future::ready(match event {
+            Ok(event) => wake_filter.pass(event).map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    Controller::for_stream(connections, store)
+        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .watches_stream(token_secrets, |s: PartialObjectMeta<Secret>| {
+            let ns = s.namespace();
+            s.labels().get(f::LABEL_CONNECTION).map(|name| {
+                ObjectRef::<XeroConnection>::new(name).within(ns.as_deref().unwrap_or_default())
+            })
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(super::reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+fn error_policy(conn: Arc<XeroConnection>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&conn.uid().unwrap_or_default());
+    tracing::warn!(connection = %conn.name_any(), error = %err, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
