@@ -2,7 +2,20 @@
 //! (at an allowed host only), and let the token Secret go with the connection, or keep it and
 //! release it.
 
-use super::*;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::context::Context;
+use super::inputs::TokenSecretLookup;
+use super::{Error, checks, inputs, kube_err, ownership};
+use crate::crd::XeroConnection;
+use crate::protocol::format::{self as f, TokenRecord};
+use crate::xero::XeroClient;
 
 /// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
 /// A token Secret that is not this connection's is left alone: nothing is read from it, sent,

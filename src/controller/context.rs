@@ -3,7 +3,17 @@
 //! reconciles: the backoff of transient failures, the rotation last counted, the generation
 //! whose consumer RBAC is in line, the version of its last status write.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, ResourceExt};
+
+use super::MANAGER;
+use super::checks::Policy;
+use super::metrics::Metrics;
+use crate::crd::XeroConnection;
 
 /// Recheck interval for states that only a person or another object can change (missing client
 /// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries

@@ -39,34 +39,17 @@ pub mod watch;
 pub use context::{Context, DEFAULT_CONCURRENCY};
 pub use watch::run;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{
-    Controller, Predicate, PredicateConfig, WatchStreamExt, controller, predicates, watcher,
-};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, ResourceExt};
 
-use crate::crd::{Tenant, XeroConnection};
-use crate::protocol::format::{self as f, TokenRecord};
-use crate::protocol::{Refresher, Role as ProtocolRole};
-use crate::text::{MAX_IDENTITY_CHARS, sanitize};
-use crate::xero::XeroClient;
-use checks::Policy;
+use crate::crd::XeroConnection;
 use conditions::State;
 use inputs::TokenSecretLookup;
-use metrics::{ConnectionLabels, Metrics, ReasonLabels, RefreshLabels};
+use metrics::ReasonLabels;
 
 /// Field manager and Event reporter name.
 pub const MANAGER: &str = "xero-operator";

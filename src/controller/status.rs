@@ -2,8 +2,19 @@
 //! an Event per transition, the token's expiry, the last refresh and the tenants), written only
 //! when it changed and judged against this controller's own last write.
 
+use std::time::SystemTime;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::context::Context;
 use super::token::TokenOutcome;
-use super::*;
+use super::{Error, MANAGER, conditions, kube_err};
+use crate::crd::{Tenant, XeroConnection};
+use crate::protocol::format as f;
 
 fn to_time(t: SystemTime) -> Option<Time> {
     k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)

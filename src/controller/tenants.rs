@@ -2,7 +2,17 @@
 //! status last listed them, go into the status (sanitised) and into the token Secret's
 //! `tenant_id`/`tenant_ids` (pinned to the Secret version the token came from).
 
-use super::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::checks;
+use super::context::Context;
+use crate::crd::{Tenant, XeroConnection};
+use crate::protocol::format::{self as f, TokenRecord};
+use crate::text::{MAX_IDENTITY_CHARS, sanitize};
+use crate::xero::XeroClient;
 
 /// Fetches the tenants when the token changed since the status last listed them, and publishes
 /// them in the token Secret. `None`: keep what the status has.

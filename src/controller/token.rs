@@ -3,7 +3,18 @@
 //! saw; a failure becomes a state and a time to look again ([`super::classify`]); rotations are
 //! counted by who made them.
 
-use super::*;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+use super::conditions::State;
+use super::context::Context;
+use super::metrics::{ConnectionLabels, RefreshLabels};
+use super::{Error, classify, resources};
+use crate::crd::XeroConnection;
+use crate::protocol::format::TokenRecord;
+use crate::protocol::{Refresher, Role as ProtocolRole};
 
 /// How long the controller waits for a consumer that holds the refresh claim before it
 /// requeues: the Secret watch wakes it when the consumer stores the new token anyway.

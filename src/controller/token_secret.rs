@@ -3,7 +3,15 @@
 //! reference), computed by [`super::resources`], brought in line: patched only when something
 //! differs, created only under the name derived from the connection.
 
-use super::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+
+use super::conditions::State;
+use super::context::Context;
+use super::{Error, checks, consumers, kube_err, resources};
+use crate::crd::XeroConnection;
+use crate::protocol::format as f;
 
 /// Brings the token Secret `existing` (or its absence) in line with `conn`. `Ok(Err(state))`:
 /// a state a person must fix; `Ok(Ok(secret))`: the Secret as now stored.

@@ -2,7 +2,23 @@
 //! for all), what wakes a reconcile (a connection's spec or finalizers, not its status; a token
 //! Secret's metadata, filtered by [`super::wake`]), and the backoff of a failed reconcile.
 
-use super::*;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{
+    Controller, Predicate, PredicateConfig, WatchStreamExt, controller, predicates, watcher,
+};
+use kube::{Api, Client, ResourceExt};
+
+use super::context::Context;
+use super::{Error, wake};
+use crate::crd::XeroConnection;
+use crate::protocol::format as f;
 
 /// Runs the controller until `shutdown` resolves: over all namespaces (`namespaces` empty) or
 /// over each listed one. Fails at once, with a clear message, when the CRD is not installed.
