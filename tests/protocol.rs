@@ -1008,6 +1008,97 @@ async fn a_waiter_watches_until_its_own_deadline_when_the_claim_lasts_longer() {
     assert_eq!(fx.report().await.counters.token_calls, 1);
 }
 
+/// Serves `app` on 127.0.0.1 as a stand-in for the API server (for behaviour a real one cannot
+/// be made to show on cue); returns a client for it and the server's task.
+async fn stub_api(
+    app: axum::Router,
+) -> (kube::Client, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client =
+        kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
+    (client, server)
+}
+
+/// P21: a claim answered 409 (someone moved first) is followed by a fresh read and a new
+/// decision; here the other party has stored a fresh token meanwhile, which is used without
+/// calling Xero. A stand-in API server answers the claim 409 on cue.
+#[tokio::test]
+async fn a_claim_answered_409_reads_again_and_uses_what_was_stored() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (reads, patches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let creds =
+        json!({f::REFRESH_TOKEN: "cnQ=", f::CLIENT_ID: "aWQ=", f::CLIENT_SECRET: "c2VjcmV0"});
+    let secret = |rv: &str, access_token: &str, expires_at: String| {
+        let mut data = creds.clone();
+        data[f::ACCESS_TOKEN] = json!(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            access_token
+        ));
+        data[f::EXPIRES_AT] = json!(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            expires_at
+        ));
+        json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "t", "namespace": "n", "resourceVersion": rv,
+                // Xero is not reachable from here: a call would end in an error, not a token.
+                "annotations": {f::ANN_TOKEN_URL: "https://127.0.0.1:1/connect/token"}},
+            "data": data})
+    };
+    let expired = secret("1", "old", "2000-01-01T00:00:00.000Z".into());
+    let stored = secret(
+        "2",
+        "stored-by-another-party",
+        f::format_time(std::time::SystemTime::now() + Duration::from_secs(600)),
+    );
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/n/secrets/t",
+        axum::routing::get({
+            let reads = reads.clone();
+            move || async move {
+                // The first read sees the expired token; after the 409, the stored one.
+                let n = reads.fetch_add(1, Ordering::Relaxed);
+                axum::Json(if n == 0 { expired } else { stored })
+            }
+        })
+        .patch({
+            let patches = patches.clone();
+            move || async move {
+                patches.fetch_add(1, Ordering::Relaxed);
+                (
+                    axum::http::StatusCode::CONFLICT,
+                    axum::Json(json!({"kind": "Status", "apiVersion": "v1",
+                        "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": "the object has been modified"})),
+                )
+            }
+        }),
+    );
+    let (client, server) = stub_api(app).await;
+    let got = Refresher::new(
+        client,
+        "n",
+        "t",
+        "claimer",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .with_max_wait(Duration::from_secs(10))
+    .get()
+    .await;
+    server.abort();
+    let t = got.expect("the token the other party stored");
+    assert_eq!(t.token.expose(), "stored-by-another-party");
+    assert_eq!(
+        patches.load(Ordering::Relaxed),
+        1,
+        "one claim, answered 409"
+    );
+    assert_eq!(reads.load(Ordering::Relaxed), 2, "then one fresh read");
+}
+
 /// P39: a watch that simply ends makes the waiter read again, but a proxy that ends every
 /// watch at once must not turn that into a loop of reads. The real API server does not end
 /// watches early, so a stand-in for such a proxy serves the Secret (with another party's live
@@ -1045,13 +1136,7 @@ async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let client =
-        kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
+    let (client, server) = stub_api(app).await;
     let waited = Refresher::new(
         client,
         "n",
