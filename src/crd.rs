@@ -310,7 +310,8 @@ pub struct XeroConnectionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_time: Option<Time>,
 
-    /// Who made the last refresh: `controller` or the consumer's identity.
+    /// Who made the last refresh: the identity of the party that stored it, `controller/<host>/…`
+    /// for the controller (or its `--identity`), the consumer's identity otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refreshed_by: Option<String>,
 

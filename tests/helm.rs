@@ -267,6 +267,30 @@ fn the_values_schema_refuses_wrong_types_and_typos() {
         "image.pullPolicy=Sometimes",
     ]);
     assert!(!bad_enum.status.success());
+    // The log level reaches RUST_LOG: a word that is no level is refused, filters pass.
+    let template_with = |value: &str| {
+        helm(&[
+            "template",
+            "t",
+            &chart(),
+            "--kube-version",
+            "1.35.4",
+            "--set",
+            &format!("logLevel={value}"),
+        ])
+    };
+    assert!(
+        !template_with("verbose").status.success(),
+        "logLevel=verbose"
+    );
+    for good in ["info", "debug", "info\\,kube=warn"] {
+        let out = template_with(good);
+        assert!(
+            out.status.success(),
+            "logLevel={good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

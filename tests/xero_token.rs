@@ -430,3 +430,63 @@ async fn authorize_runs_the_pkce_flow_and_stores_the_first_pair() {
     );
     assert_eq!(fx.report().await.chains.len(), 2);
 }
+
+/// A refused authorisation comes back on the redirect (RFC 6749 §4.1.2.1): `authorize` says
+/// what was refused, with the server's description, and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_authorisation_says_why() {
+    let fx = token_fixture("cli-refused", Timings::default()).await;
+    let before = fx.record().await;
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut child = common::Procs(vec![
+        xero_token(
+            &fx,
+            &[
+                "authorize",
+                "--authorize-url",
+                &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
+                "--port",
+                "0",
+                "--login-hint",
+                "nobody-of-this-app",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("start authorize"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = loop {
+        let text = std::fs::read_to_string(log.path()).expect("read log");
+        if let Some(url) = text.lines().map(str::trim).find(|l| l.starts_with("http")) {
+            break url.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "authorize printed no URL: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The "browser": the emulator refuses and redirects the error back to the CLI.
+    let _ = reqwest::get(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.0[0].try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "authorize never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let said = std::fs::read_to_string(log.path()).expect("read log");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("authorisation refused: invalid_request: no such user for this client"),
+        "{said}"
+    );
+    assert_eq!(
+        fx.record().await.refresh_token,
+        before.refresh_token,
+        "nothing stored"
+    );
+}

@@ -169,8 +169,21 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_OTHER));
         }
     };
-    if let Some(error) = params.get("error") {
-        eprintln!("xero-token: authorisation refused: {error}");
+    if params.contains_key("error") {
+        // Text from the redirect (RFC 6749 §4.1.2.1): shown sanitised; the description names
+        // what was refused (a scope, say).
+        let said = |k: &str| {
+            params
+                .get(k)
+                .map(|v| crate::text::sanitize(v, crate::text::MAX_REASON_CHARS))
+        };
+        let error = said("error").unwrap_or_default();
+        match said("error_description") {
+            Some(description) => {
+                eprintln!("xero-token: authorisation refused: {error}: {description}")
+            }
+            None => eprintln!("xero-token: authorisation refused: {error}"),
+        }
         return Ok(ExitCode::from(EXIT_OTHER));
     }
     if params.get("state") != Some(&state) {

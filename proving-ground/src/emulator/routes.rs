@@ -423,7 +423,19 @@ pub async fn authorize(
             tracing::info!(client_id, "authorization approved");
             Redirect::to(&format!("{redirect_uri}{sep}{query}")).into_response()
         }
-        Err(e) => (StatusCode::BAD_REQUEST, e.code()).into_response(),
+        // RFC 6749 §4.1.2.1: with a valid redirect URI, the error goes back to the client.
+        Err(e) => {
+            let description = e.description().unwrap_or_default();
+            let query = serde_urlencoded::to_string([
+                ("error", e.code()),
+                ("error_description", description),
+                ("state", get("state")),
+            ])
+            .unwrap_or_default();
+            let sep = if redirect_uri.contains('?') { '&' } else { '?' };
+            tracing::info!(client_id, error = e.code(), "authorization refused");
+            Redirect::to(&format!("{redirect_uri}{sep}{query}")).into_response()
+        }
     }
 }
 
