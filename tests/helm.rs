@@ -234,57 +234,35 @@ async fn helm_install_creates_the_expected_objects() {
     ok(&helm(&["uninstall", &release, "-n", &ns]), "helm uninstall");
 }
 
+/// `helm template` of the chart with one `--set` value.
+fn template_setting(value: &str) -> Output {
+    helm(&[
+        "template",
+        "t",
+        &chart(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        value,
+    ])
+}
+
 #[test]
 fn the_values_schema_refuses_wrong_types_and_typos() {
-    let wrong_type = helm(&[
-        "template",
-        "t",
-        &chart(),
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "replicaCount=two",
-    ]);
+    let wrong_type = template_setting("replicaCount=two");
     assert!(!wrong_type.status.success());
     assert!(String::from_utf8_lossy(&wrong_type.stderr).contains("replicaCount"));
-    let typo = helm(&[
-        "template",
-        "t",
-        &chart(),
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "replicaCont=2",
-    ]);
+    let typo = template_setting("replicaCont=2");
     assert!(!typo.status.success(), "an unknown key is refused");
-    let bad_enum = helm(&[
-        "template",
-        "t",
-        &chart(),
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "image.pullPolicy=Sometimes",
-    ]);
+    let bad_enum = template_setting("image.pullPolicy=Sometimes");
     assert!(!bad_enum.status.success());
     // The log level reaches RUST_LOG: a word that is no level is refused, filters pass.
-    let template_with = |value: &str| {
-        helm(&[
-            "template",
-            "t",
-            &chart(),
-            "--kube-version",
-            "1.35.4",
-            "--set",
-            &format!("logLevel={value}"),
-        ])
-    };
     assert!(
-        !template_with("verbose").status.success(),
+        !template_setting("logLevel=verbose").status.success(),
         "logLevel=verbose"
     );
     for good in ["info", "debug", "info\\,kube=warn"] {
-        let out = template_with(good);
+        let out = template_setting(&format!("logLevel={good}"));
         assert!(
             out.status.success(),
             "logLevel={good}: {}",

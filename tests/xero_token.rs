@@ -276,6 +276,23 @@ async fn exit_codes_say_what_went_wrong() {
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
 
+/// `xero-token authorize` against the fixture's emulator, as the user `login_hint`, on a free
+/// callback port.
+fn authorize(fx: &common::TokenFixture, login_hint: &str) -> Command {
+    xero_token(
+        fx,
+        &[
+            "authorize",
+            "--authorize-url",
+            &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
+            "--port",
+            "0",
+            "--login-hint",
+            login_hint,
+        ],
+    )
+}
+
 /// `xero-token get --from-dir DIR` with no way to reach any cluster.
 fn get_from_mount_only(dir: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_xero-token"))
@@ -369,22 +386,11 @@ async fn authorize_runs_the_pkce_flow_and_stores_the_first_pair() {
     );
 
     let mut child = common::Procs(vec![
-        xero_token(
-            &fx,
-            &[
-                "authorize",
-                "--authorize-url",
-                &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
-                "--port",
-                "0",
-                "--login-hint",
-                &fx.user.user_id,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start authorize"),
+        authorize(&fx, &fx.user.user_id)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start authorize"),
     ]);
     let stderr = child.0[0].stderr.take().expect("stderr");
     let stdout = child.0[0].stdout.take().expect("stdout");
@@ -439,22 +445,11 @@ async fn a_refused_authorisation_says_why() {
     let before = fx.record().await;
     let log = tempfile::NamedTempFile::new().expect("log");
     let mut child = common::Procs(vec![
-        xero_token(
-            &fx,
-            &[
-                "authorize",
-                "--authorize-url",
-                &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
-                "--port",
-                "0",
-                "--login-hint",
-                "nobody-of-this-app",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(log.reopen().expect("log"))
-        .spawn()
-        .expect("start authorize"),
+        authorize(&fx, "nobody-of-this-app")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("start authorize"),
     ]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let url = loop {
