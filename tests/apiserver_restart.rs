@@ -17,6 +17,7 @@ async fn own_control_plane() -> ControlPlane {
     ControlPlane::start(&Options {
         bin_dir: common::env().bin_dir.clone(),
         controller_manager: false,
+        node: None,
     })
     .await
     .expect("own control plane")

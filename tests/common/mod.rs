@@ -266,6 +266,24 @@ pub async fn token_fixture_on(
     timings: Timings,
     grace_reuse: xero_proving_ground::emulator::GraceReuse,
 ) -> TokenFixture {
+    token_fixture_at(
+        client,
+        hint,
+        timings,
+        grace_reuse,
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    )
+    .await
+}
+
+/// A fixture whose emulator listens on `ip` (the real node's IP, for pods to reach it).
+pub async fn token_fixture_at(
+    client: Client,
+    hint: &str,
+    timings: Timings,
+    grace_reuse: xero_proving_ground::emulator::GraceReuse,
+    ip: std::net::IpAddr,
+) -> TokenFixture {
     use xero_operator::protocol::format as f;
     use xero_proving_ground::emulator::{
         Behaviour, Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, Lifetimes, NewUser,
@@ -288,6 +306,7 @@ pub async fn token_fixture_on(
             ..RateLimits::default()
         },
         hang: Duration::from_secs(60),
+        ip,
         ..Config::default()
     })
     .await

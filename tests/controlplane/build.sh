@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real etcd, kube-apiserver, kube-controller-manager and a kubectl of the same
-# release (so tests see no version skew) from Go modules
+# release (so tests see no version skew), and the node's kubelet, kube-scheduler and kube-proxy
+# (the end-to-end tests' real node), from Go modules
 # (no downloads of release binaries, no Docker) into a cache directory outside the
 # work tree, keyed by this module's go.mod/go.sum and this script, so a fresh clone
 # on a warm machine reuses them. Prints the directory holding the binaries.
@@ -9,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 k8s_version="$(awk '$1=="k8s.io/kubernetes" {print $2; exit}' "$here/go.mod")"
 key="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -c1-12)"
 out="${XERO_CONTROLPLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xero-operator/controlplane}/$k8s_version-$key"
-bins=(etcd kube-apiserver kube-controller-manager kubectl)
+bins=(etcd kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
 
 have_all() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if have_all; then echo "$out"; exit 0; fi
@@ -29,6 +30,8 @@ echo "building the control plane ($k8s_version) into $out (cold: 15-25 min on 2 
 go build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3 >&2
 go build -trimpath -ldflags "$ldflags" -o "$out.tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
 go build -trimpath -ldflags "$ldflags" -o "$out.tmp/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
-go build -trimpath -ldflags "$ldflags" -o "$out.tmp/kubectl" k8s.io/kubernetes/cmd/kubectl >&2
+for cmd in kubectl kubelet kube-scheduler kube-proxy; do
+  go build -trimpath -ldflags "$ldflags" -o "$out.tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd" >&2
+done
 rm -rf "$out" && mv "$out.tmp" "$out"
 echo "$out"

@@ -7,6 +7,10 @@
 //!   then tears down and exits with CMD's exit code (how `make test` shares one control plane).
 //! - `--exit-with-parent` tears down when the parent process goes away (how a test binary that
 //!   started its own control plane makes sure nothing outlives it).
+//! - `--node --node-image pause.tar …` also runs a real node (containerd, kubelet,
+//!   kube-scheduler, kube-proxy): the launcher, the control plane, the node and CMD all live in a
+//!   network namespace made for the run, with no route out. CMD gets `XERO_NODE_NAME`,
+//!   `XERO_NODE_IP` and `XERO_NODE_CONTAINERD` (containerd's socket, for `ctr`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use xero_proving_ground::controlplane::node::{self, NodeOptions};
 use xero_proving_ground::controlplane::{ControlPlane, Options};
 
 /// Start etcd + kube-apiserver (+ kube-controller-manager) on 127.0.0.1 with a temporary state dir.
@@ -33,15 +38,45 @@ struct Args {
     #[arg(long)]
     exit_with_parent: bool,
 
+    /// Also run a real node in a network namespace made for the run (needs root and
+    /// scripts/node-deps.sh).
+    #[arg(long)]
+    node: bool,
+
+    /// OCI image tarball to load into the node's containerd (repeatable); one must be the
+    /// sandbox image xero.local/pause:1 (tests/node/images.sh builds it).
+    #[arg(long = "node-image", requires = "node")]
+    node_images: Vec<PathBuf>,
+
+    /// How often the node's kubelet re-reads mounted Secrets (its default is 1m).
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration, requires = "node")]
+    secret_sync: Duration,
+
     /// Command to run against the control plane; the launcher exits with its exit code.
     #[arg(last = true)]
     command: Vec<String>,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // Before the runtime starts any thread: every thread and child is then in the namespace.
+    if args.node
+        && let Err(err) = node::enter_network_namespace()
+    {
+        eprintln!("xero-controlplane: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("xero-controlplane: starting the runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("xero-controlplane: {err:#}");
@@ -53,10 +88,39 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut opts = Options::from_bin_dir_or_build(args.bin_dir)?;
     opts.controller_manager = !args.no_controller_manager;
+    if args.node {
+        opts.node = Some(NodeOptions {
+            images: args.node_images.clone(),
+            sync_frequency: args.secret_sync,
+        });
+    }
     let parent = std::os::unix::process::parent_id();
     let mut cp = ControlPlane::start(&opts).await?;
     let kubeconfig = cp.admin_kubeconfig.display().to_string();
     eprintln!("control plane ready at {}", cp.server);
+    let node_env: Vec<(&str, String)> = match &cp.node {
+        Some(n) => {
+            eprintln!(
+                "node {} Ready at {} (enter its network: nsenter --net=/proc/{}/ns/net)",
+                n.name,
+                node::NODE_IP,
+                std::process::id()
+            );
+            vec![
+                ("XERO_NODE_NAME", n.name.clone()),
+                ("XERO_NODE_IP", node::NODE_IP.to_string()),
+                (
+                    "XERO_NODE_CONTAINERD",
+                    n.containerd_socket.display().to_string(),
+                ),
+                (
+                    "XERO_NODE_SECRET_SYNC",
+                    humantime::format_duration(args.secret_sync).to_string(),
+                ),
+            ]
+        }
+        None => vec![],
+    };
     eprintln!("non-admin kubeconfig: {}", cp.user_kubeconfig.display());
     let bin_dir = opts.bin_dir.display().to_string();
     // The same-release kubectl goes first on PATH, so commands see no version skew.
@@ -74,6 +138,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .env("XERO_TEST_KUBECONFIG", &kubeconfig)
                 .env("XERO_CONTROLPLANE_BIN_DIR", &bin_dir)
                 .env("PATH", &path)
+                .envs(node_env.iter().map(|(k, v)| (k, v)))
                 .spawn()?,
         ),
         None => None,

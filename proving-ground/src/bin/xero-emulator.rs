@@ -14,7 +14,12 @@ use xero_proving_ground::emulator::{
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Port on 127.0.0.1 (0 picks a free one; the address is printed on stdout).
+    /// Address to listen on: 127.0.0.1, or the real node's IP (10.77.0.1) inside its network
+    /// namespace so that pods reach it.
+    #[arg(long, env = "XERO_EMULATOR_LISTEN_IP", default_value = "127.0.0.1")]
+    listen_ip: std::net::IpAddr,
+
+    /// Port (0 picks a free one; the address is printed on stdout).
     #[arg(long, env = "XERO_EMULATOR_PORT", default_value_t = 8480)]
     port: u16,
 
@@ -115,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
     xero_operator::process::init_logging("info");
     let args = Args::parse();
     let config = Config {
+        ip: args.listen_ip,
         port: args.port,
         clients: args
             .clients

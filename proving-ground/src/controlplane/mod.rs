@@ -7,6 +7,7 @@
 //! when it is killed; state directories left by a killed launcher are removed by the next one.
 
 mod kubeconfig;
+pub mod node;
 mod pki;
 
 use std::net::TcpListener;
@@ -52,6 +53,8 @@ pub enum Error {
         status: String,
         log_tail: String,
     },
+    #[error("the real node: {0}")]
+    Node(String),
     #[error("the API server was not ready after {0:?}; last log lines:\n{1}")]
     NotReady(Duration, String),
 }
@@ -68,6 +71,9 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// Also start kube-controller-manager (garbage collection, namespace deletion).
     pub controller_manager: bool,
+    /// Also run a real node (see [`node`]); the process must already be in the network
+    /// namespace of [`node::enter_network_namespace`].
+    pub node: Option<node::NodeOptions>,
 }
 
 impl Options {
@@ -94,6 +100,7 @@ impl Options {
         Ok(Self {
             bin_dir: PathBuf::from(dir),
             controller_manager: true,
+            node: None,
         })
     }
 }
@@ -105,6 +112,7 @@ impl Options {
             Some(bin_dir) => Ok(Self {
                 bin_dir,
                 controller_manager: true,
+                node: None,
             }),
             None => Self::from_build_script(
                 // The Go module of the control plane stays in the product's tests/.
@@ -134,6 +142,8 @@ pub struct ControlPlane {
     pub admin_kubeconfig: PathBuf,
     /// Kubeconfig of [`NON_ADMIN_USER`], who has no permissions until RBAC grants some.
     pub user_kubeconfig: PathBuf,
+    /// The real node, when [`Options::node`] asked for one.
+    pub node: Option<node::Node>,
 }
 
 impl ControlPlane {
@@ -167,6 +177,7 @@ impl ControlPlane {
             server: String::new(),
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             user_kubeconfig: dir.join("user.kubeconfig"),
+            node: None,
         };
         // On any error below, `cp` is dropped and stops what was started.
         cp.launch(opts, &dir).await?;
@@ -174,30 +185,52 @@ impl ControlPlane {
     }
 
     async fn launch(&mut self, opts: &Options, dir: &Path) -> Result<(), Error> {
-        let pki = pki::Pki::generate()?;
+        // With a node, the API server serves the node IP (pods reach it through the
+        // `kubernetes` Service) and everything else stays on the namespace's loopback.
+        let api_ip = match opts.node {
+            Some(_) => node::NODE_IP.to_string(),
+            None => "127.0.0.1".to_owned(),
+        };
+        let extra_sans = match opts.node {
+            Some(_) => vec![
+                node::NODE_IP.to_string(),
+                node::KUBERNETES_SERVICE_IP.to_string(),
+            ],
+            None => vec![],
+        };
+        let pki = pki::Pki::generate(&extra_sans)?;
         let write = |name: &str, content: &str| {
             let path = dir.join(name);
             std::fs::write(&path, content).map_err(io(format!("writing {name}")))?;
             Ok::<_, Error>(path)
         };
-        write("ca.crt", &pki.ca_pem)?;
+        let ca_file = write("ca.crt", &pki.ca_pem)?;
         let serving_cert = write("apiserver.crt", &pki.serving_cert_pem)?;
         let serving_key = write("apiserver.key", &pki.serving_key_pem)?;
+        let kubelet_client_cert = write("kubelet-client.crt", &pki.kubelet_client_cert_pem)?;
+        let kubelet_client_key = write("kubelet-client.key", &pki.kubelet_client_key_pem)?;
         let sa_key = write("sa.key", &pki.service_account_key_pem)?;
         let sa_pub = write("sa.pub", &pki.service_account_pub_pem)?;
         let admin_token = pki::random_token().map_err(io("reading /dev/urandom"))?;
         let user_token = pki::random_token().map_err(io("reading /dev/urandom"))?;
-        let tokens = write(
-            "tokens.csv",
-            &format!(
-                "{admin_token},admin,admin,\"system:masters\"\n{user_token},{NON_ADMIN_USER},{NON_ADMIN_USER}\n"
-            ),
-        )?;
+        let node_token = pki::random_token().map_err(io("reading /dev/urandom"))?;
+        let node_names = opts.node.as_ref().map(|_| node::Node::new(dir));
+        let mut token_lines = format!(
+            "{admin_token},admin,admin,\"system:masters\"\n{user_token},{NON_ADMIN_USER},{NON_ADMIN_USER}\n"
+        );
+        if let Some(n) = &node_names {
+            // The kubelet's identity, for the Node authorizer and NodeRestriction.
+            token_lines.push_str(&format!(
+                "{node_token},system:node:{0},system:node:{0},\"system:nodes\"\n",
+                n.name
+            ));
+        }
+        let tokens = write("tokens.csv", &token_lines)?;
 
         let etcd_port = free_port()?;
         let etcd_peer_port = free_port()?;
         let api_port = free_port()?;
-        self.server = format!("https://127.0.0.1:{api_port}");
+        self.server = format!("https://{api_ip}:{api_port}");
         write(
             "admin.kubeconfig",
             &kubeconfig::render(&self.server, &pki.ca_pem, "admin", &admin_token)?,
@@ -227,48 +260,206 @@ impl ControlPlane {
         )?;
 
         let path = |p: &Path| p.display().to_string();
-        self.spawn(
-            opts,
-            dir,
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--cert-dir={}", dir.join("certs").display()),
-                format!("--tls-cert-file={}", path(&serving_cert)),
-                format!("--tls-private-key-file={}", path(&serving_key)),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--endpoint-reconciler-type=none".into(),
-                format!("--service-account-issuer={}", self.server),
-                format!("--service-account-key-file={}", path(&sa_pub)),
-                format!("--service-account-signing-key-file={}", path(&sa_key)),
-                format!("--token-auth-file={}", path(&tokens)),
+        let mut api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--tls-cert-file={}", path(&serving_cert)),
+            format!("--tls-private-key-file={}", path(&serving_key)),
+            format!("--secure-port={api_port}"),
+            format!("--bind-address={api_ip}"),
+            format!("--advertise-address={api_ip}"),
+            format!("--service-cluster-ip-range={}", node::SERVICE_CIDR),
+            format!("--service-account-issuer={}", self.server),
+            format!("--service-account-key-file={}", path(&sa_pub)),
+            format!("--service-account-signing-key-file={}", path(&sa_key)),
+            format!("--token-auth-file={}", path(&tokens)),
+            format!("--client-ca-file={}", path(&ca_file)),
+            "--allow-privileged=true".into(),
+            "--v=0".into(),
+        ];
+        if opts.node.is_some() {
+            api_args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path(&kubelet_client_cert)
+                ),
+                format!("--kubelet-client-key={}", path(&kubelet_client_key)),
+            ]);
+        } else {
+            api_args.extend([
                 "--authorization-mode=RBAC".into(),
-                // No pods run here, so the ServiceAccount admission plugin has nothing to do.
+                // No pods run here: no endpoints for the `kubernetes` Service, and nothing for
+                // the ServiceAccount admission plugin to do.
+                "--endpoint-reconciler-type=none".into(),
                 "--disable-admission-plugins=ServiceAccount".into(),
-                "--allow-privileged=true".into(),
-                "--v=0".into(),
-            ],
-        )?;
+            ]);
+        }
+        self.spawn(opts, dir, "kube-apiserver", &api_args)?;
         self.wait_ready().await?;
 
-        if opts.controller_manager {
+        if opts.controller_manager || opts.node.is_some() {
             let kcm_port = free_port()?;
-            self.spawn(opts, dir, "kube-controller-manager", &[
+            let mut controllers = vec![
+                "garbage-collector-controller",
+                "namespace-controller",
+                "serviceaccount-controller",
+            ];
+            let mut kcm_args = vec![
                 format!("--kubeconfig={}", path(&self.admin_kubeconfig)),
-                format!("--authentication-kubeconfig={}", path(&self.admin_kubeconfig)),
-                format!("--authorization-kubeconfig={}", path(&self.admin_kubeconfig)),
-                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
+                format!(
+                    "--authentication-kubeconfig={}",
+                    path(&self.admin_kubeconfig)
+                ),
+                format!(
+                    "--authorization-kubeconfig={}",
+                    path(&self.admin_kubeconfig)
+                ),
                 "--leader-elect=false".into(),
                 "--bind-address=127.0.0.1".into(),
                 format!("--secure-port={kcm_port}"),
                 format!("--cert-dir={}", dir.join("kcm-certs").display()),
                 "--v=0".into(),
-            ])?;
+            ];
+            if opts.node.is_some() {
+                controllers.extend([
+                    "deployment-controller",
+                    "replicaset-controller",
+                    "node-lifecycle-controller",
+                    "endpointslice-controller",
+                    "endpoints-controller",
+                    "pod-garbage-collector-controller",
+                    "root-ca-certificate-publisher-controller",
+                    "clusterrole-aggregation-controller",
+                    "disruption-controller",
+                ]);
+                kcm_args.push(format!("--root-ca-file={}", path(&ca_file)));
+            }
+            kcm_args.push(format!("--controllers={}", controllers.join(",")));
+            self.spawn(opts, dir, "kube-controller-manager", &kcm_args)?;
+        }
+
+        if let (Some(node_opts), Some(node)) = (&opts.node, node_names) {
+            let node_kubeconfig = write(
+                "node.kubeconfig",
+                &kubeconfig::render(&self.server, &pki.ca_pem, &node.name, &node_token)?,
+            )?;
+            self.node = Some(node);
+            self.start_node(opts, node_opts, dir, &ca_file, &node_kubeconfig)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Starts containerd, imports the images, then kube-scheduler, the kubelet and kube-proxy,
+    /// and waits for the node to turn Ready.
+    async fn start_node(
+        &mut self,
+        opts: &Options,
+        node_opts: &node::NodeOptions,
+        dir: &Path,
+        ca_file: &Path,
+        node_kubeconfig: &Path,
+    ) -> Result<(), Error> {
+        let node = self.node.as_mut().expect("set by launch");
+        let containerd_dir = dir.join("containerd");
+        std::fs::create_dir_all(containerd_dir.join("net.d")).map_err(io("creating net.d"))?;
+        let write = |path: PathBuf, content: String| {
+            std::fs::write(&path, content).map_err(io(format!("writing {}", path.display())))?;
+            Ok::<_, Error>(path)
+        };
+        let containerd_config =
+            write(containerd_dir.join("config.toml"), node.containerd_config())?;
+        write(
+            containerd_dir.join("net.d/10-xero-node.conflist"),
+            node.cni_config(),
+        )?;
+        let socket = node.containerd_socket.clone();
+        node.save_sysctls();
+        node.create_cgroups()?;
+        let node_name = node.name.clone();
+        let kubelet_port = free_port()?;
+        let kubelet_healthz = free_port()?;
+        let kubelet_config = write(
+            dir.join("kubelet.yaml"),
+            node.kubelet_config(node_opts, ca_file, kubelet_port, kubelet_healthz),
+        )?;
+        let proxy_config = write(
+            dir.join("kube-proxy.yaml"),
+            node.kube_proxy_config(&self.admin_kubeconfig, free_port()?, free_port()?),
+        )?;
+
+        self.spawn_program(
+            dir,
+            "containerd",
+            Path::new("/usr/bin/containerd"),
+            &[format!("--config={}", containerd_config.display())],
+        )?;
+        let started = Instant::now();
+        while !socket.exists() {
+            self.check_alive()?;
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Node(format!(
+                    "containerd did not open {} within 30 s",
+                    socket.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.node
+            .as_ref()
+            .expect("set")
+            .import_images(&node_opts.images)?;
+
+        let path = |p: &Path| p.display().to_string();
+        let sched_port = free_port()?;
+        self.spawn(
+            opts,
+            dir,
+            "kube-scheduler",
+            &[
+                format!("--kubeconfig={}", path(&self.admin_kubeconfig)),
+                format!(
+                    "--authentication-kubeconfig={}",
+                    path(&self.admin_kubeconfig)
+                ),
+                format!(
+                    "--authorization-kubeconfig={}",
+                    path(&self.admin_kubeconfig)
+                ),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={sched_port}"),
+                "--v=0".into(),
+            ],
+        )?;
+        self.spawn(
+            opts,
+            dir,
+            "kubelet",
+            &[
+                format!("--config={}", path(&kubelet_config)),
+                format!("--kubeconfig={}", path(node_kubeconfig)),
+                format!("--root-dir={}", dir.join("kubelet").display()),
+                format!("--cert-dir={}", dir.join("kubelet-certs").display()),
+                format!("--hostname-override={node_name}"),
+                format!("--node-ip={}", node::NODE_IP),
+                "--v=0".into(),
+            ],
+        )?;
+        self.spawn(
+            opts,
+            dir,
+            "kube-proxy",
+            &[format!("--config={}", path(&proxy_config)), "--v=0".into()],
+        )?;
+        let client = self.admin_client().await?;
+        let node = self.node.take().expect("set");
+        let result = node.wait_ready(&client, || self.check_alive()).await;
+        self.node = Some(node);
+        result
     }
 
     fn spawn(
@@ -278,8 +469,18 @@ impl ControlPlane {
         name: &'static str,
         args: &[String],
     ) -> Result<(), Error> {
+        self.spawn_program(dir, name, &opts.bin_dir.join(name), args)
+    }
+
+    fn spawn_program(
+        &mut self,
+        dir: &Path,
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+    ) -> Result<(), Error> {
         let log = dir.join(format!("{name}.log"));
-        let program = opts.bin_dir.join(name);
+        let program = program.to_path_buf();
         let child = start_component(name, &program, args, &log)?;
         self.components.push(Component {
             name,
@@ -327,8 +528,7 @@ impl ControlPlane {
             .ok_or(Error::Build("no API server is running".into()))
     }
 
-    async fn wait_ready(&mut self) -> Result<(), Error> {
-        let started = Instant::now();
+    async fn admin_client(&self) -> Result<kube::Client, Error> {
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(&self.admin_kubeconfig)
                 .map_err(|e| Error::Build(e.to_string()))?,
@@ -336,7 +536,12 @@ impl ControlPlane {
         )
         .await
         .map_err(|e| Error::Build(e.to_string()))?;
-        let client = kube::Client::try_from(config).map_err(|e| Error::Build(e.to_string()))?;
+        kube::Client::try_from(config).map_err(|e| Error::Build(e.to_string()))
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        let client = self.admin_client().await?;
         loop {
             self.check_alive()?;
             let req = http::Request::get("/readyz")
@@ -378,6 +583,12 @@ impl ControlPlane {
     /// removes the state directory.
     pub fn stop(&mut self) {
         while let Some(mut c) = self.components.pop() {
+            if c.name == "containerd"
+                && let Some(node) = &self.node
+            {
+                // The kubelet is gone; the containers would outlive containerd.
+                node.kill_workloads();
+            }
             if let Ok(pid) = i32::try_from(c.child.id()) {
                 // SAFETY: plain syscall on a pid we started and have not reaped yet.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -391,6 +602,9 @@ impl ControlPlane {
             }
             let _ = c.child.kill();
             let _ = c.child.wait();
+        }
+        if let Some(node) = self.node.take() {
+            node.cleanup();
         }
         if let Some(dir) = self.state_dir.take() {
             let _ = dir.close();
@@ -420,6 +634,7 @@ fn start_component(
     let log_err = log_file.try_clone().map_err(io("cloning a log handle"))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        .env("PATH", node::system_path())
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err);
@@ -472,6 +687,9 @@ fn remove_stale_state_dirs() {
         if let Some(pid) = owner
             && !process_alive(pid)
         {
+            if path.join("containerd").exists() {
+                node::reap_stale(&path, pid.unsigned_abs());
+            }
             let _ = std::fs::remove_dir_all(&path);
         }
     }
@@ -521,6 +739,7 @@ mod tests {
         let opts = Options {
             bin_dir: empty.path().to_path_buf(),
             controller_manager: false,
+            node: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1,7 +1,9 @@
 //! Throw-away keys and certificates for a local control plane: a CA, the API server's serving
 //! certificate for 127.0.0.1/localhost, the service-account signing key, and bearer tokens.
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
 
 /// PEM material written into the control plane's state directory.
 pub struct Pki {
@@ -11,6 +13,10 @@ pub struct Pki {
     pub serving_cert_pem: String,
     /// The serving certificate's private key.
     pub serving_key_pem: String,
+    /// The API server's client certificate towards kubelets (group `system:masters`).
+    pub kubelet_client_cert_pem: String,
+    /// Its private key.
+    pub kubelet_client_key_pem: String,
     /// The key that signs service-account tokens (PKCS#8, ECDSA P-256).
     pub service_account_key_pem: String,
     /// Its public half, which verifies them.
@@ -18,8 +24,9 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Generates a fresh CA, serving certificate and service-account key.
-    pub fn generate() -> Result<Self, rcgen::Error> {
+    /// Generates a fresh CA, serving certificate (for loopback and `extra_sans`), the API
+    /// server's kubelet client certificate and the service-account key.
+    pub fn generate(extra_sans: &[String]) -> Result<Self, rcgen::Error> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -30,18 +37,33 @@ impl Pki {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let serving_key = KeyPair::generate()?;
-        let mut serving_params = CertificateParams::new(vec![
+        let mut sans = vec![
             "127.0.0.1".to_owned(),
             "localhost".to_owned(),
             "kubernetes.default.svc".to_owned(),
-        ])?;
+        ];
+        sans.extend(extra_sans.iter().cloned());
+        let mut serving_params = CertificateParams::new(sans)?;
         serving_params
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
         let serving_cert = serving_params.signed_by(&serving_key, &issuer)?;
 
+        let client_key = KeyPair::generate()?;
+        let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+        client_params
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params.signed_by(&client_key, &issuer)?;
+
         let sa_key = KeyPair::generate()?;
         Ok(Self {
+            kubelet_client_cert_pem: client_cert.pem(),
+            kubelet_client_key_pem: client_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
             serving_cert_pem: serving_cert.pem(),
             serving_key_pem: serving_key.serialize_pem(),
@@ -65,7 +87,7 @@ mod tests {
 
     #[test]
     fn generates_distinct_pem_material() {
-        let pki = Pki::generate().expect("pki");
+        let pki = Pki::generate(&["10.0.0.1".to_owned()]).expect("pki");
         assert!(pki.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(
             pki.serving_cert_pem

@@ -37,7 +37,9 @@ pub const DEFAULT_CLIENT_SECRET: &str = "emulator-secret";
 /// Everything the emulator starts with; all of it can be changed at run time via `/_admin`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Port on 127.0.0.1; 0 picks a free one.
+    /// Address to listen on: 127.0.0.1, or the real node's IP inside its network namespace.
+    pub ip: std::net::IpAddr,
+    /// Port; 0 picks a free one.
     pub port: u16,
     /// Registered apps: (client id, client secret).
     pub clients: Vec<(String, String)>,
@@ -51,6 +53,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 0,
             clients: vec![(
                 DEFAULT_CLIENT_ID.to_owned(),
@@ -71,7 +74,7 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Binds 127.0.0.1:`port` and serves in a background task.
+    /// Binds `ip`:`port` and serves in a background task.
     pub async fn start(config: Config) -> std::io::Result<Self> {
         config.faults.validate().map_err(std::io::Error::other)?;
         let mut state = State::new(config.behaviour);
@@ -86,7 +89,7 @@ impl Emulator {
             })),
             hang: config.hang,
         };
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port)).await?;
+        let listener = tokio::net::TcpListener::bind((config.ip, config.port)).await?;
         let addr = listener.local_addr()?;
         let app = router(shared);
         let server = tokio::spawn(async move {

@@ -482,7 +482,7 @@ pub async fn connections(
     let resp = {
         let mut inner = shared.lock();
         let now = now_ms();
-        match inner.state.bearer(bearer_token(&headers), now) {
+        match inner.state.bearer_counted(bearer_token(&headers), now) {
             Err(e) => unauthorized(e),
             Ok(who) => match inner.limiter.admit_app(&who.client_id, now) {
                 Err(limited) => {
@@ -511,7 +511,7 @@ pub async fn disconnect(
     Path(id): Path<String>,
 ) -> Response {
     let mut inner = shared.lock();
-    match inner.state.bearer(bearer_token(&headers), now_ms()) {
+    match inner.state.bearer_counted(bearer_token(&headers), now_ms()) {
         Err(e) => unauthorized(e),
         Ok(who) if inner.state.disconnect(&who.user_id, &id) => {
             StatusCode::NO_CONTENT.into_response()
@@ -538,7 +538,7 @@ pub async fn organisation(Axum(shared): Axum<Shared>, headers: HeaderMap) -> Res
     let admitted = {
         let mut inner = shared.lock();
         let now = now_ms();
-        match inner.state.bearer(bearer_token(&headers), now) {
+        match inner.state.bearer_counted(bearer_token(&headers), now) {
             Err(e) => Err(unauthorized(e)),
             Ok(_) if tenant.is_empty() => Err((
                 StatusCode::BAD_REQUEST,

@@ -227,6 +227,10 @@ pub struct Counters {
     pub token_calls_by_client_auth: BTreeMap<String, u64>,
     /// Client-credentials requests by the `scope` parameter sent (`(none)` when absent).
     pub client_credentials_scopes: BTreeMap<String, u64>,
+    /// Access tokens presented to the API endpoints, by outcome: `ok`, `expired` (a consumer
+    /// used a token past its expiry) or `unknown`.
+    #[serde(default)]
+    pub bearer_outcomes: BTreeMap<String, u64>,
 }
 
 struct Client {
@@ -781,6 +785,22 @@ impl State {
             user_id: at.user_id.clone(),
             client_id: at.client_id.clone(),
         })
+    }
+
+    /// [`Self::bearer`], counted in [`Counters::bearer_outcomes`].
+    pub fn bearer_counted(&mut self, token: &str, now: Millis) -> Result<Bearer, BearerError> {
+        let result = self.bearer(token, now);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(BearerError::Expired(_)) => "expired",
+            Err(BearerError::Unknown) => "unknown",
+        };
+        *self
+            .counters
+            .bearer_outcomes
+            .entry(outcome.to_owned())
+            .or_default() += 1;
+        result
     }
 
     /// The chain report of every family.
