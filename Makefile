@@ -40,13 +40,21 @@ e2e: prerequisites
 	bash scripts/helm.sh >/dev/null
 	$(MAKE) --no-print-directory e2e-run
 
+# The host's state before and after must be the same: the node tears down completely.
 e2e-run: node-deps image node-images
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	version="$$(awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)"; \
+	bash tests/node/host-state.sh > target/node-images/host-before.txt; \
+	status=0; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" --node --secret-sync $(E2E_SECRET_SYNC) \
 	  --node-image target/node-images/pause.oci.tar --node-image target/node-images/busybox.oci.tar \
 	  --node-image "target/image/xero-operator-$$version.oci.tar" \
-	  -- $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture $(E2E_ARGS)
+	  -- $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture $(E2E_ARGS) \
+	  || status=$$?; \
+	bash tests/node/host-state.sh > target/node-images/host-after.txt; \
+	diff -u target/node-images/host-before.txt target/node-images/host-after.txt \
+	  || { echo "the test node left the above on the host" >&2; exit 1; }; \
+	exit $$status
 
 prerequisites:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }

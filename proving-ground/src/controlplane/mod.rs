@@ -377,7 +377,7 @@ impl ControlPlane {
             node.cni_config(),
         )?;
         let socket = node.containerd_socket.clone();
-        node.save_sysctls();
+        node.save_host_state();
         node.create_cgroups()?;
         let node_name = node.name.clone();
         let kubelet_port = free_port()?;
@@ -583,10 +583,17 @@ impl ControlPlane {
     /// removes the state directory.
     pub fn stop(&mut self) {
         while let Some(mut c) = self.components.pop() {
+            if c.name == "kube-proxy"
+                && let Some(node) = &self.node
+            {
+                // While the kubelet still runs: it tears the pods down, networks included.
+                let kubectl = c.program.with_file_name("kubectl");
+                node.drain(&kubectl, &self.admin_kubeconfig);
+            }
             if c.name == "containerd"
                 && let Some(node) = &self.node
             {
-                // The kubelet is gone; the containers would outlive containerd.
+                // The kubelet is gone; what is left would outlive containerd.
                 node.kill_workloads();
             }
             if let Ok(pid) = i32::try_from(c.child.id()) {

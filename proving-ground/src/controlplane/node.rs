@@ -38,6 +38,23 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where Debian's packages put the container runtime; the node needs these on `PATH`.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// Where the CNI library caches each sandbox's result (fixed: not configurable in containerd
+/// 1.6); files are named after the sandbox id.
+const CNI_RESULTS_DIR: &str = "/var/lib/cni/results";
+/// Host paths the kubelet and containerd use whatever their flags; removed after the run when
+/// it created them and they are empty (sockets aside).
+const FIXED_HOST_DIRS: [&str; 8] = [
+    "/var/lib/kubelet/device-plugins",
+    "/var/lib/kubelet",
+    "/var/lib/cni/results",
+    "/var/lib/cni",
+    "/var/log/containers",
+    "/run/containerd/s",
+    "/run/containerd",
+    "/run/netns",
+];
+/// How long stopping waits for the kubelet to tear the pods down (their network included).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the node needs.
 #[derive(Clone, Debug)]
@@ -84,6 +101,8 @@ pub struct Node {
     dir: PathBuf,
     cgroup_root: String,
     saved_sysctls: Vec<(String, String)>,
+    /// The [`FIXED_HOST_DIRS`] that did not exist before the node started.
+    created_host_dirs: Vec<&'static str>,
 }
 
 impl Node {
@@ -100,6 +119,7 @@ impl Node {
             dir: dir.to_path_buf(),
             cgroup_root: format!("/xero-node-{id}"),
             saved_sysctls: Vec::new(),
+            created_host_dirs: Vec::new(),
         }
     }
 
@@ -123,6 +143,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   address = ""
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{SANDBOX_IMAGE}"
+  # Pod network namespaces under the run's state directory, not the host's /run/netns.
+  netns_mounts_under_state_dir = true
   # Root here lacks CAP_SYS_RESOURCE: without this every sandbox fails to start.
   restrict_oom_score_adj = true
   enable_selinux = false
@@ -221,8 +243,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         .to_string()
     }
 
-    /// Remembers the kernel settings the kubelet is about to change.
-    pub fn save_sysctls(&mut self) {
+    /// Remembers the kernel settings the kubelet is about to change, and which fixed host
+    /// directories do not exist yet.
+    pub fn save_host_state(&mut self) {
+        self.created_host_dirs = FIXED_HOST_DIRS
+            .into_iter()
+            .filter(|d| !Path::new(d).exists())
+            .collect();
         self.saved_sysctls = KUBELET_SYSCTLS
             .iter()
             .filter_map(|k| {
@@ -302,6 +329,51 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
     }
 
+    /// Stops every pod the way a node drain does, so that the kubelet tears down their
+    /// containers and networks: cordons the node (no replacement pods), deletes all pods, and
+    /// waits until containerd runs no task. Best effort: [`Self::kill_workloads`] follows.
+    pub fn drain(&self, kubectl: &Path, kubeconfig: &Path) {
+        let kubectl = |args: &[&str]| {
+            let _ = Command::new(kubectl)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg("--request-timeout=10s")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        kubectl(&["cordon", &self.name]);
+        kubectl(&[
+            "delete",
+            "pods",
+            "--all",
+            "-A",
+            "--force",
+            "--grace-period=0",
+            "--wait=false",
+        ]);
+        let socket = self.containerd_socket.display().to_string();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while Instant::now() < deadline {
+            let out = Command::new("ctr")
+                .args(["--address", &socket, "-n", "k8s.io", "tasks", "ls"])
+                .env("PATH", SYSTEM_PATH)
+                .stdin(Stdio::null())
+                .output();
+            let running = match out {
+                Ok(o) if o.status.success() => {
+                    String::from_utf8_lossy(&o.stdout).contains("RUNNING")
+                }
+                _ => false,
+            };
+            if !running {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Kills every container process of the node (they live in the kubelet's cgroup root) and
     /// the containerd shims of this run. Called after the kubelet stopped, before containerd.
     pub fn kill_workloads(&self) {
@@ -326,12 +398,42 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Undoes what outlives the node's processes: mounts under the run's directory and the pods'
     /// network namespaces, the kubelet's cgroups, its kernel settings, and its log links.
     pub fn cleanup(&self) {
+        self.remove_cni_results();
         unmount_under(&self.dir);
         remove_cgroups(&self.cgroup_root);
         for (key, value) in &self.saved_sysctls {
             let _ = std::fs::write(Path::new("/proc/sys").join(key), value);
         }
         remove_links_into("/var/log/containers", &self.dir);
+        for dir in &self.created_host_dirs {
+            // The kubelet's device-plugin socket is the one file it leaves there.
+            let _ = std::fs::remove_file(Path::new(dir).join("kubelet.sock"));
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Removes the CNI library's cached results of this run's sandboxes (left behind when a
+    /// sandbox was killed rather than torn down).
+    fn remove_cni_results(&self) {
+        let sandboxes = self
+            .dir
+            .join("containerd/root/io.containerd.grpc.v1.cri/sandboxes");
+        let Ok(ids) = std::fs::read_dir(sandboxes) else {
+            return;
+        };
+        let ids: Vec<String> = ids
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let Ok(results) = std::fs::read_dir(CNI_RESULTS_DIR) else {
+            return;
+        };
+        for e in results.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ids.iter().any(|id| name.contains(id.as_str())) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 
