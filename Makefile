@@ -20,7 +20,7 @@ test: prerequisites fmt-check clippy crd-drift
 
 ## image: the operator's OCI image, built without Docker (static binaries, non-root, reproducible):
 ## target/image/xero-operator-<version>.oci.tar. IMAGE_TAG=… for another tag.
-image:
+image: node-deps
 	bash scripts/image.sh $(IMAGE_TAG)
 
 ## node-deps: what the real node needs from Debian's packages (containerd, runc, CNI plugins, …).
@@ -28,7 +28,7 @@ node-deps:
 	bash scripts/node-deps.sh
 
 ## node-images: the test node's sandbox (pause) and busybox images.
-node-images:
+node-images: node-deps
 	bash tests/node/images.sh >/dev/null
 
 ## e2e: the end-to-end tests alone: the image installed by Helm on a real node (kubelet,

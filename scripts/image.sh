@@ -6,6 +6,8 @@
 #   scripts/image.sh [TAG]  -> target/image/xero-operator-TAG.oci.tar (TAG: the crate version)
 # Prints "NAME:TAG DIGEST PATH". Building twice from the same tree gives the same digest.
 set -euo pipefail
+# Files in the image get 0644/0755 whatever the caller's umask (and so the same digest).
+umask 022
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 version="$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)"
 tag="${1:-$version}"

@@ -16,7 +16,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "installing for the real node: ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
+# Debian's containerd package would start (and, under systemd, enable) its service; the tests
+# run their own containerd with their own config, so no service is started while installing.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 timeout 600 apt-get update -qq >&2
-# --no-install-recommends keeps it to what the node uses; containerd's service is never started
-# (the tests start their own containerd with their own config and state directories).
+# --no-install-recommends keeps it to what the node uses.
 timeout 900 apt-get install -y -qq --no-install-recommends "${need[@]}" >&2

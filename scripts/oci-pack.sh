@@ -7,6 +7,8 @@
 # `ctr -n k8s.io images import OUT.tar` loads it into containerd; `skopeo copy
 # oci-archive:OUT.tar docker://REGISTRY/NAME:TAG` pushes it to a registry.
 set -euo pipefail
+# Files in the image get 0644/0755 whatever the caller's umask (and so the same digest).
+umask 022
 rootfs="$1" name="$2" out="$3" entrypoint="$4" user="${5:-65532:65532}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -40,7 +42,7 @@ printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+js
   "$config_digest" "$config_size" "$layer_digest" "$layer_size" > "$work/manifest.json"
 read -r manifest_digest manifest_size < <(blob "$work/manifest.json")
 
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"platform":{"architecture":"amd64","os":"linux"},"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
   "$manifest_digest" "$manifest_size" "$name" "${name##*:}" > "$work/index.json"
 echo '{"imageLayoutVersion":"1.0.0"}' > "$work/oci-layout"
 

@@ -5,6 +5,8 @@
 #   container that reads the mounted token Secret.
 # Prints the tarballs' paths, one per line.
 set -euo pipefail
+# Files in the image get 0644/0755 whatever the caller's umask (and so the same digest).
+umask 022
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 out="$root/target/node-images"

@@ -377,7 +377,7 @@ impl ControlPlane {
             node.cni_config(),
         )?;
         let socket = node.containerd_socket.clone();
-        node.save_host_state();
+        node.save_host_state()?;
         node.create_cgroups()?;
         let node_name = node.name.clone();
         let kubelet_port = free_port()?;
@@ -650,6 +650,11 @@ fn start_component(
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A process group of its own: Ctrl-C on the terminal reaches the launcher only,
+            // which then stops the components in order (the node's pods drained first).
+            if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -28,11 +28,17 @@ pub const POD_CIDR: &str = "10.88.0.0/24";
 /// The sandbox ("pause") image every pod starts with; imported from [`NodeOptions::images`].
 pub const SANDBOX_IMAGE: &str = "xero.local/pause:1";
 /// Kernel settings the kubelet changes at start; restored by [`Node::cleanup`].
-const KUBELET_SYSCTLS: [&str; 3] = [
+const KUBELET_SYSCTLS: [&str; 6] = [
     "kernel/panic",
     "kernel/panic_on_oops",
     "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
 ];
+/// The host state to restore, written before the kubelet starts so that the cleanup after a
+/// killed launcher restores it too.
+const HOST_STATE_FILE: &str = "host-state.json";
 /// How long the node may take to turn Ready (measured: 6–8 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where Debian's packages put the container runtime; the node needs these on `PATH`.
@@ -100,9 +106,16 @@ pub struct Node {
     pub containerd_socket: PathBuf,
     dir: PathBuf,
     cgroup_root: String,
-    saved_sysctls: Vec<(String, String)>,
+    saved: HostState,
+}
+
+/// What the node changes on the host, to undo afterwards.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct HostState {
+    /// The kernel settings the kubelet changes, with their values before it started.
+    sysctls: Vec<(String, String)>,
     /// The [`FIXED_HOST_DIRS`] that did not exist before the node started.
-    created_host_dirs: Vec<&'static str>,
+    created_dirs: Vec<String>,
 }
 
 impl Node {
@@ -118,8 +131,7 @@ impl Node {
             containerd_socket: dir.join("containerd/containerd.sock"),
             dir: dir.to_path_buf(),
             cgroup_root: format!("/xero-node-{id}"),
-            saved_sysctls: Vec::new(),
-            created_host_dirs: Vec::new(),
+            saved: HostState::default(),
         }
     }
 
@@ -132,7 +144,7 @@ impl Node {
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.opt"]
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]
@@ -245,18 +257,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Remembers the kernel settings the kubelet is about to change, and which fixed host
     /// directories do not exist yet.
-    pub fn save_host_state(&mut self) {
-        self.created_host_dirs = FIXED_HOST_DIRS
-            .into_iter()
-            .filter(|d| !Path::new(d).exists())
-            .collect();
-        self.saved_sysctls = KUBELET_SYSCTLS
-            .iter()
-            .filter_map(|k| {
-                let v = std::fs::read_to_string(Path::new("/proc/sys").join(k)).ok()?;
-                Some(((*k).to_owned(), v.trim().to_owned()))
-            })
-            .collect();
+    pub fn save_host_state(&mut self) -> Result<(), Error> {
+        self.saved = HostState {
+            created_dirs: FIXED_HOST_DIRS
+                .into_iter()
+                .filter(|d| !Path::new(d).exists())
+                .map(str::to_owned)
+                .collect(),
+            sysctls: KUBELET_SYSCTLS
+                .iter()
+                .filter_map(|k| {
+                    let v = std::fs::read_to_string(Path::new("/proc/sys").join(k)).ok()?;
+                    Some(((*k).to_owned(), v.trim().to_owned()))
+                })
+                .collect(),
+        };
+        let json = serde_json::to_string(&self.saved).expect("plain data serializes");
+        std::fs::write(self.dir.join(HOST_STATE_FILE), json).map_err(io("writing the host state"))
     }
 
     /// Creates the kubelet's cgroup root in every hierarchy (the kubelet requires it to exist);
@@ -401,11 +418,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.remove_cni_results();
         unmount_under(&self.dir);
         remove_cgroups(&self.cgroup_root);
-        for (key, value) in &self.saved_sysctls {
+        for (key, value) in &self.saved.sysctls {
             let _ = std::fs::write(Path::new("/proc/sys").join(key), value);
         }
         remove_links_into("/var/log/containers", &self.dir);
-        for dir in &self.created_host_dirs {
+        for dir in &self.saved.created_dirs {
             // The kubelet's device-plugin socket is the one file it leaves there.
             let _ = std::fs::remove_file(Path::new(dir).join("kubelet.sock"));
             let _ = std::fs::remove_dir(dir);
@@ -440,7 +457,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 /// Cleans up after a launcher that was killed (its pid was `owner`): kills what is left in its
 /// node's cgroups, and undoes its mounts, cgroups and log links.
 pub fn reap_stale(dir: &Path, owner: u32) {
-    let node = Node::for_owner(dir, owner);
+    let mut node = Node::for_owner(dir, owner);
+    if let Some(saved) = std::fs::read_to_string(dir.join(HOST_STATE_FILE))
+        .ok()
+        .and_then(|json| serde_json::from_str(&json).ok())
+    {
+        node.saved = saved;
+    }
     node.kill_workloads();
     node.cleanup();
 }
@@ -473,20 +496,22 @@ pub fn system_path() -> &'static str {
     SYSTEM_PATH
 }
 
-/// The cgroup v1 hierarchies (and the unified one) under `/sys/fs/cgroup`.
+/// The mount points of the cgroup hierarchies (v1 and v2), from this process's mount table.
 fn cgroup_hierarchies() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() && !e.file_type().map(|t| t.is_symlink()).unwrap_or(true) {
-                dirs.push(p);
-            }
-        }
-    }
-    if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
-        dirs.push(PathBuf::from("/sys/fs/cgroup"));
-    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| {
+            // Fields: … mount point (5th) … " - " fstype source options.
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let point = left.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| PathBuf::from(unescape_mount_path(point)))
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     dirs
 }
 
