@@ -413,13 +413,29 @@ async fn error_conditions_are_named_and_clear_when_the_cause_goes() {
         json!({}),
     )
     .await;
-    connection::wait_for_reason(
+    let waiting = connection::wait_for_reason(
         &fx,
         "acme",
         "WaitingForAuthorization",
         Duration::from_secs(30),
     )
     .await;
+    // The message is the command to run, with the real Secret (not a placeholder).
+    let message = waiting
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready")
+        .message;
+    assert!(
+        message.contains(&format!(
+            "xero-token --namespace {} --secret {} authorize",
+            fx.namespace, fx.secret
+        )),
+        "{message}"
+    );
     let third = fx
         .emulator
         .admin()

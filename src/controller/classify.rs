@@ -21,7 +21,10 @@ pub fn classify(
         ProtocolError::ReauthorizationRequired(why) => {
             (State::ReauthorizationRequired(why.clone()), recheck * 10)
         }
-        ProtocolError::NoRefreshToken => (State::WaitingForAuthorization, recheck * 10),
+        // The caller, which knows the Secret, names it in the state.
+        ProtocolError::NoRefreshToken => {
+            (State::WaitingForAuthorization(String::new()), recheck * 10)
+        }
         ProtocolError::MissingClientCredentials => (
             State::MissingClientSecret("the token Secret lacks the app's credentials".into()),
             recheck,

@@ -10,8 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub enum State {
     /// The token Secret holds a usable access token.
     TokenValid,
-    /// No refresh token yet: someone must run `xero-token authorize`.
-    WaitingForAuthorization,
+    /// No refresh token yet: someone must run `xero-token authorize`. Holds the flags that name
+    /// the token Secret (`--namespace NS --secret NAME`), empty when unknown.
+    WaitingForAuthorization(String),
     /// Xero refused the refresh token; a person must authorise again.
     ReauthorizationRequired(String),
     /// Xero answered 429; waiting it out.
@@ -54,7 +55,7 @@ impl State {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::TokenValid => "TokenValid",
-            Self::WaitingForAuthorization => "WaitingForAuthorization",
+            Self::WaitingForAuthorization(_) => "WaitingForAuthorization",
             Self::ReauthorizationRequired(_) => "ReauthorizationRequired",
             Self::RateLimited(_) => "RateLimited",
             Self::XeroUnavailable(_) => "XeroUnavailable",
@@ -78,8 +79,15 @@ impl State {
     pub fn message(&self) -> String {
         let text = match self {
             Self::TokenValid => "the token Secret holds a valid access token".to_owned(),
-            Self::WaitingForAuthorization => {
-                "no refresh token yet: run `xero-token authorize --secret <token secret>` to authorise the app".to_owned()
+            Self::WaitingForAuthorization(secret) => {
+                let secret = if secret.is_empty() {
+                    "--secret <token secret>"
+                } else {
+                    secret
+                };
+                format!(
+                    "no refresh token yet: run `xero-token {secret} authorize` to authorise the app"
+                )
             }
             Self::ReauthorizationRequired(why) => format!(
                 "Xero refused the refresh token ({why}); run `xero-token authorize` to authorise the app again"
@@ -158,7 +166,7 @@ mod tests {
             (State::Refreshing(x()), "True", "Refreshing"),
             (State::RefreshingExpired(x()), "False", "Refreshing"),
             (
-                State::WaitingForAuthorization,
+                State::WaitingForAuthorization(x()),
                 "False",
                 "WaitingForAuthorization",
             ),

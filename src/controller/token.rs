@@ -93,6 +93,13 @@ pub(super) async fn step(
         Err(e) => {
             let (state, requeue) =
                 classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
+            let state = match state {
+                State::WaitingForAuthorization(_) => State::WaitingForAuthorization(format!(
+                    "--namespace {ns} --secret {}",
+                    conn.token_secret_name()
+                )),
+                other => other,
+            };
             if !matches!(state, State::Refreshing(_) | State::RefreshingExpired(_)) {
                 ctx.metrics
                     .refreshes
