@@ -44,7 +44,7 @@ fn describe(rec: &TokenRecord) -> String {
         _ => "unknown".to_owned(),
     };
     format!(
-        "rotation {} by {}, access token {} expires {expires}",
+        "rotation {} by {}, access token fingerprint {} expires {expires}",
         rec.rotation,
         rec.refreshed_by.as_deref().unwrap_or("nobody yet"),
         rec.access_token
@@ -119,6 +119,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let conns: Api<XeroConnection> = Api::namespaced(client.clone(), NS);
+    // The consumer starts once the controller has set the token Secret up (its first read
+    // would otherwise report the missing app credentials as a failure).
+    say("consumer: waiting for the controller to set up the token Secret…");
+    let setup_deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < setup_deadline {
+        let ready = secrets
+            .get_opt("demo-xero-token")
+            .await?
+            .map(|s| TokenRecord::from_secret(&s))
+            .is_some_and(|rec| rec.client.is_some() && rec.access_token.is_some());
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let started = Instant::now();
     let mut last_rotation = u64::MAX;
     let mut last_status = String::new();
