@@ -49,7 +49,9 @@ pub const TOKEN_SECRET_SUFFIX: &str = "-xero-token";
     status = "XeroConnectionStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.accessTokenExpiresAt","description":"When the current access token expires"}"#,
+    // A `date` column shows ages: `<invalid>` for a future time, and an expired token's age reads
+    // like time left. The timestamp itself is what a person needs.
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.accessTokenExpiresAt","description":"When the current access token expires (UTC)"}"#,
     printcolumn = r#"{"name":"Refreshed-By","type":"string","jsonPath":".status.lastRefreshedBy","description":"Who made the last refresh: the controller or a consumer"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("the name of a XeroConnection is at most 63 characters: it is the value of the xero-operator.io/connection label on its token Secret and consumer Role")
@@ -352,7 +354,7 @@ pub fn definition() -> serde_json::Value {
 
 /// The CRD as YAML, exactly as committed under `crds/`.
 pub fn definition_yaml() -> String {
-    serde_yaml::to_string(&definition()).expect("a JSON value always serializes as YAML")
+    serde_saphyr::to_string(&definition()).expect("a JSON value always serializes as YAML")
 }
 
 /// Joins the lines of every `description` into one paragraph per blank-line-separated block.

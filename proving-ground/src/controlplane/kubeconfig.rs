@@ -4,15 +4,11 @@ use base64::Engine;
 use serde_json::json;
 
 /// A kubeconfig for `server`, trusting `ca_pem`, authenticating with a static bearer `token`.
-pub fn render(
-    server: &str,
-    ca_pem: &str,
-    user: &str,
-    token: &str,
-) -> Result<String, serde_yaml::Error> {
-    // Built as JSON values so quoting is always right, printed as YAML for people.
+/// Written as JSON, which is YAML too: kubectl, Helm and kube read it as it is, and quoting is
+/// always right.
+pub fn render(server: &str, ca_pem: &str, user: &str, token: &str) -> String {
     let ca_data = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-    serde_yaml::to_string(&json!({
+    serde_json::to_string_pretty(&json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority-data": ca_data}}],
@@ -20,6 +16,7 @@ pub fn render(
         "contexts": [{"name": user, "context": {"cluster": "local", "user": user, "namespace": "default"}}],
         "current-context": user,
     }))
+    .expect("a JSON value always serializes")
 }
 
 #[cfg(test)]
@@ -28,7 +25,7 @@ mod tests {
 
     #[test]
     fn kubeconfig_parses_with_kube() {
-        let yaml = render("https://127.0.0.1:6443", "CA", "admin", "t0k3n").expect("render");
+        let yaml = render("https://127.0.0.1:6443", "CA", "admin", "t0k3n");
         let cfg = kube::config::Kubeconfig::from_yaml(&yaml).expect("kube parses it");
         assert_eq!(cfg.current_context.as_deref(), Some("admin"));
         let cluster = cfg.clusters[0].cluster.as_ref().expect("cluster");

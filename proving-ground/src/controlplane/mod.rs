@@ -45,8 +45,6 @@ pub enum Error {
     },
     #[error("generating certificates failed: {0}")]
     Pki(#[from] rcgen::Error),
-    #[error("writing the kubeconfig failed: {0}")]
-    Kubeconfig(#[from] serde_yaml::Error),
     #[error("{component} exited during start-up ({status}); last log lines:\n{log_tail}")]
     Exited {
         component: &'static str,
@@ -233,11 +231,11 @@ impl ControlPlane {
         self.server = format!("https://{api_ip}:{api_port}");
         write(
             "admin.kubeconfig",
-            &kubeconfig::render(&self.server, &pki.ca_pem, "admin", &admin_token)?,
+            &kubeconfig::render(&self.server, &pki.ca_pem, "admin", &admin_token),
         )?;
         write(
             "user.kubeconfig",
-            &kubeconfig::render(&self.server, &pki.ca_pem, NON_ADMIN_USER, &user_token)?,
+            &kubeconfig::render(&self.server, &pki.ca_pem, NON_ADMIN_USER, &user_token),
         )?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -344,7 +342,7 @@ impl ControlPlane {
         if let (Some(node_opts), Some(node)) = (&opts.node, node_names) {
             let node_kubeconfig = write(
                 "node.kubeconfig",
-                &kubeconfig::render(&self.server, &pki.ca_pem, &node.name, &node_token)?,
+                &kubeconfig::render(&self.server, &pki.ca_pem, &node.name, &node_token),
             )?;
             self.node = Some(node);
             self.start_node(opts, node_opts, dir, &ca_file, &node_kubeconfig)
