@@ -11,12 +11,11 @@
 mod common;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::connection;
-use common::{Timings, TokenFixture};
+use common::{Timings, TokenFixture, helm};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -40,25 +39,8 @@ fn node_ip() -> IpAddr {
         .expect("XERO_NODE_IP is an IP")
 }
 
-fn helm_path() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(common::repo_path("scripts/helm.sh"))
-        .output()
-        .expect("run scripts/helm.sh");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    PathBuf::from(text(&out.stdout).trim())
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn helm(args: &[&str]) -> Output {
-    Command::new(helm_path())
-        .args(args)
-        .env("KUBECONFIG", &common::env().admin_kubeconfig)
-        .output()
-        .expect("run helm")
 }
 
 /// What a failed install looks like from the cluster's side, for the assertion message.

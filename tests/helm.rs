@@ -4,35 +4,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::helm;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Api;
-
-/// Helm from the Go module proxy, installed once by the repo's own script.
-fn helm_path() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(common::repo_path("scripts/helm.sh"))
-        .output()
-        .expect("run scripts/helm.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
-}
-
-fn helm(args: &[&str]) -> Output {
-    Command::new(helm_path())
-        .args(args)
-        .env("KUBECONFIG", &common::env().admin_kubeconfig)
-        .output()
-        .expect("run helm")
-}
 
 fn chart() -> String {
     common::repo_path("charts/xero-operator")

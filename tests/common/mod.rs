@@ -116,6 +116,29 @@ pub async fn install_crds(client: &Client) {
         .expect("install the CRD");
 }
 
+/// Helm from the Go module proxy, installed once by the repo's own script (`scripts/helm.sh`).
+pub fn helm_path() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_path("scripts/helm.sh"))
+        .output()
+        .expect("run scripts/helm.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+/// Runs helm as the admin of the shared control plane.
+pub fn helm(args: &[&str]) -> std::process::Output {
+    Command::new(helm_path())
+        .args(args)
+        .env("KUBECONFIG", &env().admin_kubeconfig)
+        .output()
+        .expect("run helm")
+}
+
 /// A kubeconfig that does not exist: commands that must not reach any cluster get it, so they
 /// never fall back to the user's own `~/.kube/config` or `KUBECONFIG`.
 pub const NO_CLUSTER: &str = "/nonexistent/xero-operator-tests/kubeconfig";

@@ -11,7 +11,8 @@ done
 ls -d /sys/fs/cgroup/*/xero-node-* 2>/dev/null | sed 's/^/cgroup /' || true
 grep -E 'xero-cp-|/run/netns/cni-' /proc/self/mountinfo | awk '{print "mount " $5}' || true
 for p in /proc/[0-9]*; do
-  cmd="$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null || true)"
+  # A process may exit between the glob and the read.
+  cmd="$( (tr '\0' ' ' < "$p/cmdline") 2>/dev/null || true)"
   case "$cmd" in
     *xero-cp-*|*containerd-shim*|/pause*) echo "process ${p#/proc/} $cmd" ;;
   esac

@@ -305,22 +305,8 @@ impl ControlPlane {
                 "namespace-controller",
                 "serviceaccount-controller",
             ];
-            let mut kcm_args = vec![
-                format!("--kubeconfig={}", path(&self.admin_kubeconfig)),
-                format!(
-                    "--authentication-kubeconfig={}",
-                    path(&self.admin_kubeconfig)
-                ),
-                format!(
-                    "--authorization-kubeconfig={}",
-                    path(&self.admin_kubeconfig)
-                ),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={kcm_port}"),
-                format!("--cert-dir={}", dir.join("kcm-certs").display()),
-                "--v=0".into(),
-            ];
+            let mut kcm_args = self.loopback_component_args(kcm_port);
+            kcm_args.push(format!("--cert-dir={}", dir.join("kcm-certs").display()));
             if opts.node.is_some() {
                 controllers.extend([
                     "deployment-controller",
@@ -417,21 +403,7 @@ impl ControlPlane {
             opts,
             dir,
             "kube-scheduler",
-            &[
-                format!("--kubeconfig={}", path(&self.admin_kubeconfig)),
-                format!(
-                    "--authentication-kubeconfig={}",
-                    path(&self.admin_kubeconfig)
-                ),
-                format!(
-                    "--authorization-kubeconfig={}",
-                    path(&self.admin_kubeconfig)
-                ),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={sched_port}"),
-                "--v=0".into(),
-            ],
+            &self.loopback_component_args(sched_port),
         )?;
         self.spawn(
             opts,
@@ -524,6 +496,21 @@ impl ControlPlane {
             .iter_mut()
             .find(|c| c.name == "kube-apiserver")
             .ok_or(Error::Build("no API server is running".into()))
+    }
+
+    /// Flags of kube-controller-manager and kube-scheduler: the admin's kubeconfig for
+    /// everything, no leader election, their own serving port on loopback.
+    fn loopback_component_args(&self, port: u16) -> Vec<String> {
+        let kubeconfig = self.admin_kubeconfig.display();
+        vec![
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            "--v=0".into(),
+        ]
     }
 
     async fn admin_client(&self) -> Result<kube::Client, Error> {
