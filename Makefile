@@ -40,7 +40,8 @@ e2e: prerequisites
 	bash scripts/helm.sh >/dev/null
 	$(MAKE) --no-print-directory e2e-run
 
-# The host's state before and after must be the same: the node tears down completely.
+# The host's state before and after must be the same: the node tears down completely; and a
+# launcher killed with SIGKILL is cleaned up after by the next start.
 e2e-run: node-deps image node-images
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	version="$$(awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)"; \
@@ -54,7 +55,8 @@ e2e-run: node-deps image node-images
 	bash tests/node/host-state.sh > target/node-images/host-after.txt; \
 	diff -u target/node-images/host-before.txt target/node-images/host-after.txt \
 	  || { echo "the test node left the above on the host" >&2; exit 1; }; \
-	exit $$status
+	[ "$$status" = 0 ] || exit $$status; \
+	bash tests/node/killed-launcher.sh "$$bin_dir"
 
 prerequisites:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }

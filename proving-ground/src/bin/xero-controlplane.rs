@@ -131,16 +131,26 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut child = match args.command.split_first() {
-        Some((program, rest)) => Some(
-            tokio::process::Command::new(program)
-                .args(rest)
+        Some((program, rest)) => {
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(rest)
                 .env("KUBECONFIG", &kubeconfig)
                 .env("XERO_TEST_KUBECONFIG", &kubeconfig)
                 .env("XERO_CONTROLPLANE_BIN_DIR", &bin_dir)
                 .env("PATH", &path)
-                .envs(node_env.iter().map(|(k, v)| (k, v)))
-                .spawn()?,
-        ),
+                .envs(node_env.iter().map(|(k, v)| (k, v)));
+            // SAFETY: prctl only; the command cannot go on without the control plane, so it dies
+            // with the launcher.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some(cmd.spawn()?)
+        }
         None => None,
     };
     let mut watchdog = tokio::time::interval(Duration::from_millis(500));

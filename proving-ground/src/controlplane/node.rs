@@ -406,9 +406,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             std::thread::sleep(Duration::from_millis(200));
         }
         let socket = self.containerd_socket.display().to_string();
-        for pid in processes_with_arg(&socket, "containerd-shim") {
+        for (pid, args) in processes_with_arg(&socket, "containerd-shim") {
             // SAFETY: SIGKILL to a shim started for this run's containerd.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            if let Some(id) = args
+                .iter()
+                .position(|a| a == "-id")
+                .and_then(|i| args.get(i + 1))
+            {
+                let _ = std::fs::remove_file(shim_socket(&socket, id));
+            }
+        }
+        // A shim that died with its task (not torn down by containerd) leaves its socket in the
+        // fixed /run/containerd/s: the tasks' ids are in the run's state directory.
+        let tasks = self
+            .dir
+            .join("containerd/state/io.containerd.runtime.v2.task/k8s.io");
+        for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let id = task.file_name().to_string_lossy().into_owned();
+            let _ = std::fs::remove_file(shim_socket(&socket, &id));
         }
     }
 
@@ -558,9 +574,21 @@ fn walk_dirs(dir: &Path, f: &mut dyn FnMut(&Path)) {
     }
 }
 
-/// Pids of processes whose command line contains `needle` and whose program name contains
-/// `program`.
-fn processes_with_arg(needle: &str, program: &str) -> Vec<i32> {
+/// Where containerd 1.6's runc shim for task `id` of `containerd_socket`'s `k8s.io` namespace
+/// listens: `/run/containerd/s/<sha256 of "<socket>/k8s.io/<id>">`, whatever containerd's
+/// configured directories.
+fn shim_socket(containerd_socket: &str, id: &str) -> PathBuf {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{containerd_socket}/k8s.io/{id}").as_bytes(),
+    );
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Path::new("/run/containerd/s").join(hex)
+}
+
+/// Processes (pid and arguments) whose command line contains `needle` and whose program name
+/// contains `program`.
+fn processes_with_arg(needle: &str, program: &str) -> Vec<(i32, Vec<String>)> {
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return pids;
@@ -578,7 +606,7 @@ fn processes_with_arg(needle: &str, program: &str) -> Vec<i32> {
             .collect();
         let is_program = args.first().is_some_and(|a| a.contains(program));
         if is_program && args.iter().any(|a| a.contains(needle)) {
-            pids.push(pid);
+            pids.push((pid, args));
         }
     }
     pids
@@ -644,6 +672,19 @@ fn remove_links_into(dir: &str, target: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shim_sockets_are_where_containerd_puts_them() {
+        // Seen on this machine: a killed shim's socket, for this socket and task id.
+        let socket = "/tmp/xero-cp-TXo9UJ/containerd/containerd.sock";
+        let id = "581cdfad75cae0e17b6daf73245b0b49ac404fb98efda374371cae5fad175056";
+        assert_eq!(
+            shim_socket(socket, id),
+            Path::new(
+                "/run/containerd/s/27130a702d1c7146989b9795df4b1eac8ef5762a3dad3924b17f97e5cb4218d0"
+            )
+        );
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {
