@@ -877,7 +877,8 @@ async fn garbage_in_the_secret_gives_clear_errors_or_safe_recovery() {
         fx.user.refresh_token.as_deref()
     );
 
-    // Binary garbage in the refresh token is no refresh token (never a panic).
+    // Binary garbage in the refresh token is told apart from none: a person must authorise
+    // again, and nobody calls Xero with it (never a panic).
     let fx = token_fixture("proto-garbage", Timings::default()).await;
     fx.secrets()
         .patch(
@@ -887,10 +888,12 @@ async fn garbage_in_the_secret_gives_clear_errors_or_safe_recovery() {
         )
         .await
         .expect("patch");
+    let calls = fx.report().await.counters.token_calls;
     assert!(matches!(
         fx.refresher("a").get().await,
-        Err(Error::NoRefreshToken)
+        Err(Error::UnreadableRefreshToken)
     ));
+    assert_eq!(fx.report().await.counters.token_calls, calls, "no call");
 
     // A missing Secret.
     let gone = Refresher::new(

@@ -16,9 +16,10 @@ use super::{Source, SourceError, token_json};
 
 fn error_response(e: &SourceError) -> Response {
     let code = match e {
-        SourceError::Protocol(crate::protocol::Error::ReauthorizationRequired(_)) => {
-            "reauthorization_required"
-        }
+        SourceError::Protocol(
+            crate::protocol::Error::ReauthorizationRequired(_)
+            | crate::protocol::Error::UnreadableRefreshToken,
+        ) => "reauthorization_required",
         SourceError::Protocol(crate::protocol::Error::NoRefreshToken) => "no_refresh_token",
         SourceError::Protocol(crate::protocol::Error::Xero(_)) => "xero_unavailable",
         SourceError::Protocol(crate::protocol::Error::Timeout(..)) => "timeout",

@@ -18,10 +18,23 @@ pub fn classify(
     now: SystemTime,
 ) -> (State, Duration) {
     match e {
-        ProtocolError::ReauthorizationRequired(why) => {
-            (State::ReauthorizationRequired(why.clone()), recheck * 10)
-        }
-        // The caller, which knows the Secret, names it in the state.
+        // The caller, which knows the Secret, names it in these two states.
+        ProtocolError::ReauthorizationRequired(why) => (
+            State::ReauthorizationRequired(
+                format!("Xero refused the refresh token ({why})"),
+                String::new(),
+            ),
+            recheck * 10,
+        ),
+        ProtocolError::UnreadableRefreshToken => (
+            State::ReauthorizationRequired(
+                "the token Secret's refresh_token is not UTF-8 text, so it cannot be one Xero \
+                 issued"
+                    .into(),
+                String::new(),
+            ),
+            recheck * 10,
+        ),
         ProtocolError::NoRefreshToken => {
             (State::WaitingForAuthorization(String::new()), recheck * 10)
         }
@@ -172,6 +185,10 @@ mod tests {
     fn what_only_a_person_can_fix_is_rechecked_slowly() {
         assert_eq!(
             check(ProtocolError::ReauthorizationRequired("x".into()), None),
+            (false, "ReauthorizationRequired", RECHECK * 10)
+        );
+        assert_eq!(
+            check(ProtocolError::UnreadableRefreshToken, None),
             (false, "ReauthorizationRequired", RECHECK * 10)
         );
         assert_eq!(

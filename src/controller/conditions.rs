@@ -13,8 +13,10 @@ pub enum State {
     /// No refresh token yet: someone must run `xero-token authorize`. Holds the flags that name
     /// the token Secret (`--namespace NS --secret NAME`), empty when unknown.
     WaitingForAuthorization(String),
-    /// Xero refused the refresh token; a person must authorise again.
-    ReauthorizationRequired(String),
+    /// The stored refresh token cannot be used (Xero refused it, or it is not text); a person
+    /// must authorise again. Holds what happened, and the flags naming the token Secret as in
+    /// [`Self::WaitingForAuthorization`].
+    ReauthorizationRequired(String, String),
     /// Xero answered 429; waiting it out.
     RateLimited(String),
     /// Xero failed (5xx, timeouts, unusable answers); retrying with backoff.
@@ -56,7 +58,7 @@ impl State {
         match self {
             Self::TokenValid => "TokenValid",
             Self::WaitingForAuthorization(_) => "WaitingForAuthorization",
-            Self::ReauthorizationRequired(_) => "ReauthorizationRequired",
+            Self::ReauthorizationRequired(..) => "ReauthorizationRequired",
             Self::RateLimited(_) => "RateLimited",
             Self::XeroUnavailable(_) => "XeroUnavailable",
             Self::InvalidClientCredentials(_) => "InvalidClientCredentials",
@@ -79,18 +81,13 @@ impl State {
     pub fn message(&self) -> String {
         let text = match self {
             Self::TokenValid => "the token Secret holds a valid access token".to_owned(),
-            Self::WaitingForAuthorization(secret) => {
-                let secret = if secret.is_empty() {
-                    "--secret <token secret>"
-                } else {
-                    secret
-                };
-                format!(
-                    "no refresh token yet: run `xero-token {secret} authorize` to authorise the app"
-                )
-            }
-            Self::ReauthorizationRequired(why) => format!(
-                "Xero refused the refresh token ({why}); run `xero-token authorize` to authorise the app again"
+            Self::WaitingForAuthorization(flags) => format!(
+                "no refresh token yet: run `{}` to authorise the app",
+                authorize_command(flags)
+            ),
+            Self::ReauthorizationRequired(what, flags) => format!(
+                "{what}; run `{}` to authorise the app again",
+                authorize_command(flags)
             ),
             Self::RateLimited(why)
             | Self::XeroUnavailable(why)
@@ -115,6 +112,17 @@ impl State {
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::TokenValid | Self::Refreshing(_))
     }
+}
+
+/// The `xero-token … authorize` command line for a token Secret named by `flags`
+/// (`--namespace NS --secret NAME`), or with a placeholder when they are unknown.
+fn authorize_command(flags: &str) -> String {
+    let flags = if flags.is_empty() {
+        "--secret <token secret>"
+    } else {
+        flags
+    };
+    format!("xero-token {flags} authorize")
 }
 
 /// The `Ready` condition for `state`, keeping `lastTransitionTime` when the status and reason
@@ -171,7 +179,7 @@ mod tests {
                 "WaitingForAuthorization",
             ),
             (
-                State::ReauthorizationRequired(x()),
+                State::ReauthorizationRequired(x(), x()),
                 "False",
                 "ReauthorizationRequired",
             ),
@@ -255,7 +263,8 @@ mod tests {
 
     #[test]
     fn messages_are_sanitised() {
-        let m = State::ReauthorizationRequired("x\u{1b}[2J\nREADY True".into()).message();
+        let m = State::ReauthorizationRequired("x\u{1b}[2J\nREADY True".into(), String::new())
+            .message();
         assert!(!m.chars().any(char::is_control), "{m:?}");
         let long = State::Refreshing("held by ".to_owned() + &"a".repeat(5000)).message();
         assert!(long.chars().count() <= crate::text::MAX_REASON_CHARS);
@@ -263,7 +272,13 @@ mod tests {
 
     #[test]
     fn the_reauthorization_message_says_what_to_do() {
-        let m = State::ReauthorizationRequired("invalid_grant".into()).message();
-        assert!(m.contains("xero-token authorize"), "{m}");
+        let flags = "--namespace team-a --secret acme-xero-token";
+        let m = State::ReauthorizationRequired("Xero refused".into(), flags.into()).message();
+        assert!(m.contains(&format!("xero-token {flags} authorize")), "{m}");
+        let m = State::WaitingForAuthorization(String::new()).message();
+        assert!(
+            m.contains("xero-token --secret <token secret> authorize"),
+            "{m}"
+        );
     }
 }

@@ -93,11 +93,12 @@ pub(super) async fn step(
         Err(e) => {
             let (state, requeue) =
                 classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
+            let flags = || format!("--namespace {ns} --secret {}", conn.token_secret_name());
             let state = match state {
-                State::WaitingForAuthorization(_) => State::WaitingForAuthorization(format!(
-                    "--namespace {ns} --secret {}",
-                    conn.token_secret_name()
-                )),
+                State::WaitingForAuthorization(_) => State::WaitingForAuthorization(flags()),
+                State::ReauthorizationRequired(what, _) => {
+                    State::ReauthorizationRequired(what, flags())
+                }
                 other => other,
             };
             if !matches!(state, State::Refreshing(_) | State::RefreshingExpired(_)) {

@@ -24,6 +24,9 @@ pub enum Step {
     ReauthorizationRequired,
     /// The grant needs a refresh token and the Secret has none: waiting for the first one.
     NoRefreshToken,
+    /// The grant needs a refresh token and the one stored is not UTF-8 text: a person must
+    /// write a valid one (authorise again).
+    UnreadableRefreshToken,
     /// The Secret lacks `client_id`/`client_secret`, so no one here can refresh.
     MissingClientCredentials,
     /// Xero refused these credentials with an error only a configuration change can fix: no
@@ -110,7 +113,11 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     }
     if rec.settings.grant == Grant::RefreshToken {
         let Some(refresh_token) = &rec.refresh_token else {
-            return Step::NoRefreshToken;
+            return if rec.refresh_token_unreadable {
+                Step::UnreadableRefreshToken
+            } else {
+                Step::NoRefreshToken
+            };
         };
         if rec.reauthorization_required_for.as_deref() == Some(&refresh_token.fingerprint()) {
             return Step::ReauthorizationRequired;
@@ -176,6 +183,7 @@ mod tests {
             resource_version: Some("1".into()),
             access_token: Some(Sensitive::new("at")),
             refresh_token: Some(Sensitive::new("rt")),
+            refresh_token_unreadable: false,
             expiry: Expiry::At(t(100)),
             token_type: "Bearer".into(),
             scope: String::new(),
@@ -456,6 +464,20 @@ mod tests {
             ..rec()
         };
         assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::Use);
+    }
+
+    #[test]
+    fn a_refresh_token_that_is_not_text_is_not_called_missing() {
+        let r = TokenRecord {
+            refresh_token: None,
+            refresh_token_unreadable: true,
+            expiry: Expiry::Missing,
+            ..rec()
+        };
+        assert_eq!(
+            decide(&r, t(0), ME, Role::Consumer),
+            Step::UnreadableRefreshToken
+        );
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct TokenRecord {
     pub resource_version: Option<String>,
     pub access_token: Option<Sensitive>,
     pub refresh_token: Option<Sensitive>,
+    /// A `refresh_token` is stored but is not UTF-8 text, so it cannot be one Xero issued.
+    pub refresh_token_unreadable: bool,
     pub expiry: Expiry,
     pub token_type: String,
     pub scope: String,
@@ -157,6 +159,12 @@ pub fn format_time(t: SystemTime) -> String {
 /// Parses RFC 3339 (UTC `Z` or an offset is accepted by humantime's weak parser only for `Z`).
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s.trim()).ok()
+}
+
+/// Whether `key` holds bytes that are not UTF-8 text ([`text`] reads them as absent).
+fn unreadable(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> bool {
+    data.get(key)
+        .is_some_and(|v| std::str::from_utf8(&v.0).is_err())
 }
 
 fn text(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> Option<String> {
@@ -257,6 +265,7 @@ impl TokenRecord {
             resource_version,
             access_token,
             refresh_token: text(data, REFRESH_TOKEN).map(Sensitive::new),
+            refresh_token_unreadable: unreadable(data, REFRESH_TOKEN),
             expiry,
             token_type: text(data, TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
             scope: text(data, SCOPE).unwrap_or_default(),
@@ -619,6 +628,11 @@ mod tests {
             ..Secret::default()
         });
         assert!(binary.refresh_token.is_none(), "non-UTF-8 is no token");
+        assert!(
+            binary.refresh_token_unreadable,
+            "and is told apart from none"
+        );
+        assert!(!empty.refresh_token_unreadable);
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub enum Error {
         "the token Secret has no refresh token yet: authorise the app first (xero-token authorize)"
     )]
     NoRefreshToken,
+    /// The Secret's refresh token is not UTF-8 text, so it cannot be one Xero issued: a person
+    /// must authorise again (or write the right one). No call is made with it.
+    #[error(
+        "the token Secret's refresh_token is not UTF-8 text, so it cannot be one Xero issued: authorise the app again (xero-token authorize)"
+    )]
+    UnreadableRefreshToken,
     /// The Secret has no `client_id`/`client_secret`, so this party cannot refresh.
     #[error("the token Secret has no client_id/client_secret: is the controller running?")]
     MissingClientCredentials,
@@ -73,7 +79,7 @@ impl Error {
     /// Exit code of the `xero-token` CLI for this error (documented in the README).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::ReauthorizationRequired(_) => 3,
+            Self::ReauthorizationRequired(_) | Self::UnreadableRefreshToken => 3,
             Self::NoRefreshToken => 4,
             Self::Xero(_) => 5,
             Self::Kube { .. }

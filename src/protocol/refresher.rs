@@ -396,6 +396,7 @@ impl Inner {
                     ));
                 }
                 Step::NoRefreshToken => return Err(Error::NoRefreshToken),
+                Step::UnreadableRefreshToken => return Err(Error::UnreadableRefreshToken),
                 Step::MissingClientCredentials => return Err(Error::MissingClientCredentials),
                 Step::Stopped => {
                     let reason = rec.stop_reason.clone().unwrap_or_default();
