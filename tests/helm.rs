@@ -11,6 +11,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Api;
+use serde_json::{Value, json};
 
 fn chart() -> String {
     common::repo_path("charts/xero-operator")
@@ -137,19 +138,16 @@ async fn helm_install_creates_the_expected_objects() {
     common::install_crds(&client).await;
     let ns = common::namespace(&client, "helm-install").await;
     let release = format!("xo-{}", &ns[ns.len() - 5..]);
-    // The CRD is already installed (and owned) by the test suite; the chart's copy is checked
-    // by the template test.
+    // The CRD is already installed by the test suite, as `kubectl apply -f crds/` does: the
+    // chart's default (crds.install) leaves it alone instead of failing on Helm's ownership
+    // check, as the README's install block needs.
     ok(
-        &helm(&[
-            "install",
-            &release,
-            &chart(),
-            "-n",
-            &ns,
-            "--set",
-            "crds.install=false",
-        ]),
+        &helm(&["install", &release, &chart(), "-n", &ns]),
         "helm install",
+    );
+    assert!(
+        !release_manifest(&release, &ns).contains("kind: CustomResourceDefinition"),
+        "a CRD this release did not install is not taken over"
     );
     let name = format!("{release}-xero-operator");
     let deploy = Api::<Deployment>::namespaced(client.clone(), &ns)
@@ -210,6 +208,118 @@ async fn helm_install_creates_the_expected_objects() {
         .await
         .expect("ClusterRoleBinding");
     ok(&helm(&["uninstall", &release, "-n", &ns]), "helm uninstall");
+}
+
+const CRD: &str = "xeroconnections.xero-operator.io";
+
+/// What `helm get manifest` says the release installed.
+fn release_manifest(release: &str, ns: &str) -> String {
+    ok(
+        &helm(&["get", "manifest", release, "-n", ns]),
+        "helm get manifest",
+    )
+}
+
+/// Marks the CRD as Helm leaves it when `release` in `ns` installed it (`None`: as `kubectl
+/// apply -f crds/` leaves it).
+fn mark_crd_owner(owner: Option<(&str, &str)>) {
+    let (release, ns, managed) = match owner {
+        Some((r, n)) => (json!(r), json!(n), json!("Helm")),
+        None => (Value::Null, Value::Null, Value::Null),
+    };
+    let patch = json!({"metadata": {
+        "labels": {"app.kubernetes.io/managed-by": managed},
+        "annotations": {
+            "meta.helm.sh/release-name": release,
+            "meta.helm.sh/release-namespace": ns,
+        },
+    }});
+    ok(
+        &common::kubectl(&[
+            "patch",
+            "crd",
+            CRD,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ]),
+        "kubectl patch crd",
+    );
+}
+
+/// Leaves the CRD as the test suite installed it, also when a test fails.
+struct RestoreCrdOwner;
+
+impl Drop for RestoreCrdOwner {
+    fn drop(&mut self) {
+        mark_crd_owner(None);
+    }
+}
+
+fn crd_owner() -> String {
+    ok(
+        &common::kubectl(&[
+            "get",
+            "crd",
+            CRD,
+            "-o",
+            "jsonpath={.metadata.annotations.meta\\.helm\\.sh/release-name}",
+        ]),
+        "kubectl get crd",
+    )
+}
+
+/// A CRD kept by a release that was uninstalled (`crds.keep`, the default) does not stop an
+/// install under another release name and namespace; the release that installed it still owns
+/// and upgrades it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_crd_neither_blocks_another_release_nor_is_lost_by_its_own() {
+    let client = common::admin_client().await;
+    common::install_crds(&client).await;
+    let first = common::namespace(&client, "helm-crd-a").await;
+    let second = common::namespace(&client, "helm-crd-b").await;
+    let (a, b) = ("xo-crd-a", "xo-crd-b");
+    let scoped = |ns: &str| format!("watchNamespaces={{{ns}}}");
+
+    // As if release `a` had installed the CRD: it adopts and renders it.
+    mark_crd_owner(Some((a, &first)));
+    let _restore = RestoreCrdOwner;
+    ok(
+        &helm(&[
+            "install",
+            a,
+            &chart(),
+            "-n",
+            &first,
+            "--set",
+            &scoped(&first),
+        ]),
+        "helm install a",
+    );
+    assert!(release_manifest(a, &first).contains("kind: CustomResourceDefinition"));
+    ok(&helm(&["uninstall", a, "-n", &first]), "helm uninstall a");
+    assert_eq!(crd_owner(), a, "kept, still marked as a's");
+
+    // Another release in another namespace installs without touching it.
+    let notes = ok(
+        &helm(&[
+            "install",
+            b,
+            &chart(),
+            "-n",
+            &second,
+            "--set",
+            &scoped(&second),
+        ]),
+        "helm install b after a was uninstalled",
+    );
+    assert_eq!(crd_owner(), a, "b leaves the CRD as it was");
+    assert!(!release_manifest(b, &second).contains("kind: CustomResourceDefinition"));
+    assert!(
+        notes.contains("is not this release's: it is left as"),
+        "NOTES say the CRD was left alone: {notes}"
+    );
+    ok(&helm(&["uninstall", b, "-n", &second]), "helm uninstall b");
 }
 
 /// `helm template` of the chart with one `--set` value, as a user types it (no

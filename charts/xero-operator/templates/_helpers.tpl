@@ -55,3 +55,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/* "true" when the chart renders the CRD: crds.install, and the CRD is absent or this release's (see crds.yaml). */}}
+{{- define "xero-operator.managesCrd" -}}
+{{- if .Values.crds.install -}}
+{{- $existing := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" "xeroconnections.xero-operator.io" -}}
+{{- $annotations := dig "metadata" "annotations" dict $existing -}}
+{{- $owner := get $annotations "meta.helm.sh/release-name" -}}
+{{- $ownerNamespace := get $annotations "meta.helm.sh/release-namespace" -}}
+{{- if or (not $existing) (and (eq $owner .Release.Name) (eq $ownerNamespace .Release.Namespace)) -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
