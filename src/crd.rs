@@ -117,14 +117,18 @@ pub struct XeroConnectionSpec {
     pub consumers: Vec<ConsumerRef>,
 
     /// Revoke the refresh token at Xero when this connection is deleted. Revocation disconnects
-    /// every tenant of that user from the app, so it is off by default.
+    /// every tenant of that user from the app, so it is off by default. The connection then
+    /// carries the finalizer `xero-operator.io/cleanup`: deleting it waits for the operator.
     #[serde(default, skip_serializing_if = "is_false")]
     pub revoke_on_delete: bool,
 
     /// Keep the token Secret when this connection is deleted (by default it is owned by the
     /// connection and deleted with it). Use it to move a connection without re-authorising: the
     /// kept Secret is released (no owner, label or uid mark), and a new connection uses it once
-    /// someone who may write it labels it `xero-operator.io/connection: <new name>`.
+    /// someone who may write it labels it `xero-operator.io/connection: <new name>`. The
+    /// connection then carries the finalizer `xero-operator.io/cleanup` (deleting it waits for
+    /// the operator); set on an existing connection, it protects the Secret once that finalizer
+    /// is there. Without either option a connection has no finalizer and is deleted at once.
     #[serde(default, skip_serializing_if = "is_false")]
     pub keep_token_secret_on_delete: bool,
 }

@@ -151,6 +151,45 @@ async fn ahead_of_expiry_refreshes_while_the_token_is_still_valid() {
 /// While another party holds the claim, the controller calls nobody and says `Refreshing`, not
 /// Ready once the stored token has expired; when the claim ends without a store, the controller
 /// takes over.
+/// A new connection whose first call to Xero takes long is not left blank meanwhile: Ready is
+/// False with reason Refreshing, naming the host called; no Event says so (the first Event is
+/// the outcome), and the connection then becomes Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_shows_it_is_getting_its_first_token() {
+    let timings = Timings::default();
+    let fx = token_fixture("ctl-first", timings).await;
+    fx.set_faults(Faults {
+        latency: Duration::from_secs(8),
+        ..Faults::default()
+    })
+    .await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let _controller = start_controller(&fx, |_| {});
+    let conn = connection::wait_for_reason(&fx, "acme", "Refreshing", Duration::from_secs(6)).await;
+    let ready = &conn.status.expect("status").conditions[0];
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("getting one from 127.0.0.1"),
+        "{}",
+        ready.message
+    );
+    fx.set_faults(Faults::default()).await;
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(40)).await;
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "TokenValid") && !reasons.iter().any(|r| r == "Refreshing"),
+        "{reasons:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_partys_claim_shows_refreshing_and_then_is_taken_over() {
     // 6 s tokens, 1 s skew: the controller looks again 5 s after each refresh.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{Timings, connection, token_fixture};
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use xero_operator::crd::XeroConnection;
 use xero_operator::protocol::format as f;
@@ -210,6 +210,113 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
     );
 }
 
+/// Whether the connection `name` carries the operator's finalizer.
+async fn has_finalizer(conns: &Api<XeroConnection>, name: &str) -> bool {
+    conns
+        .get(name)
+        .await
+        .expect("get")
+        .finalizers()
+        .contains(&xero_operator::controller::FINALIZER.to_owned())
+}
+
+/// A connection with nothing to do on delete carries no finalizer (one left by an earlier
+/// version is removed), so it is deleted at once even with no operator running, and its token
+/// Secret goes with it (owner reference); one with `revokeOnDelete` waits for the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_connection_with_work_on_delete_waits_for_the_operator() {
+    let timings = Timings::default();
+    let fx = token_fixture("ops-finalizer", timings).await;
+    let second = fx
+        .emulator
+        .admin()
+        .add_user(&Default::default())
+        .await
+        .expect("user");
+    let opted_in: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "revoking-token", "labels": {f::LABEL_CONNECTION: "revoking"}},
+        "stringData": {f::REFRESH_TOKEN: second.refresh_token}}))
+    .expect("s");
+    fx.secrets()
+        .create(&PostParams::default(), &opted_in)
+        .await
+        .expect("create");
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    connection::create(
+        &fx,
+        "revoking",
+        "revoking-token",
+        timings,
+        json!({"revokeOnDelete": true}),
+    )
+    .await;
+    let conns: Api<XeroConnection> = Api::namespaced(fx.client.clone(), &fx.namespace);
+    // As an earlier version left every connection.
+    conns
+        .patch(
+            "acme",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"finalizers": [xero_operator::controller::FINALIZER]}}),
+            ),
+        )
+        .await
+        .expect("add the old finalizer");
+    let controller = common::Procs(vec![operator(&fx, "controller/fin", &[])]);
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    connection::wait_for_reason(&fx, "revoking", "TokenValid", Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while has_finalizer(&conns, "acme").await || !has_finalizer(&conns, "revoking").await {
+        assert!(
+            Instant::now() < deadline,
+            "acme keeps, or revoking lacks, the finalizer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(controller);
+
+    // No operator now.
+    for name in ["acme", "revoking"] {
+        conns
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conns.get_opt("acme").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "acme was not deleted at once");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fx
+        .secrets()
+        .get_opt(&fx.secret)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "acme's token Secret was never garbage-collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let revoking = conns.get("revoking").await.expect("still there");
+    assert!(
+        revoking.metadata.deletion_timestamp.is_some(),
+        "revoking waits for the operator to revoke"
+    );
+    assert_eq!(fx.report().await.counters.revocation_calls, 0);
+    // The operator back: it revokes, and the connection goes.
+    let _controller = common::Procs(vec![operator(&fx, "controller/fin2", &[])]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while conns.get_opt("revoking").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "revoking was never deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(fx.report().await.counters.revocation_calls, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() {
     let timings = Timings::default();
@@ -261,6 +368,18 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         )
         .await
         .expect("ask to keep the Secret");
+    // Kept from the moment the connection carries the finalizer (as the field's docs say).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !conns
+        .get("keeper")
+        .await
+        .expect("keeper")
+        .finalizers()
+        .contains(&xero_operator::controller::FINALIZER.to_owned())
+    {
+        assert!(Instant::now() < deadline, "the finalizer was never added");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     conns
         .delete("acme", &DeleteParams::default())
         .await

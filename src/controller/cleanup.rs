@@ -1,6 +1,7 @@
-//! On delete (finalizer `xero-operator.io/cleanup`): revoke the refresh token at Xero if asked
-//! (at an allowed host only), and let the token Secret go with the connection, or keep it and
-//! release it.
+//! On delete: revoke the refresh token at Xero if asked (at an allowed host only), and let the
+//! token Secret go with the connection, or keep it and release it. Only a connection that asks
+//! for one of these carries the finalizer `xero-operator.io/cleanup`; any other is deleted at
+//! once, operator or not, and owner references take what the controller made for it.
 
 use std::sync::Arc;
 
@@ -13,16 +14,66 @@ use serde_json::json;
 use super::context::Context;
 use super::inputs::TokenSecretLookup;
 use super::{Error, checks, inputs, kube_err, ownership};
-use crate::crd::XeroConnection;
+use crate::crd::{XeroConnection, XeroConnectionSpec};
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::xero::XeroClient;
+
+/// Whether deleting a connection with this spec needs the controller (and so the finalizer):
+/// to revoke at Xero, or to release a token Secret that must outlive it.
+pub(super) fn needs_finalizer(spec: &XeroConnectionSpec) -> bool {
+    spec.revoke_on_delete || spec.keep_token_secret_on_delete
+}
+
+/// Removes [`super::FINALIZER`] from `conn` (a spec that no longer needs it, or a connection
+/// being deleted that needs nothing done). Conditional on the resourceVersion, so a concurrent
+/// change of the finalizers fails with a conflict and is retried, never overwritten.
+pub(super) async fn remove_finalizer(
+    api: &kube::Api<XeroConnection>,
+    conn: &XeroConnection,
+) -> Result<(), Error> {
+    let rest: Vec<&String> = conn
+        .finalizers()
+        .iter()
+        .filter(|f| *f != super::FINALIZER)
+        .collect();
+    let patch = json!({"metadata": {
+        "finalizers": rest,
+        "resourceVersion": conn.resource_version(),
+    }});
+    match api
+        .patch(
+            &conn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: nothing left to remove.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube_err("removing the finalizer")(e)),
+    }
+}
 
 /// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
 /// A token Secret that is not this connection's is left alone: nothing is read from it, sent,
 /// or changed.
 pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.forget_status(&conn.uid().unwrap_or_default());
+    ctx.forget(&conn);
     let ns = conn.namespace().unwrap_or_default();
+    // The cached object can lag behind: a second trigger queued while this cleanup ran comes
+    // back with the connection as it was before the finalizer went. Read it again, so the
+    // cleanup (and a revocation at Xero) runs once.
+    let conns: Api<XeroConnection> = Api::namespaced(ctx.client.clone(), &ns);
+    let current = conns
+        .get_opt(&conn.name_any())
+        .await
+        .map_err(kube_err("reading the connection"))?;
+    if !current.is_some_and(|c| {
+        c.uid() == conn.uid() && c.finalizers().iter().any(|f| f == super::FINALIZER)
+    }) {
+        return Ok(Action::await_change());
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = conn.token_secret_name();
     let TokenSecretLookup::Ours(secret) = inputs::find_token_secret(&conn, &secrets).await? else {

@@ -67,9 +67,16 @@ impl Context {
         lock(&self.rotations).insert(uid.to_owned(), rotation)
     }
 
-    /// Forgets the last status write to connection `uid` (it is being deleted).
-    pub(super) fn forget_status(&self, uid: &str) {
-        lock(&self.status_written).remove(uid);
+    /// Forgets everything held for a connection that is gone (or going): its per-uid state and
+    /// its metric series, so deleted connections cost no memory and leave no stale gauge.
+    pub(super) fn forget(&self, conn: &XeroConnection) {
+        let uid = conn.uid().unwrap_or_default();
+        lock(&self.status_written).remove(&uid);
+        lock(&self.rotations).remove(&uid);
+        lock(&self.rbac_synced).remove(&uid);
+        lock(&self.failures).remove(&uid);
+        self.metrics
+            .forget_connection(&conn.namespace().unwrap_or_default(), &conn.name_any());
     }
 
     pub fn new(client: Client, identity: String, metrics: Arc<Metrics>) -> Self {

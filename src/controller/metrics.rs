@@ -78,6 +78,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops the per-connection series of a connection that is gone.
+    pub fn forget_connection(&self, namespace: &str, name: &str) {
+        self.seconds_until_expiry.remove(&ConnectionLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -77,14 +77,27 @@ async fn reconcile(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Actio
     ctx.metrics.reconciles.inc();
     let ns = conn.namespace().unwrap_or_default();
     let api: Api<XeroConnection> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, conn, |event| async {
-        match event {
-            Finalizer::Apply(conn) => apply(conn, ctx.clone()).await,
-            Finalizer::Cleanup(conn) => cleanup::run(conn, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    if cleanup::needs_finalizer(&conn.spec) {
+        return finalizer(&api, FINALIZER, conn, |event| async {
+            match event {
+                Finalizer::Apply(conn) => apply(conn, ctx.clone()).await,
+                Finalizer::Cleanup(conn) => cleanup::run(conn, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(e.to_string()));
+    }
+    // Nothing to do on delete: owner references take the token Secret and the consumer RBAC,
+    // and a connection is deleted at once, with or without a running operator. A finalizer
+    // left by an earlier spec (or version) is removed.
+    if conn.finalizers().iter().any(|f| f == FINALIZER) {
+        cleanup::remove_finalizer(&api, &conn).await?;
+    }
+    if conn.metadata.deletion_timestamp.is_some() {
+        ctx.forget(&conn);
+        return Ok(Action::await_change());
+    }
+    apply(conn, ctx).await
 }
 
 async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -96,7 +109,10 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
             requeue: ctx.recheck,
             record: None,
         },
-        Ok(token_secret) => token::step(&conn, &ctx, token_secret).await?,
+        Ok(token_secret) => {
+            status::announce_first_call(&conn, &ctx, token_secret.as_ref()).await?;
+            token::step(&conn, &ctx, token_secret).await?
+        }
     };
     if !matches!(
         outcome.state,

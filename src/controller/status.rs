@@ -1,6 +1,7 @@
 //! The last step: the status a person sees (the `Ready` condition from [`super::conditions`],
 //! an Event per transition, the token's expiry, the last refresh and the tenants), written only
-//! when it changed and judged against this controller's own last write.
+//! when it changed and judged against this controller's own last write. Also the one status
+//! written before a step: a new connection's first call to Xero.
 
 use std::time::SystemTime;
 
@@ -10,10 +11,12 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::conditions::State;
 use super::context::Context;
 use super::token::TokenOutcome;
 use super::{Error, MANAGER, conditions, kube_err};
 use crate::crd::{Tenant, XeroConnection};
+use crate::protocol::decide::{Role as ProtocolRole, Step, decide};
 use crate::protocol::format as f;
 
 fn to_time(t: SystemTime) -> Option<Time> {
@@ -25,6 +28,60 @@ pub(super) async fn write(
     ctx: &Context,
     outcome: &TokenOutcome,
     tenants: Option<Vec<Tenant>>,
+) -> Result<(), Error> {
+    write_with(conn, ctx, outcome, tenants, true).await
+}
+
+/// Before the first call to Xero for a connection that shows no `Ready` condition yet, says
+/// so (`Ready=False`, reason `Refreshing`, naming the host), without an Event: a call that
+/// takes long (an unreachable endpoint is retried for up to half a minute) no longer leaves
+/// the connection blank. The usual first Event follows with the outcome.
+pub(super) async fn announce_first_call(
+    conn: &XeroConnection,
+    ctx: &Context,
+    token_secret: Option<&k8s_openapi::api::core::v1::Secret>,
+) -> Result<(), Error> {
+    let shown = conn
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready"));
+    let Some(secret) = token_secret else {
+        return Ok(());
+    };
+    if shown || ctx.status_is_stale(conn) {
+        return Ok(());
+    }
+    let rec = f::TokenRecord::from_secret(secret);
+    let role = ProtocolRole::Producer {
+        ahead: super::resources::ahead_of_expiry(conn),
+    };
+    if !matches!(
+        decide(&rec, SystemTime::now(), &ctx.identity, role),
+        Step::Claim { .. } | Step::Refresh
+    ) {
+        return Ok(());
+    }
+    let endpoints = super::checks::endpoints(conn, &ctx.policy.default_endpoints);
+    let host = url::Url::parse(&endpoints.token_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let outcome = TokenOutcome {
+        state: State::RefreshingExpired(format!(
+            "no usable access token yet: getting one from {host}"
+        )),
+        requeue: std::time::Duration::ZERO,
+        record: None,
+    };
+    write_with(conn, ctx, &outcome, None, false).await
+}
+
+async fn write_with(
+    conn: &XeroConnection,
+    ctx: &Context,
+    outcome: &TokenOutcome,
+    tenants: Option<Vec<Tenant>>,
+    events: bool,
 ) -> Result<(), Error> {
     let api: Api<XeroConnection> =
         Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
@@ -44,7 +101,7 @@ pub(super) async fn write(
     let now = SystemTime::now();
     let ready =
         conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);
-    if conditions::is_transition(prev_ready, &outcome.state) {
+    if events && conditions::is_transition(prev_ready, &outcome.state) {
         let event = KubeEvent {
             type_: if outcome.state.is_ready() {
                 EventType::Normal

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
@@ -88,8 +88,15 @@ async fn run_scope(
     // the spec (generation: also bumped when deletion starts) or the finalizers change: the
     // controller's own status writes do not wake it again.
     let (store, writer) = reflector::store();
+    let forget_ctx = ctx.clone();
     let connections = watcher(conns, watcher::Config::default())
         .default_backoff()
+        // A deleted connection is never reconciled again: what was held for it goes now.
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(conn) = event {
+                forget_ctx.forget(conn);
+            }
+        })
         .modify(|c: &mut XeroConnection| c.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()

@@ -29,10 +29,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* What the controller calls, and nothing more (docs/security.md lists each call). Shared by the ClusterRole and the per-namespace Roles. */}}
 {{- define "xero-operator.rules" -}}
-# Reconcile XeroConnections (list + watch); patch adds and removes the cleanup finalizer.
+# Reconcile XeroConnections (list + watch); get reads one again where the cache may lag (before
+# a cleanup, after the controller's own status write); patch adds and removes the finalizer.
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 # Write status (server-side apply on the status subresource).
 - apiGroups: ["xero-operator.io"]
   resources: ["xeroconnections/status"]
