@@ -25,6 +25,7 @@ pub mod allowlist;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod plugin;
 pub mod process;
 pub mod protocol;
 pub mod redact;

@@ -78,7 +78,34 @@ fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
-    let (secret_name, client, ns) = secret_target(args).await?;
+    let (secret, client, namespace) = secret_target(args).await?;
+    let target = Target {
+        secret,
+        client,
+        namespace,
+        identity: args.identity.clone(),
+    };
+    run_for(target, a).await
+}
+
+/// The token Secret an authorisation stores its pair in, and who stores it.
+pub struct Target {
+    pub secret: String,
+    pub client: kube::Client,
+    pub namespace: String,
+    /// Identity prefix (`--identity`); default: the hostname.
+    pub identity: Option<String>,
+}
+
+/// Authorises the app and stores the first pair in `target` (`xero-token authorize` and
+/// `kubectl xero authorize`).
+pub async fn run_for(target: Target, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
+    let Target {
+        secret: secret_name,
+        client,
+        namespace: ns,
+        identity,
+    } = target;
     let api: Api<Secret> = Api::namespaced(client, &ns);
     let existing = api.get_opt(&secret_name).await?;
     let rec = existing.as_ref().map(TokenRecord::from_secret);
@@ -205,7 +232,7 @@ pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
     let expires_at = now + Duration::from_secs(set.expires_in);
     let actor = format!(
         "authorize/{}",
-        args.identity
+        identity
             .as_deref()
             .map_or_else(default_identity, process_identity)
     );

@@ -7,7 +7,7 @@
 //! yet; 5 Xero unavailable or rate limited; 6 Kubernetes API error (Secret missing, RBAC); 7 no
 //! usable token in time.
 
-mod authorize;
+pub mod authorize;
 mod serve;
 
 use std::path::PathBuf;

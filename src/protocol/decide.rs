@@ -13,6 +13,10 @@ pub enum Role {
     Consumer,
     /// The controller: refreshes `ahead` before expiry (zero under the default `OnExpiry` policy).
     Producer { ahead: Duration },
+    /// A person asking for a new token now (`kubectl xero renew`): due until a refresh stored
+    /// at or after `requested_at` is seen, whoever made it, so a refresh that raced the request
+    /// satisfies it and no second call is made. Claims, waits and stops apply as for anyone.
+    Renew { requested_at: SystemTime },
 }
 
 /// What to do next.
@@ -85,8 +89,12 @@ impl TokenRecord {
 /// The next step for `me` in `role`, given the Secret `rec` read at `now`.
 pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
     let ahead = match role {
-        Role::Consumer => Duration::ZERO,
+        Role::Consumer | Role::Renew { .. } => Duration::ZERO,
         Role::Producer { ahead } => ahead,
+    };
+    let renewal_asked = match role {
+        Role::Renew { requested_at } => rec.refreshed_at.is_none_or(|at| at < requested_at),
+        _ => false,
     };
     // An expiry further ahead than any token Xero issues was not written by a refresh (a hand
     // edit, say): the token counts as expired rather than staying in use for ever.
@@ -95,6 +103,7 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
             .is_none_or(|limit| until <= limit)
     };
     let due = match rec.usable_until() {
+        _ if renewal_asked => true,
         Some(until) if !plausible(until) => true,
         Some(until) => {
             let due_at = match (rec.margin_cap(), rec.expiry) {
@@ -464,6 +473,39 @@ mod tests {
             ..rec()
         };
         assert_eq!(decide(&r, t(0), ME, Role::Consumer), Step::Use);
+    }
+
+    #[test]
+    fn a_renewal_is_due_until_a_refresh_after_the_request_is_seen() {
+        let asked = t(50);
+        let renew = Role::Renew {
+            requested_at: asked,
+        };
+        // A valid token refreshed before the request: claim, although nothing expired.
+        let before = TokenRecord {
+            refreshed_at: Some(t(40)),
+            ..rec()
+        };
+        assert_eq!(
+            decide(&before, t(51), ME, renew),
+            Step::Claim { replacing: None }
+        );
+        assert_eq!(decide(&before, t(51), ME, Role::Consumer), Step::Use);
+        // Refreshed at or after the request (by anyone): done, no second call.
+        let after = TokenRecord {
+            refreshed_at: Some(t(50)),
+            ..rec()
+        };
+        assert_eq!(decide(&after, t(51), ME, renew), Step::Use);
+        // Another party's live claim is waited for, as for anyone.
+        let held = TokenRecord {
+            lease: Lease::Held {
+                holder: "other".into(),
+                expires: t(60),
+            },
+            ..before
+        };
+        assert!(matches!(decide(&held, t(51), ME, renew), Step::Wait { .. }));
     }
 
     #[test]

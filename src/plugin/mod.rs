@@ -1,0 +1,172 @@
+//! `kubectl xero` (the binary `kubectl-xero` on the PATH): one connection at a glance
+//! (`status`), an early refresh through the refresh protocol (`renew`), and the first
+//! authorisation (`authorize`), each by the connection's name. Runs with the caller's own
+//! kubeconfig and rights; `status` reads the token Secret's metadata only, never its tokens.
+
+mod status;
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+
+use crate::cli::EXIT_OTHER;
+use crate::cli::authorize::{AuthorizeArgs, Target, run_for};
+use crate::crd::XeroConnection;
+use crate::protocol::format::format_time;
+use crate::protocol::refresher::process_identity;
+use crate::protocol::{Refresher, Role};
+
+/// Xero connections managed by xero-operator, by name.
+#[derive(Parser, Debug)]
+#[command(version, name = "kubectl xero", bin_name = "kubectl xero")]
+pub struct Args {
+    /// Namespace of the XeroConnection. Default: the kubeconfig's.
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One connection: Ready and why, both tokens' expiries, the claim holder, the rotation,
+    /// the last refresh and by whom, waits and stops, tenants and recent Events.
+    Status {
+        /// The XeroConnection's name.
+        name: String,
+    },
+    /// Refresh now, before expiry, through the refresh protocol: a claim on the token Secret,
+    /// one call to Xero, the new pair stored. A refresh that another party stores meanwhile
+    /// counts (no second call). Needs get, watch and patch on the token Secret.
+    Renew {
+        /// The XeroConnection's name.
+        name: String,
+        /// How long to wait at most for another party's refresh or a rate limit.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Authorise the app for this connection (authorization code + PKCE) and store the first
+    /// token pair in its token Secret: `xero-token authorize` by connection name.
+    Authorize {
+        /// The XeroConnection's name.
+        name: String,
+        #[command(flatten)]
+        authorize: AuthorizeArgs,
+    },
+}
+
+/// The entry point of the `kubectl-xero` binary.
+pub async fn main() -> ExitCode {
+    crate::process::init_logging("warn");
+    let args = Args::parse();
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kubectl xero: {e:#}");
+            ExitCode::from(EXIT_OTHER)
+        }
+    }
+}
+
+/// The connection named on the command line, with a client and its namespace.
+async fn connection(
+    args: &Args,
+    name: &str,
+) -> anyhow::Result<(XeroConnection, kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let api: Api<XeroConnection> = Api::namespaced(client.clone(), &namespace);
+    match api.get_opt(name).await {
+        Ok(Some(conn)) => Ok((conn, client, namespace)),
+        Ok(None) => anyhow::bail!("no XeroConnection {name:?} in namespace {namespace:?}"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            anyhow::bail!("the XeroConnection CRD is not installed: run `kubectl apply -f crds/`")
+        }
+        Err(e) => anyhow::bail!("cannot read XeroConnection {namespace}/{name}: {e}"),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match &args.command {
+        Command::Status { name } => {
+            let (conn, client, namespace) = connection(&args, name).await?;
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            // Metadata only: the claim, the rotation and the markers live in annotations.
+            let secret = match secrets.get_metadata_opt(&conn.token_secret_name()).await {
+                Ok(meta) => Ok(meta.map(|m| Secret {
+                    metadata: m.metadata,
+                    ..Secret::default()
+                })),
+                Err(e) => Err(e.to_string()),
+            };
+            let events: Api<Event> = Api::namespaced(client, &namespace);
+            let uid = conn.uid().unwrap_or_default();
+            let mut recent: Vec<Event> = events
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(&uid))
+                .collect();
+            recent.sort_by_key(status::event_time);
+            print!(
+                "{}",
+                status::render(&conn, secret.as_ref(), &recent, SystemTime::now())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Renew { name, timeout } => {
+            let (conn, client, namespace) = connection(&args, name).await?;
+            let secret = conn.token_secret_name();
+            let identity = process_identity("kubectl-xero");
+            let requested_at = SystemTime::now();
+            let refresher = Refresher::new(
+                client,
+                &namespace,
+                &secret,
+                &identity,
+                Role::Renew { requested_at },
+            )
+            .with_max_wait(*timeout);
+            match refresher.get().await {
+                Ok(token) => {
+                    let rec = refresher.last_record();
+                    let (rotation, by) = rec
+                        .map(|r| (r.rotation, r.refreshed_by.unwrap_or_default()))
+                        .unwrap_or_default();
+                    println!(
+                        "renewed {namespace}/{name}: rotation {rotation} by {by}; the access token expires {}",
+                        format_time(token.expires_at)
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("kubectl xero: {e}");
+                    Ok(ExitCode::from(e.exit_code()))
+                }
+            }
+        }
+        Command::Authorize { name, authorize } => {
+            let (conn, client, namespace) = connection(&args, name).await?;
+            let target = Target {
+                secret: conn.token_secret_name(),
+                client,
+                namespace,
+                identity: None,
+            };
+            run_for(target, authorize).await
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `kubectl xero` as a person uses it: found by kubectl as a plugin on the PATH, `status` of one
+//! connection (without any token in its output), and `renew` forcing one early refresh through
+//! the refresh protocol while the controller runs (one call to Xero, not two).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::connection::{self, start_controller};
+use common::{Timings, token_fixture};
+use serde_json::json;
+use xero_operator::redact::Sensitive;
+
+/// `kubectl xero ARGS` through the control plane's kubectl, with the plugin's directory first
+/// on the PATH (as a user installs it).
+fn kubectl_xero(args: &[&str]) -> Output {
+    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-xero"))
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(common::env().bin_dir.join("kubectl"))
+        .arg("xero")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .output()
+        .expect("run kubectl xero")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
+    let timings = Timings {
+        access_token: Duration::from_secs(600),
+        ..Timings::default()
+    };
+    let fx = token_fixture("plugin", timings).await;
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let _controller = start_controller(&fx, |_| {});
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    let before = fx.record().await;
+
+    let out = kubectl_xero(&["status", "acme", "-n", &fx.namespace]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    for want in [
+        "Ready:          True (TokenValid)",
+        "Access token:   expires",
+        "Refresh token:  unused, Xero drops it",
+        &format!("Rotation:       {}", before.rotation),
+        "Claim:          none",
+        "Demo Company",
+        "TokenValid",
+    ] {
+        assert!(shown.contains(want), "{want:?} missing from:\n{shown}");
+    }
+    for secret in [&before.access_token, &before.refresh_token] {
+        let secret = secret.as_ref().map(Sensitive::expose).expect("token");
+        assert!(!shown.contains(secret), "a token in the status output");
+    }
+
+    // Renew: one call, one rotation, while the token was valid; the controller sees a fresh
+    // token and calls nobody.
+    let calls = fx.report().await.counters.token_calls;
+    let out = kubectl_xero(&["renew", "acme", "-n", &fx.namespace]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("renewed"), "{said}");
+    let after = fx.record().await;
+    assert_eq!(after.rotation, before.rotation + 1, "{said}");
+    assert!(
+        after
+            .refreshed_by
+            .as_deref()
+            .is_some_and(|b| b.starts_with("kubectl-xero/")),
+        "{:?}",
+        after.refreshed_by
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fx.report().await.counters.token_calls, calls + 1);
+
+    // A connection that does not exist: a clear message, not a panic.
+    let out = kubectl_xero(&["status", "nope", "-n", &fx.namespace]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no XeroConnection \"nope\""),
+        "{}",
+        text(&out)
+    );
+}
