@@ -148,9 +148,6 @@ async fn ahead_of_expiry_refreshes_while_the_token_is_still_valid() {
     assert!(!report.chains[0].broken);
 }
 
-/// While another party holds the claim, the controller calls nobody and says `Refreshing`, not
-/// Ready once the stored token has expired; when the claim ends without a store, the controller
-/// takes over.
 /// A new connection whose first call to Xero takes long is not left blank meanwhile: Ready is
 /// False with reason Refreshing, naming the host called; no Event says so (the first Event is
 /// the outcome), and the connection then becomes Ready.
@@ -190,6 +187,9 @@ async fn a_new_connection_shows_it_is_getting_its_first_token() {
     );
 }
 
+/// While another party holds the claim, the controller calls nobody and says `Refreshing`, not
+/// Ready once the stored token has expired; when the claim ends without a store, the controller
+/// takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_partys_claim_shows_refreshing_and_then_is_taken_over() {
     // 6 s tokens, 1 s skew: the controller looks again 5 s after each refresh.

@@ -315,9 +315,16 @@ async fn a_kept_crd_neither_blocks_another_release_nor_is_lost_by_its_own() {
     );
     assert_eq!(crd_owner(), a, "b leaves the CRD as it was");
     assert!(!release_manifest(b, &second).contains("kind: CustomResourceDefinition"));
+    for want in [
+        "is not this release's: it is left as".to_owned(),
+        format!("It belongs to release {a} in namespace {first}."),
+        format!("kubectl delete xc --all -n {second}"),
+    ] {
+        assert!(notes.contains(&want), "NOTES lack {want:?}: {notes}");
+    }
     assert!(
-        notes.contains("is not this release's: it is left as"),
-        "NOTES say the CRD was left alone: {notes}"
+        !notes.contains("WARNING") && !notes.contains("--all -A"),
+        "a kept CRD needs no warning; a namespaced release deletes only its own: {notes}"
     );
     ok(&helm(&["uninstall", b, "-n", &second]), "helm uninstall b");
 }

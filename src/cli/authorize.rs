@@ -25,7 +25,7 @@ use crate::xero::{ClientCredentials, Endpoints, XeroClient};
 /// How long to wait for the person to approve in the browser.
 const APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct AuthorizeArgs {
     /// Xero's authorize endpoint (or the emulator's).
     #[arg(
@@ -66,7 +66,7 @@ pub struct AuthorizeArgs {
     /// operator uses an existing Secret only with that label). Not needed when the connection was
     /// created first: the operator then created the Secret itself.
     #[arg(long, value_name = "NAME")]
-    connection: Option<String>,
+    pub connection: Option<String>,
 }
 
 fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {

@@ -69,11 +69,13 @@ pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<
         .get_opt(&conn.name_any())
         .await
         .map_err(kube_err("reading the connection"))?;
-    if !current.is_some_and(|c| {
-        c.uid() == conn.uid() && c.finalizers().iter().any(|f| f == super::FINALIZER)
-    }) {
+    // What to do is decided on the connection as it is now, not as cached: an option changed
+    // just before the delete (revokeOnDelete off, keepTokenSecretOnDelete on) is honoured.
+    let Some(conn) = current
+        .filter(|c| c.uid() == conn.uid() && c.finalizers().iter().any(|f| f == super::FINALIZER))
+    else {
         return Ok(Action::await_change());
-    }
+    };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = conn.token_secret_name();
     let TokenSecretLookup::Ours(secret) = inputs::find_token_secret(&conn, &secrets).await? else {

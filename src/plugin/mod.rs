@@ -17,7 +17,7 @@ use kube::{Api, ResourceExt};
 use crate::cli::EXIT_OTHER;
 use crate::cli::authorize::{AuthorizeArgs, Target, run_for};
 use crate::crd::XeroConnection;
-use crate::protocol::format::format_time;
+use crate::protocol::format::{TokenRecord, format_time};
 use crate::protocol::refresher::process_identity;
 use crate::protocol::{Refresher, Role};
 
@@ -112,18 +112,23 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let events: Api<Event> = Api::namespaced(client, &namespace);
             let uid = conn.uid().unwrap_or_default();
-            let mut recent: Vec<Event> = events
-                .list(&ListParams::default())
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(&uid))
-                .collect();
-            recent.sort_by_key(status::event_time);
+            let recent = match events.list(&ListParams::default()).await {
+                Ok(list) => {
+                    let mut mine: Vec<Event> = list
+                        .items
+                        .into_iter()
+                        .filter(|e| {
+                            e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(&uid)
+                        })
+                        .collect();
+                    mine.sort_by_key(status::event_time);
+                    Ok(mine)
+                }
+                Err(e) => Err(e.to_string()),
+            };
             print!(
                 "{}",
-                status::render(&conn, secret.as_ref(), &recent, SystemTime::now())
+                status::render(&conn, secret.as_ref(), recent.as_deref(), SystemTime::now())
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -131,15 +136,23 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let (conn, client, namespace) = connection(&args, name).await?;
             let secret = conn.token_secret_name();
             let identity = process_identity("kubectl-xero");
-            let requested_at = SystemTime::now();
-            let refresher = Refresher::new(
-                client,
-                &namespace,
-                &secret,
-                &identity,
-                Role::Renew { requested_at },
-            )
-            .with_max_wait(*timeout);
+            // The last refresh as it stands now: the renewal is done once the Secret shows
+            // another one.
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            let seen = match secrets.get_metadata_opt(&secret).await {
+                Ok(Some(meta)) => {
+                    TokenRecord::from_secret(&Secret {
+                        metadata: meta.metadata,
+                        ..Secret::default()
+                    })
+                    .refreshed_at
+                }
+                Ok(None) => anyhow::bail!("token Secret {namespace}/{secret} not found"),
+                Err(e) => anyhow::bail!("cannot read token Secret {namespace}/{secret}: {e}"),
+            };
+            let refresher =
+                Refresher::new(client, &namespace, &secret, &identity, Role::Renew { seen })
+                    .with_max_wait(*timeout);
             match refresher.get().await {
                 Ok(token) => {
                     let rec = refresher.last_record();
@@ -160,13 +173,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Authorize { name, authorize } => {
             let (conn, client, namespace) = connection(&args, name).await?;
+            // A token Secret this command creates is labelled for the connection, so the
+            // operator may use it.
+            let mut authorize = authorize.clone();
+            authorize.connection.get_or_insert_with(|| conn.name_any());
             let target = Target {
                 secret: conn.token_secret_name(),
                 client,
                 namespace,
                 identity: None,
             };
-            run_for(target, authorize).await
+            run_for(target, &authorize).await
         }
     }
 }

@@ -62,7 +62,7 @@ fn shown(text: &str) -> String {
 pub fn render(
     conn: &XeroConnection,
     secret: Result<&Option<Secret>, &String>,
-    events: &[Event],
+    events: Result<&[Event], &String>,
     now: SystemTime,
 ) -> String {
     let mut out = String::new();
@@ -71,7 +71,12 @@ pub fn render(
     let _ = writeln!(out, "Connection:     {ns}/{}", conn.name_any());
     match status.conditions.iter().find(|c| c.type_ == "Ready") {
         Some(c) => {
-            let _ = writeln!(out, "Ready:          {} ({})", c.status, shown(&c.reason));
+            let _ = writeln!(
+                out,
+                "Ready:          {} ({})",
+                shown(&c.status),
+                shown(&c.reason)
+            );
             let _ = writeln!(out, "                {}", shown(&c.message));
         }
         None => {
@@ -212,6 +217,13 @@ pub fn render(
         }
     }
     let _ = writeln!(out, "Events:");
+    let events = match events {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = writeln!(out, "  cannot list Events: {}", shown(e));
+            &[]
+        }
+    };
     if events.is_empty() {
         let _ = writeln!(out, "  none");
     }
@@ -289,7 +301,7 @@ mod tests {
             (f::ANN_REFRESHED_BY, "controller/pod-a".into()),
             (f::ANN_ROTATION, "7".into()),
         ]);
-        let out = render(&conn(), Ok(&s), &[], t(600));
+        let out = render(&conn(), Ok(&s), Ok(&[]), t(600));
         for want in [
             "Ready:          True (TokenValid)",
             "Access token:   expires",
@@ -314,7 +326,7 @@ mod tests {
             (f::ANN_STOPPED_FOR, "abc".into()),
             (f::ANN_STOP_REASON, "invalid_client".into()),
         ]);
-        let out = render(&conn(), Ok(&s), &[], t(600));
+        let out = render(&conn(), Ok(&s), Ok(&[]), t(600));
         assert!(out.contains("held by consumer/x"), "{out}");
         assert!(out.contains("until"), "{out}");
         assert!(!out.contains('\u{1b}'), "{out:?}");
@@ -326,7 +338,7 @@ mod tests {
     fn no_status_and_no_secret_say_so() {
         let mut c = conn();
         c.status = None;
-        let out = render(&c, Ok(&None), &[], t(0));
+        let out = render(&c, Ok(&None), Ok(&[]), t(0));
         assert!(out.contains("is the operator running?"), "{out}");
         assert!(out.contains("the token Secret does not exist"), "{out}");
         assert!(out.contains("Access token:   none stored yet"), "{out}");

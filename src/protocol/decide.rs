@@ -13,10 +13,12 @@ pub enum Role {
     Consumer,
     /// The controller: refreshes `ahead` before expiry (zero under the default `OnExpiry` policy).
     Producer { ahead: Duration },
-    /// A person asking for a new token now (`kubectl xero renew`): due until a refresh stored
-    /// at or after `requested_at` is seen, whoever made it, so a refresh that raced the request
-    /// satisfies it and no second call is made. Claims, waits and stops apply as for anyone.
-    Renew { requested_at: SystemTime },
+    /// A person asking for a new token now (`kubectl xero renew`): due while the Secret's
+    /// `refreshed-at` is still `seen`, the value read when the renewal was asked. Any store
+    /// changes it, whoever made it, so a refresh that raced the request satisfies it and no
+    /// second call is made; an equality test, so no two parties' clocks are compared. Claims,
+    /// waits and stops apply as for anyone.
+    Renew { seen: Option<SystemTime> },
 }
 
 /// What to do next.
@@ -93,7 +95,7 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
         Role::Producer { ahead } => ahead,
     };
     let renewal_asked = match role {
-        Role::Renew { requested_at } => rec.refreshed_at.is_none_or(|at| at < requested_at),
+        Role::Renew { seen } => rec.refreshed_at == seen,
         _ => false,
     };
     // An expiry further ahead than any token Xero issues was not written by a refresh (a hand
@@ -476,12 +478,9 @@ mod tests {
     }
 
     #[test]
-    fn a_renewal_is_due_until_a_refresh_after_the_request_is_seen() {
-        let asked = t(50);
-        let renew = Role::Renew {
-            requested_at: asked,
-        };
-        // A valid token refreshed before the request: claim, although nothing expired.
+    fn a_renewal_is_due_until_the_secret_shows_another_refresh() {
+        let renew = Role::Renew { seen: Some(t(40)) };
+        // A valid token, still as it was when the renewal was asked: claim, though not expired.
         let before = TokenRecord {
             refreshed_at: Some(t(40)),
             ..rec()
@@ -491,12 +490,23 @@ mod tests {
             Step::Claim { replacing: None }
         );
         assert_eq!(decide(&before, t(51), ME, Role::Consumer), Step::Use);
-        // Refreshed at or after the request (by anyone): done, no second call.
-        let after = TokenRecord {
-            refreshed_at: Some(t(50)),
+        // Stored again since (by anyone, whatever their clock says): done, no second call.
+        for stored_at in [t(50), t(30)] {
+            let after = TokenRecord {
+                refreshed_at: Some(stored_at),
+                ..rec()
+            };
+            assert_eq!(decide(&after, t(51), ME, renew), Step::Use);
+        }
+        // Never refreshed before: due until a first refresh is stored.
+        let never = TokenRecord {
+            refreshed_at: None,
             ..rec()
         };
-        assert_eq!(decide(&after, t(51), ME, renew), Step::Use);
+        assert_eq!(
+            decide(&never, t(51), ME, Role::Renew { seen: None }),
+            Step::Claim { replacing: None }
+        );
         // Another party's live claim is waited for, as for anyone.
         let held = TokenRecord {
             lease: Lease::Held {
