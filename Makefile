@@ -14,6 +14,7 @@ CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 test: prerequisites fmt-check clippy crd-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
+	bash scripts/promtool.sh >/dev/null
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- $(CARGO) test --locked --all-targets
 	$(MAKE) --no-print-directory e2e-run

@@ -581,6 +581,49 @@ async fn metrics_and_health_endpoints_answer() {
         (40.0..=60.0).contains(&until_expiry),
         "seconds until expiry: {until_expiry}"
     );
+    // What the chart's alerts read: the Ready reason, both timestamps, the app's budget.
+    let ns = &fx.namespace;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert_eq!(
+        sample(
+            &after,
+            &format!(
+                "xero_operator_connection_condition{{namespace=\"{ns}\",name=\"acme\",reason=\"TokenValid\"}}"
+            )
+        ),
+        1.0
+    );
+    let expiry = sample(
+        &after,
+        &format!(
+            "xero_operator_access_token_expiry_timestamp_seconds{{namespace=\"{ns}\",name=\"acme\"}}"
+        ),
+    );
+    assert!(
+        (now + 30.0..=now + 70.0).contains(&expiry),
+        "{expiry} vs {now}"
+    );
+    let refreshed = sample(
+        &after,
+        &format!(
+            "xero_operator_last_refresh_timestamp_seconds{{namespace=\"{ns}\",name=\"acme\"}}"
+        ),
+    );
+    assert!(
+        (now - 30.0..=now + 1.0).contains(&refreshed),
+        "{refreshed} vs {now}"
+    );
+    assert_eq!(
+        sample(&after, "xero_operator_app_calls_limit_per_minute"),
+        1000.0
+    );
+    assert!(
+        after.contains("xero_operator_app_permits_total{app=\""),
+        "{after}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,9 +157,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(allowed_endpoint_hosts = %ctx.policy.allowlist, allow_cross_namespace_consumers = args.allow_cross_namespace_consumers, "limits on connections");
     let per_minute = std::num::NonZeroU32::new(args.app_calls_per_minute)
         .ok_or_else(|| anyhow::anyhow!("--app-calls-per-minute must be at least 1"))?;
-    ctx.gate = Some(xero_operator::protocol::gate::AppGate::per_minute(
-        per_minute,
-    ));
+    ctx.metrics
+        .app_calls_limit_per_minute
+        .set(i64::from(per_minute.get()));
+    let permits = ctx.metrics.app_permits.clone();
+    ctx.gate = Some(
+        xero_operator::protocol::gate::AppGate::per_minute(per_minute).with_on_permit(
+            move |client_id| {
+                let app = xero_operator::redact::Sensitive::new(client_id).fingerprint();
+                permits
+                    .get_or_create(&xero_operator::controller::metrics::AppLabels { app })
+                    .inc();
+            },
+        ),
+    );
     let ctx = Arc::new(ctx);
     let shutdown = async {
         xero_operator::process::shutdown_signal().await;

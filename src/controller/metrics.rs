@@ -27,6 +27,22 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub name: String,
+    /// The `Ready` condition's reason (`TokenValid`, `ReauthorizationRequired`, …).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    /// The fingerprint of the app's client id (not the id itself).
+    pub app: String,
+}
+
+type TimestampGauge = Family<ConnectionLabels, Gauge<f64, AtomicU64>>;
+
 /// All metrics, registered in one registry.
 pub struct Metrics {
     pub registry: Registry,
@@ -35,6 +51,20 @@ pub struct Metrics {
     pub seconds_until_expiry: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconciles: Counter,
+    /// 1 for each connection's current `Ready` reason (one series per connection).
+    pub connection_condition: Family<ConditionLabels, Gauge>,
+    /// When each connection's stored access token expires (Unix seconds).
+    pub access_token_expiry: TimestampGauge,
+    /// When each connection's token pair was last refreshed, by anyone (Unix seconds): Xero
+    /// drops a refresh token unused for 60 days.
+    pub last_refresh: TimestampGauge,
+    /// Permits the per-app bucket gave: one per claim to call the token endpoint (a claim's
+    /// retries of a lost call are not counted again).
+    pub app_permits: Family<AppLabels, Counter>,
+    /// The per-app cap on those calls (`--app-calls-per-minute`).
+    pub app_calls_limit_per_minute: Gauge,
+    /// The reason last exported per connection, so a change removes the old series.
+    current_reason: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
 }
 
 impl Default for Metrics {
@@ -66,6 +96,36 @@ impl Default for Metrics {
         );
         let reconciles = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
+        let connection_condition = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "connection_condition",
+            "1 for the current reason of each connection's Ready condition",
+            connection_condition.clone(),
+        );
+        let access_token_expiry = TimestampGauge::default();
+        registry.register(
+            "access_token_expiry_timestamp_seconds",
+            "When the stored access token expires (Unix time), per connection",
+            access_token_expiry.clone(),
+        );
+        let last_refresh = TimestampGauge::default();
+        registry.register(
+            "last_refresh_timestamp_seconds",
+            "When the token pair was last refreshed by anyone (Unix time), per connection; Xero drops a refresh token unused for 60 days",
+            last_refresh.clone(),
+        );
+        let app_permits = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "app_permits",
+            "Claims to call the token endpoint let through the per-app bucket, per Xero app (client id fingerprint)",
+            app_permits.clone(),
+        );
+        let app_calls_limit_per_minute = Gauge::default();
+        registry.register(
+            "app_calls_limit_per_minute",
+            "The controller's cap on token calls per Xero app per minute (--app-calls-per-minute)",
+            app_calls_limit_per_minute.clone(),
+        );
         Self {
             registry,
             refreshes,
@@ -73,6 +133,12 @@ impl Default for Metrics {
             seconds_until_expiry,
             reconcile_errors,
             reconciles,
+            connection_condition,
+            access_token_expiry,
+            last_refresh,
+            app_permits,
+            app_calls_limit_per_minute,
+            current_reason: std::sync::Mutex::default(),
         }
     }
 }
@@ -80,10 +146,102 @@ impl Default for Metrics {
 impl Metrics {
     /// Drops the per-connection series of a connection that is gone.
     pub fn forget_connection(&self, namespace: &str, name: &str) {
-        self.seconds_until_expiry.remove(&ConnectionLabels {
+        let labels = ConnectionLabels {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-        });
+        };
+        self.seconds_until_expiry.remove(&labels);
+        self.access_token_expiry.remove(&labels);
+        self.last_refresh.remove(&labels);
+        self.set_reason(namespace, name, None);
+    }
+
+    /// Exports `reason` as the connection's current one (`None`: none), removing the series of
+    /// the previous reason.
+    pub fn set_reason(&self, namespace: &str, name: &str, reason: Option<&str>) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut current = self
+            .current_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let labels = |reason: String| ConditionLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason,
+        };
+        let previous = match reason {
+            Some(r) => current.insert(key, r.to_owned()),
+            None => current.remove(&key),
+        };
+        if let Some(previous) = previous
+            && Some(previous.as_str()) != reason
+        {
+            self.connection_condition.remove(&labels(previous));
+        }
+        if let Some(r) = reason {
+            self.connection_condition
+                .get_or_create(&labels(r.to_owned()))
+                .set(1);
+        }
+    }
+
+    /// Sets a per-connection timestamp gauge to `at` (Unix seconds).
+    pub fn set_time(
+        family: &TimestampGauge,
+        namespace: &str,
+        name: &str,
+        at: std::time::SystemTime,
+    ) {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        family
+            .get_or_create(&ConnectionLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+            .set(secs);
+    }
+
+    /// Metrics with one series in every family (the text format omits a family without one):
+    /// what `/metrics` shows once each metric has been touched. The tests check the chart's
+    /// alerts and dashboard against it; a family added to the registry belongs here too.
+    pub fn with_every_series() -> Self {
+        let m = Self::default();
+        let (ns, name) = ("ns", "acme");
+        m.refreshes
+            .get_or_create(&RefreshLabels {
+                actor: "controller".into(),
+                result: "ok".into(),
+            })
+            .inc();
+        m.token_endpoint_seconds.observe(0.1);
+        m.seconds_until_expiry
+            .get_or_create(&ConnectionLabels {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+            .set(1.0);
+        m.reconcile_errors
+            .get_or_create(&ReasonLabels {
+                reason: "XeroUnavailable".into(),
+            })
+            .inc();
+        m.reconciles.inc();
+        m.set_reason(ns, name, Some("TokenValid"));
+        Self::set_time(
+            &m.access_token_expiry,
+            ns,
+            name,
+            std::time::SystemTime::now(),
+        );
+        Self::set_time(&m.last_refresh, ns, name, std::time::SystemTime::now());
+        m.app_permits
+            .get_or_create(&AppLabels { app: "app".into() })
+            .inc();
+        m.app_calls_limit_per_minute.set(1000);
+        m
     }
 
     /// The text exposition format.
@@ -98,6 +256,36 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_every_series_shows_every_registered_metric() {
+        let mut registered = 0;
+        // Each `registry.register` call in `Default`: count them in the source, so a metric
+        // added there and not here fails this test.
+        for line in include_str!("metrics.rs").lines() {
+            if line.trim_start().starts_with("registry.register(") {
+                registered += 1;
+            }
+        }
+        let shown = Metrics::with_every_series()
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("# TYPE "))
+            .count();
+        assert_eq!(shown, registered);
+    }
+
+    #[test]
+    fn a_new_reason_replaces_the_old_series_and_forgetting_removes_it() {
+        let m = Metrics::default();
+        m.set_reason("ns", "acme", Some("XeroUnavailable"));
+        m.set_reason("ns", "acme", Some("TokenValid"));
+        let text = m.encode();
+        assert!(text.contains("reason=\"TokenValid\"} 1"), "{text}");
+        assert!(!text.contains("XeroUnavailable"), "{text}");
+        m.forget_connection("ns", "acme");
+        assert!(!m.encode().contains("acme"));
+    }
 
     #[test]
     fn metrics_are_exposed_with_the_prefix() {

@@ -98,6 +98,11 @@ async fn write_with(
         conn.status.clone().unwrap_or_default()
     };
     let prev_ready = previous.conditions.iter().find(|c| c.type_ == "Ready");
+    ctx.metrics.set_reason(
+        &conn.namespace().unwrap_or_default(),
+        &conn.name_any(),
+        Some(outcome.state.reason()),
+    );
     let now = SystemTime::now();
     let ready =
         conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);

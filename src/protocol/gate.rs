@@ -11,7 +11,12 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 #[derive(Clone)]
 pub struct AppGate {
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    /// Told the client id of each permit given (the controller counts them per app).
+    on_permit: Option<PermitHook>,
 }
+
+/// Told the client id of each permit given.
+type PermitHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl AppGate {
     /// At most `per_minute` calls per app in any 60-second window (see [`bucket_for`]).
@@ -22,17 +27,35 @@ impl AppGate {
             .allow_burst(burst);
         Self {
             limiter: Arc::new(DefaultKeyedRateLimiter::keyed(quota)),
+            on_permit: None,
+        }
+    }
+
+    /// Calls `f` with the client id of each permit given.
+    pub fn with_on_permit(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_permit = Some(Arc::new(f));
+        self
+    }
+
+    fn permitted(&self, client_id: &str) {
+        if let Some(f) = &self.on_permit {
+            f(client_id);
         }
     }
 
     /// Waits until a call for `client_id` may go out.
     pub async fn until_ready(&self, client_id: &str) {
         self.limiter.until_key_ready(&client_id.to_owned()).await;
+        self.permitted(client_id);
     }
 
     /// Whether a call for `client_id` may go out now (taking the permit if so).
     pub fn try_now(&self, client_id: &str) -> bool {
-        self.limiter.check_key(&client_id.to_owned()).is_ok()
+        let ok = self.limiter.check_key(&client_id.to_owned()).is_ok();
+        if ok {
+            self.permitted(client_id);
+        }
+        ok
     }
 }
 
