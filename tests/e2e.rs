@@ -765,3 +765,179 @@ async fn upgrade_to_a_new_image_and_uninstall_keep_every_connection() {
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     assert_one_call_per_rotation(&fx).await;
 }
+
+/// The fenced `sh` blocks of the README sections headed `headings` (each section runs to the
+/// next heading of its level or above), in order.
+fn readme_blocks(headings: &[&str]) -> Vec<(String, String)> {
+    let readme = std::fs::read_to_string(common::repo_path("README.md")).expect("README.md");
+    let mut blocks = Vec::new();
+    let (mut section, mut level) = (None::<String>, 0);
+    let (mut fence, mut block) = (None::<String>, String::new());
+    for line in readme.lines() {
+        if let Some(lang) = &fence {
+            if line.trim_start().starts_with("```") {
+                if let (Some(s), "sh") = (&section, lang.as_str()) {
+                    blocks.push((s.clone(), std::mem::take(&mut block)));
+                }
+                block.clear();
+                fence = None;
+            } else {
+                block.push_str(line);
+                block.push('\n');
+            }
+            continue;
+        }
+        if let Some(lang) = line.trim_start().strip_prefix("```") {
+            fence = Some(lang.trim().to_owned());
+            continue;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if hashes > 0 && line[hashes..].starts_with(' ') {
+            if headings.contains(&line) {
+                section = Some(line.to_owned());
+                level = hashes;
+            } else if section.is_some() && hashes <= level {
+                section = None;
+            }
+        }
+    }
+    blocks
+}
+
+/// Runs a README block as a user pastes it into a shell: bash, from the repository's root,
+/// with kubectl and helm on the PATH.
+fn run_block(section: &str, block: &str) {
+    let kubectl_dir = common::env().bin_dir.clone();
+    let helm_dir = common::helm_path()
+        .parent()
+        .expect("helm's directory")
+        .to_owned();
+    let path = format!(
+        "{}:{}:{}",
+        kubectl_dir.display(),
+        helm_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", block])
+        .current_dir(common::repo_path("."))
+        .env("PATH", path)
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{section}: the block\n{block}failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    eprintln!("{section}: ran\n{block}{}", text(&out.stdout));
+}
+
+/// Leaves the cluster as it was if the README test fails half-way.
+struct ReadmeCleanup;
+
+impl Drop for ReadmeCleanup {
+    fn drop(&mut self) {
+        let _ = common::kubectl(&[
+            "delete",
+            "xc",
+            "acme",
+            "-n",
+            "default",
+            "--ignore-not-found",
+        ]);
+        let _ = common::kubectl(&[
+            "delete",
+            "secret",
+            "xero-app",
+            "acme-xero-token",
+            "-n",
+            "default",
+            "--ignore-not-found",
+        ]);
+        let _ = helm(&[
+            "uninstall",
+            "xero-operator",
+            "-n",
+            "xero-operator",
+            "--wait",
+        ]);
+        let _ = common::kubectl(&["delete", "namespace", "xero-operator", "--wait=false"]);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the real node: make e2e"]
+async fn the_readmes_install_first_connection_and_uninstall_blocks_run_as_written() {
+    let install = "## Install";
+    let first = "### The first connection, from zero";
+    let uninstall = "### Uninstall";
+    let blocks = readme_blocks(&[install, first, uninstall]);
+    let sections: Vec<&str> = blocks.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(sections, [install, first, uninstall], "{blocks:?}");
+    let _cleanup = ReadmeCleanup;
+    let client = common::admin_client().await;
+
+    // Install: the operator's pod becomes available from the image on the node.
+    run_block(&blocks[0].0, &blocks[0].1);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), "xero-operator");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let available = deployments
+            .get_opt("xero-operator")
+            .await
+            .expect("get")
+            .and_then(|d| d.status?.available_replicas)
+            .unwrap_or(0);
+        if available >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator never became available:\n{}",
+            diagnose("xero-operator")
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // The first connection: it waits for authorisation, and says with which command. No
+    // refresh token, so nothing is sent anywhere.
+    run_block(&blocks[1].0, &blocks[1].1);
+    let conns = Api::<xero_operator::crd::XeroConnection>::namespaced(client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let message = loop {
+        let ready = conns.get("acme").await.expect("acme").status.and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready" && c.reason == "WaitingForAuthorization")
+        });
+        if let Some(c) = ready {
+            break c.message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acme never showed WaitingForAuthorization:\n{}",
+            diagnose("xero-operator")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        message.contains("xero-token --namespace default --secret acme-xero-token authorize"),
+        "{message}"
+    );
+
+    // Uninstall, in the README's order: the connection goes at once (no finalizer), then the
+    // release; the CRD stays.
+    run_block(&blocks[2].0, &blocks[2].1);
+    assert!(conns.get_opt("acme").await.expect("get").is_none());
+    assert!(
+        deployments
+            .get_opt("xero-operator")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let crd = common::kubectl(&["get", "crd", "xeroconnections.xero-operator.io"]);
+    assert!(crd.status.success(), "the CRD stays: {}", text(&crd.stderr));
+}
