@@ -70,7 +70,10 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
                 "{hint}: Ready was True ({}) while Xero failed",
                 ready.reason
             );
-            if reasons.last() != Some(&ready.reason) {
+            // A first Refreshing is the controller saying it is getting the first token
+            // (while the failing calls are retried); the reasons after it are the outcome.
+            let announcing = reasons.is_empty() && ready.reason == "Refreshing";
+            if !announcing && reasons.last() != Some(&ready.reason) {
                 reasons.push(ready.reason);
             }
         }
