@@ -119,6 +119,57 @@ async fn client_credentials_with_scopes_end_to_end() {
 
 /// P35: a rotation costs two writes to the Secret, the claim and the store, seen on a watch
 /// of the Secret (every write is a new resourceVersion).
+/// A consumer in use follows its Secret: a token another party stores before the cached one
+/// runs out (the controller under AheadOfExpiry) is handed out at once, with no request to the
+/// API server at the moment of rotation. Without the follower the consumer would hand out its
+/// cached token until that expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_in_use_gets_a_token_stored_ahead_of_expiry_at_once() {
+    let timings = Timings {
+        access_token: Duration::from_secs(600),
+        ..Timings::default()
+    };
+    let fx = token_fixture("proto-follow", timings).await;
+    let consumer = fx.refresher("consumer");
+    let first = consumer.get().await.expect("token");
+    // In use: the second get starts following the Secret.
+    assert_eq!(consumer.get().await.expect("token").token, first.token);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = consumer.api_requests();
+
+    // Another party stores a new pair while the first token is valid for minutes yet.
+    let stored_at = fx.record().await.refreshed_at;
+    let other = Refresher::new(
+        fx.client.clone(),
+        &fx.namespace,
+        &fx.secret,
+        "producer",
+        xero_operator::protocol::Role::Renew { seen: stored_at },
+    );
+    let second = other.get().await.expect("renewed");
+    assert_ne!(second.token, first.token);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = consumer.get().await.expect("token");
+        if got.token == second.token {
+            break;
+        }
+        assert_eq!(got.token, first.token);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer kept its cached token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        consumer.api_requests(),
+        requests,
+        "the new token came over the watch already open"
+    );
+    assert_eq!(fx.report().await.counters.token_calls, 2);
+}
+
 #[tokio::test]
 async fn a_rotation_is_two_writes_the_claim_and_the_store() {
     use futures_util::StreamExt;

@@ -6,10 +6,12 @@
 //! - [`decide`]: the decision function (pure, unit-tested exhaustively).
 //! - [`backoff`]: retry delays.
 //! - [`gate`]: one token bucket per Xero app for the controller's calls.
+//! - [`follow`]: a consumer in use keeps its Secret watched, so a stored token reaches it at once.
 //! - [`refresher`]: the I/O around the decision, with single flight inside one process.
 
 pub mod backoff;
 pub mod decide;
+pub mod follow;
 pub mod format;
 pub mod gate;
 pub mod refresher;

@@ -3,6 +3,7 @@
 //! Secret. Inside one process, concurrent callers share one cached token and one in-flight
 //! refresh (single flight); across processes the Secret decides.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -82,7 +83,20 @@ pub struct Refresher {
     /// (a timeout around `get`, an HTTP client that hung up) never stops it between Xero's
     /// rotation and the store; the next caller waits for it instead of starting another.
     pending: Mutex<Option<tokio::task::JoinHandle<Result<AccessToken, Error>>>>,
+    /// The watch that keeps a consumer's cache up to date ([`super::follow`]), once in use.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        if let Some(f) = lock(&self.follower).take() {
+            f.abort();
+        }
+    }
+}
+
+/// A consumer that has not asked for a token for this long stops following its Secret.
+const FOLLOW_IDLE: Duration = Duration::from_secs(super::follow::WATCH_SECONDS as u64);
 
 impl std::ops::Deref for Refresher {
     type Target = Inner;
@@ -118,6 +132,12 @@ pub struct Inner {
     snapshot: Mutex<Option<(Secret, std::time::Instant)>>,
     /// The token state last read or written.
     last: Mutex<Option<TokenRecord>>,
+    /// Calls to `get` (a consumer asking a second time is in use: it follows the Secret).
+    gets: AtomicU64,
+    /// When `get` was last called.
+    last_use: Mutex<std::time::Instant>,
+    /// Requests this party made to the API server (reads, writes, watches).
+    requests: AtomicU64,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -151,11 +171,15 @@ impl Refresher {
             http: std::sync::OnceLock::new(),
             snapshot: Mutex::new(None),
             last: Mutex::new(None),
+            gets: AtomicU64::new(0),
+            last_use: Mutex::new(std::time::Instant::now()),
+            requests: AtomicU64::new(0),
         };
         Self {
             inner: Arc::new(inner),
             flight: tokio::sync::Mutex::new(()),
             pending: Mutex::new(None),
+            follower: Mutex::new(None),
         }
     }
 
@@ -227,6 +251,9 @@ impl Refresher {
     /// A usable access token: from the in-process cache, from the Secret, or by taking over the
     /// refresh. Concurrent callers in this process share one refresh.
     pub async fn get(&self) -> Result<AccessToken, Error> {
+        if self.role == Role::Consumer {
+            self.note_use();
+        }
         if self.role == Role::Consumer
             && let Some(t) = self.cached(SystemTime::now())
         {
@@ -263,6 +290,58 @@ impl Refresher {
         Ok(token)
     }
 
+    /// Requests made to the API server so far (reads, writes, watches).
+    pub fn api_requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A consumer asking: from its second `get` on it is in use, and follows its Secret (one
+    /// long watch) so that a token stored by another party is in its cache at once.
+    fn note_use(&self) {
+        *lock(&self.last_use) = std::time::Instant::now();
+        if self.gets.fetch_add(1, Ordering::Relaxed) < 1 {
+            return;
+        }
+        let mut follower = lock(&self.follower);
+        if follower.as_ref().is_some_and(|f| !f.is_finished()) {
+            return;
+        }
+        let Some(rv) = lock(&self.last)
+            .as_ref()
+            .and_then(|r| r.resource_version.clone())
+        else {
+            return;
+        };
+        let (keep, seen, counted) = (
+            Arc::downgrade(&self.inner),
+            Arc::downgrade(&self.inner),
+            Arc::downgrade(&self.inner),
+        );
+        *follower = Some(tokio::spawn(super::follow::run(
+            self.api.clone(),
+            self.name.clone(),
+            rv,
+            move || match keep.upgrade() {
+                Some(inner) if lock(&inner.last_use).elapsed() < FOLLOW_IDLE => {
+                    super::follow::Keep::Watching
+                }
+                _ => super::follow::Keep::Stop,
+            },
+            move |secret| match seen.upgrade() {
+                Some(inner) => {
+                    inner.adopt(secret);
+                    super::follow::Keep::Watching
+                }
+                None => super::follow::Keep::Stop,
+            },
+            move || {
+                if let Some(inner) = counted.upgrade() {
+                    inner.requests.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )));
+    }
+
     /// Drops the cached token (after the API answered 401 with it, say).
     pub fn invalidate(&self) {
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -284,6 +363,27 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl Inner {
+    /// A version of the Secret the follower saw: its token goes into the cache if a read would
+    /// hand it out ([`decide`] says Use: a usable, plausible token of a valid record) and it
+    /// expires no earlier than the cached one.
+    fn adopt(&self, secret: Secret) {
+        let rec = TokenRecord::from_secret(&secret);
+        self.keep_snapshot(secret);
+        if decide(&rec, SystemTime::now(), &self.identity, self.role) != Step::Use {
+            return;
+        }
+        let Some(token) = AccessToken::from_record(&rec) else {
+            return;
+        };
+        let mut cache = lock(&self.cache);
+        if cache
+            .as_ref()
+            .is_none_or(|c| token.expires_at >= c.expires_at)
+        {
+            *cache = Some(token);
+        }
+    }
+
     /// Keeps `secret`, seen just now, to stand in for the next read.
     fn keep_snapshot(&self, secret: Secret) {
         *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
@@ -298,6 +398,7 @@ impl Inner {
 
     /// Reads the Secret, noting it as the latest state seen.
     async fn fetch(&self) -> Result<Secret, kube::Error> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let secret = self.api.get(&self.name).await?;
         self.remember(&secret);
         Ok(secret)
@@ -359,6 +460,7 @@ impl Inner {
     }
 
     async fn patch(&self, body: &serde_json::Value) -> Result<Secret, kube::Error> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let secret = self
             .api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
@@ -510,6 +612,7 @@ impl Inner {
             // state ("0": it is replayed first, and skipped if it is still the one read). Any
             // other failure sleeps out the wait: never a loop of instant retries.
             for from in [rv, "0"] {
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 let gone = match self.api.watch(&params, from).await {
                     Ok(stream) => {
                         let mut stream = std::pin::pin!(stream);

@@ -45,6 +45,10 @@ pub struct ConsumerReport {
     /// connection to the API server), not a moment of expiry, so kept apart.
     #[serde(default)]
     pub first_us: Vec<u64>,
+    /// Requests the process's protocol client made to the API server (reads, writes, watches;
+    /// `protocol` mode only).
+    #[serde(default)]
+    pub api_requests: u64,
 }
 
 impl ConsumerReport {
@@ -56,6 +60,7 @@ impl ConsumerReport {
         self.warm_us.extend(other.warm_us);
         self.at_expiry_us.extend(other.at_expiry_us);
         self.first_us.extend(other.first_us);
+        self.api_requests += other.api_requests;
     }
 }
 
@@ -170,6 +175,9 @@ pub async fn run(
     }
     for r in results.into_iter().flatten() {
         total.merge(r);
+    }
+    if mode == Mode::Protocol {
+        total.api_requests = refresher.api_requests();
     }
     total
 }

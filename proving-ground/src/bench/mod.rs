@@ -257,6 +257,11 @@ async fn run_one(
         "get_token_at_expiry_p99_ms": round3(percentile(&total.at_expiry_us, 0.99)),
         "get_token_at_expiry_p50_ms": round3(percentile(&total.at_expiry_us, 0.50)),
         "get_token_first_max_ms": round3(percentile(&total.first_us, 1.0)),
+        // Each consumer process's requests to the API server per rotation: reads, claims,
+        // stores and watches (the follower's long watch among them).
+        "consumer_requests_per_rotation": (mode == Mode::Protocol).then(|| {
+            round2(total.api_requests as f64 / n.max(1) as f64 / rotations.max(1) as f64)
+        }),
     }))
 }
 
@@ -379,7 +384,7 @@ impl Connections {
 /// Prints the refresh-economy table.
 pub fn print_table(doc: &Value) {
     println!(
-        "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13}",
+        "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13} {:>12}",
         "way",
         "N",
         "lifetimes",
@@ -390,13 +395,14 @@ pub fn print_table(doc: &Value) {
         "steady w/r",
         "p50 ms",
         "p99 ms",
-        "expiry p99 ms"
+        "expiry p99 ms",
+        "req/proc/rot"
     );
     for (_, key, _) in WAYS {
         for row in doc[key].as_array().into_iter().flatten() {
             let cell = |k: &str| row[k].to_string();
             println!(
-                "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13}",
+                "{:<14} {:>3} {:>9} {:>11} {:>7} {:>8} {:>13} {:>12} {:>9} {:>9} {:>13} {:>12}",
                 key,
                 cell("n"),
                 cell("lifetimes"),
@@ -408,6 +414,7 @@ pub fn print_table(doc: &Value) {
                 cell("get_token_p50_ms"),
                 cell("get_token_p99_ms"),
                 cell("get_token_at_expiry_p99_ms"),
+                cell("consumer_requests_per_rotation"),
             );
         }
     }
