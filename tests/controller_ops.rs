@@ -210,6 +210,25 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
     );
 }
 
+/// A token Secret `name` holding the refresh token of a new emulator user, opted in for the
+/// connection `connection` by its label (as a person hands a Secret to the operator).
+async fn opted_in_token_secret(fx: &common::TokenFixture, name: &str, connection: &str) {
+    let user = fx
+        .emulator
+        .admin()
+        .add_user(&Default::default())
+        .await
+        .expect("user");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {f::LABEL_CONNECTION: connection}},
+        "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))
+    .expect("s");
+    fx.secrets()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create");
+}
+
 /// Whether the connection `name` carries the operator's finalizer.
 async fn has_finalizer(conns: &Api<XeroConnection>, name: &str) -> bool {
     conns
@@ -227,20 +246,7 @@ async fn has_finalizer(conns: &Api<XeroConnection>, name: &str) -> bool {
 async fn only_a_connection_with_work_on_delete_waits_for_the_operator() {
     let timings = Timings::default();
     let fx = token_fixture("ops-finalizer", timings).await;
-    let second = fx
-        .emulator
-        .admin()
-        .add_user(&Default::default())
-        .await
-        .expect("user");
-    let opted_in: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "revoking-token", "labels": {f::LABEL_CONNECTION: "revoking"}},
-        "stringData": {f::REFRESH_TOKEN: second.refresh_token}}))
-    .expect("s");
-    fx.secrets()
-        .create(&PostParams::default(), &opted_in)
-        .await
-        .expect("create");
+    opted_in_token_secret(&fx, "revoking-token", "revoking").await;
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     connection::create(
         &fx,
@@ -331,20 +337,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
         json!({"revokeOnDelete": true}),
     )
     .await;
-    let second = fx
-        .emulator
-        .admin()
-        .add_user(&Default::default())
-        .await
-        .expect("user");
-    let kept: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "kept-token", "labels": {f::LABEL_CONNECTION: "keeper"}},
-        "stringData": {f::REFRESH_TOKEN: second.refresh_token}}))
-    .expect("s");
-    fx.secrets()
-        .create(&PostParams::default(), &kept)
-        .await
-        .expect("create");
+    opted_in_token_secret(&fx, "kept-token", "keeper").await;
     // Owned at first (so that it carries our owner reference), kept when asked later.
     connection::create(&fx, "keeper", "kept-token", timings, json!({})).await;
     let _controller = common::Procs(vec![operator(&fx, "controller/del", &[])]);

@@ -117,8 +117,6 @@ async fn client_credentials_with_scopes_end_to_end() {
     );
 }
 
-/// P35: a rotation costs two writes to the Secret, the claim and the store, seen on a watch
-/// of the Secret (every write is a new resourceVersion).
 /// A consumer in use follows its Secret: a token another party stores before the cached one
 /// runs out (the controller under AheadOfExpiry) is handed out at once, with no request to the
 /// API server at the moment of rotation. Without the follower the consumer would hand out its
@@ -170,6 +168,8 @@ async fn a_consumer_in_use_gets_a_token_stored_ahead_of_expiry_at_once() {
     assert_eq!(fx.report().await.counters.token_calls, 2);
 }
 
+/// P35: a rotation costs two writes to the Secret, the claim and the store, seen on a watch
+/// of the Secret (every write is a new resourceVersion).
 #[tokio::test]
 async fn a_rotation_is_two_writes_the_claim_and_the_store() {
     use futures_util::StreamExt;
@@ -1217,5 +1217,53 @@ async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
     assert!(
         reads + watches <= 10,
         "{reads} reads and {watches} watches in a 3 s wait: a loop"
+    );
+}
+
+/// The follower never loops against the API server: a watch that ends at once is renewed only
+/// after a backoff (1 s, then 2 s, …), and a Deleted event moves it on from that version
+/// instead of replaying it. A stand-in API server answers every watch with one Deleted event.
+#[tokio::test]
+async fn the_follower_backs_off_and_moves_past_a_deleted_secret() {
+    use xero_operator::protocol::follow::{self, Keep};
+    let queries = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/n/secrets",
+        axum::routing::get({
+            let queries = queries.clone();
+            move |axum::extract::RawQuery(query): axum::extract::RawQuery| async move {
+                queries
+                    .lock()
+                    .expect("lock")
+                    .push(query.unwrap_or_default());
+                json!({"type": "DELETED", "object": {"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "t", "namespace": "n", "resourceVersion": "7"}}})
+                .to_string()
+                    + "\n"
+            }
+        }),
+    );
+    let (client, server) = stub_api(app).await;
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, "n");
+    let following = tokio::spawn(follow::run(
+        api,
+        "t".into(),
+        "5".into(),
+        || Keep::Watching,
+        |_| Keep::Watching,
+        || {},
+    ));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    following.abort();
+    server.abort();
+    let queries = queries.lock().expect("lock").clone();
+    assert!(
+        (2..=4).contains(&queries.len()),
+        "watches in 3.5 s: {queries:?}"
+    );
+    assert!(queries[0].contains("resourceVersion=5"), "{queries:?}");
+    assert!(
+        queries[1..].iter().all(|q| q.contains("resourceVersion=7")),
+        "{queries:?}"
     );
 }

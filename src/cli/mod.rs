@@ -232,15 +232,7 @@ fn fail(e: &SourceError) -> ExitCode {
 
 /// The entry point of the `xero-token` binary.
 pub async fn main() -> ExitCode {
-    crate::process::init_logging("warn");
-    let args = Args::parse();
-    match run(args).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("xero-token: {e:#}");
-            ExitCode::from(EXIT_OTHER)
-        }
-    }
+    crate::process::run_cli("xero-token", EXIT_OTHER, run(Args::parse())).await
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {

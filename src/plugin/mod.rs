@@ -63,15 +63,7 @@ enum Command {
 
 /// The entry point of the `kubectl-xero` binary.
 pub async fn main() -> ExitCode {
-    crate::process::init_logging("warn");
-    let args = Args::parse();
-    match run(args).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("kubectl xero: {e:#}");
-            ExitCode::from(EXIT_OTHER)
-        }
-    }
+    crate::process::run_cli("kubectl xero", EXIT_OTHER, run(Args::parse())).await
 }
 
 /// The connection named on the command line, with a client and its namespace.

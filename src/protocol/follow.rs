@@ -5,7 +5,9 @@
 //! One long watch (`metadata.name=<secret>`: what a consumer's RBAC allows) is held at a time;
 //! it is resumed from the last version seen when it times out, and restarted from the current
 //! state when that version is gone (410). Failures back off (1 s doubling to 30 s): never a
-//! loop of instant retries. The watch ends when the consumer goes away or stops asking.
+//! loop of instant retries. Following ends when the consumer goes away, when it has not asked
+//! for a token for a while (checked each time the watch is renewed), or when its RBAC refuses
+//! the watch.
 
 use std::time::Duration;
 
@@ -20,6 +22,9 @@ pub const WATCH_SECONDS: u32 = 1800;
 /// The first and the longest wait after a failed watch.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The status codes that end following: retrying cannot fix them (the consumer's RBAC).
+const REFUSED: [u16; 2] = [401, 403];
 
 /// What the owner says about each version of the Secret: go on watching or stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,9 +61,14 @@ pub async fn run(
                             if let Some(rv) = s.metadata.resource_version.clone() {
                                 resource_version = rv;
                             }
-                            retry = RETRY_FIRST;
                             if seen(s) == Keep::Stop {
                                 return;
+                            }
+                        }
+                        // Deleted: go on from there (a Secret created again is followed).
+                        Ok(WatchEvent::Deleted(s)) => {
+                            if let Some(rv) = s.metadata.resource_version {
+                                resource_version = rv;
                             }
                         }
                         Ok(WatchEvent::Bookmark(b)) => {
@@ -70,13 +80,31 @@ pub async fn run(
                             resource_version = "0".to_owned();
                             break;
                         }
-                        Ok(WatchEvent::Deleted(_) | WatchEvent::Error(_)) | Err(_) => {
+                        Ok(WatchEvent::Error(status)) if REFUSED.contains(&status.code) => {
+                            tracing::debug!(
+                                code = status.code,
+                                "not allowed to watch the token Secret; not following it"
+                            );
+                            return;
+                        }
+                        Ok(WatchEvent::Error(_)) | Err(_) => {
                             failed = true;
                             break;
                         }
                     }
                 }
                 failed
+            }
+            Err(kube::Error::Api(status)) if status.code == 410 => {
+                resource_version = "0".to_owned();
+                false
+            }
+            Err(kube::Error::Api(status)) if REFUSED.contains(&status.code) => {
+                tracing::debug!(
+                    code = status.code,
+                    "not allowed to watch the token Secret; not following it"
+                );
+                return;
             }
             Err(_) => true,
         };
@@ -85,6 +113,9 @@ pub async fn run(
         if failed || started.elapsed() < RETRY_FIRST {
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(RETRY_MAX);
+        } else {
+            // A watch that lasted: the next failure starts the backoff afresh.
+            retry = RETRY_FIRST;
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct Inner {
     last_use: Mutex<std::time::Instant>,
     /// Requests this party made to the API server (reads, writes, watches).
     requests: AtomicU64,
+    /// The last version of the Secret the follower saw (it resumes from there).
+    followed: Mutex<Option<String>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -174,6 +176,7 @@ impl Refresher {
             gets: AtomicU64::new(0),
             last_use: Mutex::new(std::time::Instant::now()),
             requests: AtomicU64::new(0),
+            followed: Mutex::new(None),
         };
         Self {
             inner: Arc::new(inner),
@@ -286,7 +289,7 @@ impl Refresher {
                 format!("the refresh task ended abnormally: {e}"),
             )
         })??;
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        self.cache_if_newer(token.clone());
         Ok(token)
     }
 
@@ -306,10 +309,16 @@ impl Refresher {
         if follower.as_ref().is_some_and(|f| !f.is_finished()) {
             return;
         }
-        let Some(rv) = lock(&self.last)
-            .as_ref()
-            .and_then(|r| r.resource_version.clone())
-        else {
+        // Outside a tokio runtime there is nothing to follow with (a get from the cache alone).
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let followed = lock(&self.followed).clone();
+        let Some(rv) = followed.or_else(|| {
+            lock(&self.last)
+                .as_ref()
+                .and_then(|r| r.resource_version.clone())
+        }) else {
             return;
         };
         let (keep, seen, counted) = (
@@ -367,19 +376,28 @@ impl Inner {
     /// hand it out ([`decide`] says Use: a usable, plausible token of a valid record) and it
     /// expires no earlier than the cached one.
     fn adopt(&self, secret: Secret) {
+        // Only the cache: not the snapshot a refresh round reads, which must never be older
+        // than this party's own last write (a watch event can arrive after it).
         let rec = TokenRecord::from_secret(&secret);
-        self.keep_snapshot(secret);
+        if let Some(rv) = &rec.resource_version {
+            *lock(&self.followed) = Some(rv.clone());
+        }
         if decide(&rec, SystemTime::now(), &self.identity, self.role) != Step::Use {
             return;
         }
-        let Some(token) = AccessToken::from_record(&rec) else {
-            return;
-        };
+        if let Some(token) = AccessToken::from_record(&rec) {
+            self.cache_if_newer(token);
+        }
+    }
+
+    /// Caches `token` unless the cache holds a usable one that expires later (the follower may
+    /// have put a newer one there meanwhile).
+    fn cache_if_newer(&self, token: AccessToken) {
         let mut cache = lock(&self.cache);
-        if cache
+        let keep = cache
             .as_ref()
-            .is_none_or(|c| token.expires_at >= c.expires_at)
-        {
+            .is_some_and(|c| c.expires_at > token.expires_at && SystemTime::now() < c.usable_until);
+        if !keep {
             *cache = Some(token);
         }
     }

@@ -49,6 +49,12 @@ pub struct ConsumerReport {
     /// `protocol` mode only).
     #[serde(default)]
     pub api_requests: u64,
+    /// Those made after the process first saw a new token, and the new tokens it saw after
+    /// that: the steady state, without the cold start.
+    #[serde(default)]
+    pub steady_api_requests: u64,
+    #[serde(default)]
+    pub steady_rotations: u64,
 }
 
 impl ConsumerReport {
@@ -61,6 +67,8 @@ impl ConsumerReport {
         self.at_expiry_us.extend(other.at_expiry_us);
         self.first_us.extend(other.first_us);
         self.api_requests += other.api_requests;
+        self.steady_api_requests += other.steady_api_requests;
+        self.steady_rotations += other.steady_rotations;
     }
 }
 
@@ -112,15 +120,18 @@ pub async fn run(
         Role::Consumer,
     ));
     let shared_cache: Arc<tokio::sync::Mutex<Option<(Sensitive, SystemTime)>>> = Arc::default();
+    // The tokens this process saw, in order, and its request count when it first saw a new one.
+    let rotations = Arc::new(std::sync::Mutex::new(SeenTokens::default()));
     let api: Api<Secret> = Api::namespaced(client, namespace);
     let deadline = Instant::now() + duration;
     let workers = (0..threads).map(|_| {
-        let (refresher, cache, api, secret, totals) = (
+        let (refresher, cache, api, secret, totals, rotations) = (
             refresher.clone(),
             shared_cache.clone(),
             api.clone(),
             secret.to_owned(),
             totals.clone(),
+            rotations.clone(),
         );
         tokio::spawn(async move {
             let mut report = ConsumerReport::default();
@@ -154,6 +165,12 @@ pub async fn run(
                                 totals.print();
                             }
                         }
+                        if mode == Mode::Protocol {
+                            rotations
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .saw(&token, || refresher.api_requests());
+                        }
                         match &last {
                             None => report.first_us.push(micros),
                             Some(previous) if *previous == token => report.warm_us.push(micros),
@@ -178,8 +195,37 @@ pub async fn run(
     }
     if mode == Mode::Protocol {
         total.api_requests = refresher.api_requests();
+        let seen = rotations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at_first) = seen.requests_at_first_change {
+            total.steady_api_requests = total.api_requests - at_first;
+            total.steady_rotations = seen.changes.saturating_sub(1);
+        }
     }
     total
+}
+
+/// The new tokens one process saw (across its workers).
+#[derive(Default)]
+struct SeenTokens {
+    last: Option<Sensitive>,
+    changes: u64,
+    requests_at_first_change: Option<u64>,
+}
+
+impl SeenTokens {
+    fn saw(&mut self, token: &Sensitive, requests: impl FnOnce() -> u64) {
+        match &self.last {
+            Some(last) if last == token => {}
+            Some(_) => {
+                self.changes += 1;
+                if self.changes == 1 {
+                    self.requests_at_first_change = Some(requests());
+                }
+                self.last = Some(token.clone());
+            }
+            None => self.last = Some(token.clone()),
+        }
+    }
 }
 
 /// Read the Secret; refresh on our own if the token is expired; write the pair back without any
