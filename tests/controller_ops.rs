@@ -166,21 +166,8 @@ async fn the_per_app_token_bucket_holds_back_a_storm() {
         ("two", "two-token"),
         ("three", "three-token"),
     ] {
-        let user = fx
-            .emulator
-            .admin()
-            .add_user(&Default::default())
-            .await
-            .expect("user");
         // Made by a person before the connection: the label opts it in for that connection.
-        let s: Secret = serde_json::from_value(json!({
-            "metadata": {"name": secret, "labels": {f::LABEL_CONNECTION: name}},
-            "stringData": {f::REFRESH_TOKEN: user.refresh_token}}))
-        .expect("s");
-        fx.secrets()
-            .create(&PostParams::default(), &s)
-            .await
-            .expect("token secret");
+        opted_in_token_secret(&fx, secret, name).await;
         connection::create(&fx, name, secret, timings, json!({})).await;
     }
     let _controller = connection::start_controller(&fx, |ctx| {
