@@ -12,16 +12,7 @@ use std::process::Command;
 use xero_operator::controller::metrics::Metrics;
 
 fn promtool() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(common::repo_path("scripts/promtool.sh"))
-        .output()
-        .expect("run scripts/promtool.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+    common::go_tool("scripts/promtool.sh")
 }
 
 fn promtool_ok(args: &[&str]) -> String {

@@ -216,6 +216,18 @@ async fn opted_in_token_secret(fx: &common::TokenFixture, name: &str, connection
         .expect("create");
 }
 
+/// Waits (up to a minute) until the garbage collector has deleted the Secret `name`.
+async fn wait_until_collected(fx: &common::TokenFixture, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fx.secrets().get_opt(name).await.expect("get").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "token Secret {name} was never garbage-collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Whether the connection `name` carries the operator's finalizer.
 async fn has_finalizer(conns: &Api<XeroConnection>, name: &str) -> bool {
     conns
@@ -280,20 +292,7 @@ async fn only_a_connection_with_work_on_delete_waits_for_the_operator() {
         assert!(Instant::now() < deadline, "acme was not deleted at once");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fx
-        .secrets()
-        .get_opt(&fx.secret)
-        .await
-        .expect("get")
-        .is_some()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "acme's token Secret was never garbage-collected"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_until_collected(&fx, &fx.secret).await;
     let revoking = conns.get("revoking").await.expect("still there");
     assert!(
         revoking.metadata.deletion_timestamp.is_some(),
@@ -386,20 +385,7 @@ async fn deleting_a_connection_revokes_if_asked_and_keeps_the_secret_if_asked() 
             .any(|c| c.ended == Some(xero_proving_ground::emulator::state::FamilyEnd::Revoked))
     );
     // The owned Secret is garbage-collected; the kept one stays, without our owner reference.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fx
-        .secrets()
-        .get_opt(&fx.secret)
-        .await
-        .expect("get")
-        .is_some()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the owned token Secret was never garbage-collected"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_until_collected(&fx, &fx.secret).await;
     // The kept Secret is released: no owner reference, no label, no uid mark; its tokens stay.
     let kept = fx.secrets().get("kept-token").await.expect("kept");
     assert!(

@@ -116,18 +116,24 @@ pub async fn install_crds(client: &Client) {
         .expect("install the CRD");
 }
 
-/// Helm from the Go module proxy, installed once by the repo's own script (`scripts/helm.sh`).
-pub fn helm_path() -> PathBuf {
+/// A Go tool installed once by the repo's own script (`scripts/helm.sh`, `scripts/promtool.sh`:
+/// from the Go module proxy), which prints the binary's path.
+pub fn go_tool(script: &str) -> PathBuf {
     let out = Command::new("bash")
-        .arg(repo_path("scripts/helm.sh"))
+        .arg(repo_path(script))
         .output()
-        .expect("run scripts/helm.sh");
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
     assert!(
         out.status.success(),
-        "{}",
+        "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+/// Helm from the Go module proxy (`scripts/helm.sh`).
+pub fn helm_path() -> PathBuf {
+    go_tool("scripts/helm.sh")
 }
 
 /// Runs helm as the admin of the shared control plane.
