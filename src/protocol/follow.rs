@@ -35,7 +35,9 @@ pub enum Keep {
 
 /// Watches Secret `name` from `resource_version` until `keep` says stop; hands each new version
 /// of the Secret to `seen`. `keep` is asked before each watch request; `on_request` is told of
-/// each request made (for the caller's count).
+/// each request made (for the caller's count); `live` is told when a watch is open (`true`:
+/// versions arrive as they are written) and when it ended (`false`: a later version may be
+/// unseen until the next watch replays it).
 pub async fn run(
     api: Api<Secret>,
     name: String,
@@ -43,6 +45,7 @@ pub async fn run(
     keep: impl Fn() -> Keep,
     seen: impl Fn(Secret) -> Keep,
     on_request: impl Fn(),
+    live: impl Fn(bool),
 ) {
     let mut retry = RETRY_FIRST;
     let params = WatchParams::default()
@@ -53,6 +56,7 @@ pub async fn run(
         let started = tokio::time::Instant::now();
         let failed = match api.watch(&params, &resource_version).await {
             Ok(stream) => {
+                live(true);
                 let mut stream = std::pin::pin!(stream);
                 let mut failed = false;
                 while let Some(event) = stream.next().await {
@@ -62,6 +66,7 @@ pub async fn run(
                                 resource_version = rv;
                             }
                             if seen(s) == Keep::Stop {
+                                live(false);
                                 return;
                             }
                         }
@@ -85,6 +90,7 @@ pub async fn run(
                                 code = status.code,
                                 "not allowed to watch the token Secret; not following it"
                             );
+                            live(false);
                             return;
                         }
                         Ok(WatchEvent::Error(_)) | Err(_) => {
@@ -93,6 +99,7 @@ pub async fn run(
                         }
                     }
                 }
+                live(false);
                 failed
             }
             Err(kube::Error::Api(status)) if status.code == 410 => {

@@ -39,6 +39,18 @@ const MAX_WATCH: Duration = Duration::from_secs(60);
 /// long has passed since it started: a proxy that ends watches at once makes one read a second,
 /// not a loop.
 const MIN_WATCH: Duration = Duration::from_secs(1);
+/// How long a read waits for the follower to deliver a version it is known to be behind (after
+/// a claim made on its latest conflicted) before asking the API server instead.
+const FOLLOW_CATCH_UP: Duration = Duration::from_millis(500);
+/// A consumer whose follower is open waits before it claims, listening for another party's
+/// claim: when many processes find the token expired in the same instant, they wait for one
+/// claim's store instead of each sending a claim that can only conflict (each on a connection
+/// of its own to the API server, opened for it: the follower's watch holds the pooled one).
+/// The wait is a random part of `CLAIM_SPREAD`, after `PRODUCER_HEAD_START` when the Secret
+/// is a connection's (labelled): its controller refreshes at expiry and is usually the first to
+/// claim; if it does not, the consumers take over a moment later.
+const CLAIM_SPREAD: Duration = Duration::from_millis(50);
+const PRODUCER_HEAD_START: Duration = Duration::from_millis(50);
 
 /// A usable access token, handed to a workload.
 #[derive(Clone, Debug)]
@@ -140,6 +152,24 @@ pub struct Inner {
     requests: AtomicU64,
     /// The last version of the Secret the follower saw (it resumes from there).
     followed: Mutex<Option<String>>,
+    /// The last version the follower saw, whole: while its watch is open it stands in for a
+    /// read, and a waiter waits on it instead of opening a watch of its own.
+    followed_latest: tokio::sync::watch::Sender<Option<Secret>>,
+    /// Whether the follower's watch is open.
+    follow_live: std::sync::atomic::AtomicBool,
+    /// The follower is known to be behind this version (a claim made on it conflicted, or a
+    /// wait on it saw nothing): only a later one stands in for a read.
+    follower_behind: AtomicU64,
+    /// A wait on the follower saw nothing: the next read asks the API server.
+    ask_server_next: std::sync::atomic::AtomicBool,
+    /// Whether the Secret last seen is a connection's (its controller is the producer).
+    managed: std::sync::atomic::AtomicBool,
+}
+
+/// A Secret's `resourceVersion` as a number (what the API server gives: etcd's revision), to
+/// tell which of two versions is later.
+fn version_number(secret: &Secret) -> Option<u64> {
+    secret.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -177,6 +207,11 @@ impl Refresher {
             last_use: Mutex::new(std::time::Instant::now()),
             requests: AtomicU64::new(0),
             followed: Mutex::new(None),
+            followed_latest: tokio::sync::watch::Sender::new(None),
+            follow_live: std::sync::atomic::AtomicBool::new(false),
+            follower_behind: AtomicU64::new(0),
+            ask_server_next: std::sync::atomic::AtomicBool::new(false),
+            managed: std::sync::atomic::AtomicBool::new(false),
         };
         Self {
             inner: Arc::new(inner),
@@ -321,7 +356,8 @@ impl Refresher {
         }) else {
             return;
         };
-        let (keep, seen, counted) = (
+        let (keep, seen, counted, live) = (
+            Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
@@ -346,6 +382,11 @@ impl Refresher {
             move || {
                 if let Some(inner) = counted.upgrade() {
                     inner.requests.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            move |open| {
+                if let Some(inner) = live.upgrade() {
+                    inner.follow_live.store(open, Ordering::Relaxed);
                 }
             },
         )));
@@ -382,6 +423,7 @@ impl Inner {
         if let Some(rv) = &rec.resource_version {
             *lock(&self.followed) = Some(rv.clone());
         }
+        self.followed_latest.send_replace(Some(secret));
         if decide(&rec, SystemTime::now(), &self.identity, self.role) != Step::Use {
             return;
         }
@@ -407,9 +449,55 @@ impl Inner {
         *lock(&self.snapshot) = Some((secret, std::time::Instant::now()));
     }
 
+    /// The follower's latest version, if it may stand in for a read: its watch is open, and the
+    /// version is no older than anything this party read or wrote itself and newer than what
+    /// the follower is known to be behind. Waits up to `catch_up` for such a version when the
+    /// follower is known to be behind. Versions are compared as the numbers the API server
+    /// gives (etcd revisions); one that is not a number is never used.
+    async fn followed_version(&self, catch_up: Duration) -> Option<Secret> {
+        if !self.follow_live.load(Ordering::Relaxed)
+            || self.ask_server_next.swap(false, Ordering::Relaxed)
+        {
+            return None;
+        }
+        let known = match lock(&self.last)
+            .as_ref()
+            .and_then(|r| r.resource_version.clone())
+        {
+            Some(rv) => rv.parse::<u64>().ok()?,
+            None => 0,
+        };
+        let floor = known.max(
+            self.follower_behind
+                .load(Ordering::Relaxed)
+                .saturating_add(1),
+        );
+        let mut latest = self.followed_latest.subscribe();
+        // Nothing seen yet: the follower's watch started after the last read and nothing was
+        // written since; only the API server has the current version.
+        latest.borrow_and_update().as_ref()?;
+        // Otherwise a version at or after `floor` exists (this party saw it, or its claim
+        // conflicted with it) and the open watch is delivering it.
+        let found = tokio::time::timeout(
+            catch_up,
+            latest.wait_for(|s| s.as_ref().and_then(version_number) >= Some(floor)),
+        )
+        .await;
+        match found {
+            Ok(Ok(secret)) => secret.clone(),
+            _ => None,
+        }
+    }
+
     /// Notes `secret` as the latest state seen.
     fn remember(&self, secret: &Secret) -> TokenRecord {
         let rec = TokenRecord::from_secret(secret);
+        let labelled = secret
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(super::format::LABEL_CONNECTION));
+        self.managed.store(labelled, Ordering::Relaxed);
         *lock(&self.last) = Some(rec.clone());
         rec
     }
@@ -444,6 +532,9 @@ impl Inner {
         if let Some((secret, seen)) = snapshot
             && seen.elapsed() < SNAPSHOT_MAX_AGE
         {
+            return Ok(self.remember(&secret));
+        }
+        if let Some(secret) = self.followed_version(FOLLOW_CATCH_UP).await {
             return Ok(self.remember(&secret));
         }
         let mut attempt = 0;
@@ -494,6 +585,8 @@ impl Inner {
         // expired answer): each makes the next round wait a little longer, so a Xero that keeps
         // answering unusable tokens is not hammered.
         let mut fruitless = 0;
+        // Whether this round sequence already spread its claim ([`CLAIM_SPREAD`]).
+        let mut spread = false;
         loop {
             if fruitless > 0 {
                 tokio::time::sleep(XERO_RETRY.delay(fruitless - 1)).await;
@@ -551,6 +644,26 @@ impl Inner {
                 }
                 Step::Claim { replacing } => {
                     self.check_endpoint(&rec)?;
+                    if !spread
+                        && self.role == Role::Consumer
+                        && self.follow_live.load(Ordering::Relaxed)
+                        && let Some(from) = rec
+                            .resource_version
+                            .as_deref()
+                            .and_then(|rv| rv.parse::<u64>().ok())
+                    {
+                        spread = true;
+                        let head_start = if self.managed.load(Ordering::Relaxed) {
+                            PRODUCER_HEAD_START
+                        } else {
+                            Duration::ZERO
+                        };
+                        let pause = head_start + CLAIM_SPREAD.mul_f64(fastrand::f64());
+                        if self.follower_saw_newer(from, pause).await {
+                            // Another party wrote first (its claim, say): decide on that.
+                            continue;
+                        }
+                    }
                     // The app's token bucket is waited on before claiming, so a long wait in a
                     // storm never eats into the claim.
                     if let (Some(gate), Some(app)) = (&self.gate, &rec.client) {
@@ -579,6 +692,11 @@ impl Inner {
                         }
                         Err(e) if is_conflict(&e) => {
                             tracing::debug!(secret = %self.name, "claim lost to another party; re-reading");
+                            // The version claimed on is not the latest: the next read takes a
+                            // later one from the follower, or asks the API server.
+                            if let Ok(n) = rv.parse::<u64>() {
+                                self.follower_behind.fetch_max(n, Ordering::Relaxed);
+                            }
                         }
                         Err(e) => {
                             return Err(Error::Kube {
@@ -620,6 +738,12 @@ impl Inner {
             tokio::time::sleep(wait).await;
             return;
         };
+        if self.follow_live.load(Ordering::Relaxed)
+            && let Ok(from) = rv.parse::<u64>()
+        {
+            self.wait_on_follower(from, wait).await;
+            return;
+        }
         let params = WatchParams::default()
             .fields(&format!("metadata.name={}", self.name))
             .timeout(u32::try_from(wait.as_secs() + 1).unwrap_or(60));
@@ -690,6 +814,36 @@ impl Inner {
             tokio::time::sleep(wait).await;
         };
         let _ = tokio::time::timeout(wait, watched).await;
+    }
+
+    /// Waits for the follower (whose watch is open) to see a version after `from`, or `wait` to
+    /// pass: no watch of its own, no extra request. The version seen stands in for the next
+    /// read. If none came, the follower may have missed it: the next read asks the API server.
+    async fn wait_on_follower(&self, from: u64, wait: Duration) {
+        if !self.follower_saw_newer(from, wait).await {
+            self.ask_server_next.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the follower saw a version after `from` within `wait`; if so, that version
+    /// stands in for the next read.
+    async fn follower_saw_newer(&self, from: u64, wait: Duration) -> bool {
+        let mut latest = self.followed_latest.subscribe();
+        let newer = tokio::time::timeout(
+            wait,
+            latest.wait_for(|s| s.as_ref().and_then(version_number) > Some(from)),
+        )
+        .await;
+        match newer {
+            Ok(Ok(secret)) => match secret.clone() {
+                Some(secret) => {
+                    self.keep_snapshot(secret);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
     }
 
     /// Calls Xero while holding the claim. `Ok(None)` means: start over from a fresh read.
