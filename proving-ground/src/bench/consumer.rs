@@ -41,6 +41,10 @@ pub struct ConsumerReport {
     pub warm_us: Vec<u64>,
     /// Latencies of gets that returned a new token: the moment of expiry (microseconds).
     pub at_expiry_us: Vec<u64>,
+    /// Those gets as (when each returned, in Unix ms; how long it took, in µs): the wake-up part
+    /// of the critical path, and the slowest gets placed on the rotation's timeline.
+    #[serde(default)]
+    pub at_expiry_gets: Vec<(u64, u64)>,
     /// Latencies of each worker's first get (microseconds): a cold start (the process's first
     /// connection to the API server), not a moment of expiry, so kept apart.
     #[serde(default)]
@@ -65,6 +69,7 @@ impl ConsumerReport {
         self.expired_handed_out += other.expired_handed_out;
         self.warm_us.extend(other.warm_us);
         self.at_expiry_us.extend(other.at_expiry_us);
+        self.at_expiry_gets.extend(other.at_expiry_gets);
         self.first_us.extend(other.first_us);
         self.api_requests += other.api_requests;
         self.steady_api_requests += other.steady_api_requests;
@@ -174,7 +179,10 @@ pub async fn run(
                         match &last {
                             None => report.first_us.push(micros),
                             Some(previous) if *previous == token => report.warm_us.push(micros),
-                            Some(_) => report.at_expiry_us.push(micros),
+                            Some(_) => {
+                                report.at_expiry_us.push(micros);
+                                report.at_expiry_gets.push((unix_ms_now(), micros));
+                            }
                         }
                         last = Some(token);
                     }
@@ -202,6 +210,13 @@ pub async fn run(
         }
     }
     total
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
 }
 
 /// The new tokens one process saw (across its workers).

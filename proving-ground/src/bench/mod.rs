@@ -11,12 +11,13 @@
 pub mod consumer;
 pub mod scale;
 pub mod soak;
+pub mod timeline;
 pub mod writes;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -45,6 +46,8 @@ pub struct RefreshBench {
     pub ahead: Duration,
     /// The `xero-bench` executable (it runs the consumer processes).
     pub exe: PathBuf,
+    /// Which ways to run (JSON keys: naive, per_process, protocol, protocol_ahead); empty: all.
+    pub ways: Vec<String>,
     pub kubeconfig: PathBuf,
 }
 
@@ -58,6 +61,16 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// Runs every (way, N) and returns the JSON document.
 pub async fn refresh_economy(cfg: &RefreshBench, client: &Client) -> anyhow::Result<Value> {
+    if let Some(unknown) = cfg
+        .ways
+        .iter()
+        .find(|w| !WAYS.iter().any(|(_, k, _)| k == w))
+    {
+        anyhow::bail!(
+            "unknown way {unknown:?}: the ways are {}",
+            WAYS.map(|(_, k, _)| k).join(", ")
+        );
+    }
     let mut doc = json!({
         "inputs": {
             "n": cfg.n_values,
@@ -73,6 +86,9 @@ pub async fn refresh_economy(cfg: &RefreshBench, client: &Client) -> anyhow::Res
         "naive": [], "per_process": [], "protocol": [], "protocol_ahead": [],
     });
     for (mode, key, ahead) in WAYS {
+        if !cfg.ways.is_empty() && !cfg.ways.iter().any(|w| w == key) {
+            continue;
+        }
         let ahead = ahead.then_some(cfg.ahead);
         for &n in &cfg.n_values {
             let row = run_one(cfg, client, mode, ahead, n).await?;
@@ -122,8 +138,9 @@ async fn run_one(
     }))?;
     secrets.create(&PostParams::default(), &seed).await?;
 
-    // Count the Secret's writes while the run lasts.
+    // Count the Secret's writes while the run lasts, and time each rotation's parts.
     let writes = Arc::new(std::sync::Mutex::new(writes::WriteCounter::default()));
+    let timeline = Arc::new(std::sync::Mutex::new(timeline::Timeline::default()));
     let rv = secrets
         .get(secret_name)
         .await?
@@ -131,7 +148,7 @@ async fn run_one(
         .resource_version
         .unwrap_or_default();
     let watcher = {
-        let (secrets, writes) = (secrets.clone(), writes.clone());
+        let (secrets, writes, timeline) = (secrets.clone(), writes.clone(), timeline.clone());
         tokio::spawn(async move {
             let params = WatchParams::default()
                 .fields(&format!("metadata.name={secret_name}"))
@@ -140,6 +157,10 @@ async fn run_one(
                 let mut stream = std::pin::pin!(stream);
                 while let Some(Ok(event)) = stream.next().await {
                     if let WatchEvent::Modified(secret) = event {
+                        timeline
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .observe(&f::TokenRecord::from_secret(&secret), SystemTime::now());
                         writes
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -239,6 +260,16 @@ async fn run_one(
     total.warm_us.sort_unstable();
     total.at_expiry_us.sort_unstable();
     total.first_us.sort_unstable();
+    let critical_path = (mode == Mode::Protocol).then(|| {
+        let calls: Vec<u64> = report
+            .counters
+            .recent_token_calls_ms
+            .iter()
+            .copied()
+            .collect();
+        let timeline = timeline.lock().unwrap_or_else(|e| e.into_inner());
+        timeline::critical_path(timeline.rotations(), &calls, &total.at_expiry_gets)
+    });
     let _ = ns_api.delete(&ns, &Default::default()).await;
     Ok(json!({
         "n": n,
@@ -263,6 +294,8 @@ async fn run_one(
         "consumer_requests_per_rotation": (mode == Mode::Protocol).then(|| {
             round2(total.api_requests as f64 / n.max(1) as f64 / rotations.max(1) as f64)
         }),
+        // The parts of a rotation at expiry (medians over the rotations; none ahead of expiry).
+        "critical_path": critical_path,
         "consumer_requests_per_steady_rotation": (mode == Mode::Protocol
             && total.steady_rotations > 0)
             .then(|| round2(total.steady_api_requests as f64 / total.steady_rotations as f64)),
@@ -421,6 +454,35 @@ pub fn print_table(doc: &Value) {
                 cell("consumer_requests_per_steady_rotation"),
             );
         }
+    }
+    println!("\ncritical path of a rotation at expiry (protocol; medians over the rotations, ms):");
+    println!(
+        "{:<14} {:>3} {:>9} {:>15} {:>12} {:>9} {:>15} {:>12} {:>12}",
+        "way",
+        "N",
+        "rotations",
+        "expiry->claim",
+        "claim write",
+        "Xero call",
+        "store+delivery",
+        "wake-up p50",
+        "wake-up p99"
+    );
+    for row in doc["protocol"].as_array().into_iter().flatten() {
+        let path = &row["critical_path"];
+        let cell = |k: &str| path[k].to_string();
+        println!(
+            "{:<14} {:>3} {:>9} {:>15} {:>12} {:>9} {:>15} {:>12} {:>12}",
+            "protocol",
+            row["n"].to_string(),
+            cell("rotations"),
+            cell("expiry_to_claim_sent_ms"),
+            cell("claim_write_ms"),
+            cell("xero_call_ms"),
+            cell("store_write_and_delivery_ms"),
+            cell("wake_up_p50_ms"),
+            cell("wake_up_p99_ms"),
+        );
     }
 }
 

@@ -36,6 +36,9 @@ enum Command {
         /// seconds, as `aheadOfExpirySeconds`).
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         ahead: Duration,
+        /// Only these ways (naive, per_process, protocol, protocol_ahead); default: all.
+        #[arg(long, value_delimiter = ',')]
+        ways: Vec<String>,
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/refresh.json")]
         out: PathBuf,
@@ -175,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             token_lifetime,
             threads,
             ahead,
+            ways,
             out,
             bin_dir,
         } => {
@@ -188,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 threads,
                 exe: std::env::current_exe()?,
                 kubeconfig: cp.admin_kubeconfig.clone(),
+                ways,
             };
             let doc = bench::refresh_economy(&cfg, &client).await?;
             bench::print_table(&doc);

@@ -217,7 +217,12 @@ pub async fn token(Axum(shared): Axum<Shared>, headers: HeaderMap, body: Bytes) 
         let mut inner = shared.lock();
         let c = &mut inner.state.counters;
         c.token_calls += 1;
-        *c.token_calls_by_second.entry(now_ms() / 1000).or_default() += 1;
+        let received = now_ms();
+        *c.token_calls_by_second.entry(received / 1000).or_default() += 1;
+        if c.recent_token_calls_ms.len() == super::state::RECENT_TOKEN_CALLS {
+            c.recent_token_calls_ms.pop_front();
+        }
+        c.recent_token_calls_ms.push_back(received);
         bump(
             &mut c.token_calls_by_grant,
             if grant.is_empty() { "none" } else { &grant },

@@ -204,6 +204,9 @@ pub struct ChainReport {
     pub broken: bool,
 }
 
+/// How many token-call times [`Counters::recent_token_calls_ms`] keeps.
+pub const RECENT_TOKEN_CALLS: usize = 1024;
+
 /// Counters of calls, for the admin API.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -222,6 +225,10 @@ pub struct Counters {
     pub faults_injected: u64,
     /// Token-endpoint requests per Unix second (to check calls per minute against a cap).
     pub token_calls_by_second: BTreeMap<u64, u64>,
+    /// When the latest token-endpoint requests came (Unix ms; the last
+    /// [`RECENT_TOKEN_CALLS`]): the benchmark's critical path of a rotation.
+    #[serde(default)]
+    pub recent_token_calls_ms: std::collections::VecDeque<u64>,
     /// Token-endpoint requests by how the client authenticated: `basic` (HTTP Basic), `form`
     /// (client_id/client_secret in the body) or `none`.
     pub token_calls_by_client_auth: BTreeMap<String, u64>,

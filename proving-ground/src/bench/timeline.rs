@@ -1,0 +1,256 @@
+//! The critical path of each rotation, from the writes seen on a watch of the token Secret, the
+//! emulator's token-call times and the consumers' at-rotation gets: how long from the token's
+//! usable end to the claim being sent, the claim write (until Xero received the call), the call
+//! to Xero (until the holder had the answer in hand), the store write and its delivery over a
+//! watch, and the consumers' wake-up (from that delivery until their get returned).
+//!
+//! Every time is the one machine's wall clock in Unix milliseconds: the claim's send time is its
+//! lease end minus the lease duration, the store's is its `refreshed-at` (both written by the
+//! holder just before its request).
+
+use std::time::SystemTime;
+
+use serde_json::{Value, json};
+
+use xero_operator::protocol::format::{Lease, TokenRecord};
+
+/// One rotation's moments (Unix ms).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rotation {
+    /// When the replaced token stopped being usable (its expiry minus the clock skew).
+    pub usable_end: Option<u64>,
+    /// When the winning claim was sent, and when the watch delivered it.
+    pub claim_sent: Option<u64>,
+    pub claim_seen: Option<u64>,
+    /// When the holder sent the store, and when the watch delivered it.
+    pub store_sent: Option<u64>,
+    pub store_seen: u64,
+}
+
+/// Builds [`Rotation`]s from the Secret's versions, in the order a watch delivers them.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    rotations: Vec<Rotation>,
+    current: Rotation,
+    token: Option<String>,
+}
+
+fn unix_ms(t: SystemTime) -> Option<u64> {
+    u64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+impl Timeline {
+    /// Notes a version of the Secret delivered at `seen`.
+    pub fn observe(&mut self, rec: &TokenRecord, seen: SystemTime) {
+        let Some(seen_ms) = unix_ms(seen) else { return };
+        if let Lease::Held { expires, .. } = &rec.lease
+            && self.current.claim_sent.is_none()
+        {
+            self.current.claim_sent = expires
+                .checked_sub(rec.settings.lease_duration)
+                .and_then(unix_ms);
+            self.current.claim_seen = Some(seen_ms);
+        }
+        let token = rec.access_token.as_ref().map(|t| t.expose().to_owned());
+        if token.is_some() && token != self.token {
+            let done = std::mem::take(&mut self.current);
+            if self.token.is_some() {
+                self.rotations.push(Rotation {
+                    store_sent: rec.refreshed_at.and_then(unix_ms),
+                    store_seen: seen_ms,
+                    ..done
+                });
+            }
+            self.token = token;
+        }
+        if !matches!(rec.lease, Lease::Held { .. }) {
+            self.current.usable_end = rec.usable_until().and_then(unix_ms);
+        }
+    }
+
+    pub fn rotations(&self) -> &[Rotation] {
+        &self.rotations
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn p99(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let idx = ((v.len() as f64 - 1.0) * 0.99).round() as usize;
+    Some(v[idx.min(v.len() - 1)])
+}
+
+/// The critical path's parts (milliseconds, the median over the rotations after the first
+/// one whose claim came after the token's usable end, i.e. refreshes at expiry), with
+/// `token_calls_ms` (the emulator's token-call receipt times) and `gets` (consumers'
+/// at-rotation gets: when each returned, Unix ms, and how long it took, µs). `None` where no
+/// rotation had that part. The slowest gets are placed on their rotation's timeline.
+pub fn critical_path(rotations: &[Rotation], token_calls_ms: &[u64], gets: &[(u64, u64)]) -> Value {
+    let (mut to_claim, mut claim_write, mut xero, mut store, mut wake) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut counted = 0;
+    let mut slowest: Vec<(u64, Value)> = Vec::new();
+    let mut each = Vec::new();
+    for (i, r) in rotations.iter().enumerate() {
+        let (Some(end), Some(claim), Some(sent)) = (r.usable_end, r.claim_sent, r.store_sent)
+        else {
+            continue;
+        };
+        if claim < end {
+            continue;
+        }
+        counted += 1;
+        to_claim.push(claim as f64 - end as f64);
+        if let Some(&call) = token_calls_ms.iter().find(|&&t| t >= claim && t <= sent) {
+            claim_write.push(call as f64 - claim as f64);
+            xero.push(sent as f64 - call as f64);
+        }
+        store.push(r.store_seen as f64 - sent as f64);
+        let next = rotations
+            .get(i + 1)
+            .and_then(|n| n.store_sent)
+            .unwrap_or(u64::MAX);
+        let of_this: Vec<&(u64, u64)> = gets
+            .iter()
+            .filter(|(g, _)| *g >= sent && *g < next)
+            .collect();
+        each.push(json!({
+            "claim_sent_after_usable_end_ms": claim - end,
+            "store_seen_after_usable_end_ms": r.store_seen - end,
+            "gets": of_this.len(),
+            "slowest_get_ms": of_this.iter().map(|g| g.1).max().unwrap_or_default() as f64 / 1000.0,
+        }));
+        for &&(done, took_us) in &of_this {
+            wake.push(done as f64 - r.store_seen as f64);
+            let started = done as f64 - took_us as f64 / 1000.0;
+            slowest.push((
+                took_us,
+                json!({
+                    "took_ms": took_us as f64 / 1000.0,
+                    "started_after_usable_end_ms": (started - end as f64).round(),
+                    "claim_sent_after_usable_end_ms": claim - end,
+                    "store_seen_after_usable_end_ms": r.store_seen - end,
+                    "returned_after_usable_end_ms": done - end,
+                }),
+            ));
+        }
+    }
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let slowest_three: Vec<Value> = slowest.into_iter().take(3).map(|(_, v)| v).collect();
+    json!({
+        "rotations": counted,
+        "expiry_to_claim_sent_ms": median(to_claim),
+        "claim_write_ms": median(claim_write),
+        "xero_call_ms": median(xero),
+        "store_write_and_delivery_ms": median(store),
+        "wake_up_p50_ms": median(wake.clone()),
+        "wake_up_p99_ms": p99(wake),
+        "slowest_gets": slowest_three,
+        "each_rotation": each,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    /// A token Secret holding `token` (expiring at `expires_ms`, 1 s skew, 5 s lease), stored at
+    /// `stored_ms`, claimed until `claim_until_ms` if given.
+    fn rec(
+        token: &str,
+        expires_ms: u64,
+        claim_until_ms: Option<u64>,
+        stored_ms: u64,
+    ) -> TokenRecord {
+        use xero_operator::protocol::format::{self as f, format_time};
+        let mut annotations = serde_json::json!({
+            f::ANN_CLOCK_SKEW: "1",
+            f::ANN_LEASE_DURATION: "5",
+            f::ANN_REFRESHED_AT: format_time(at(stored_ms)),
+        });
+        if let Some(until) = claim_until_ms {
+            annotations[f::ANN_HOLDER] = "h".into();
+            annotations[f::ANN_LEASE_EXPIRES] = format_time(at(until)).into();
+        }
+        let secret: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "t", "annotations": annotations},
+                "data": {
+                    f::ACCESS_TOKEN: base64(token),
+                    f::REFRESH_TOKEN: base64("r"),
+                    f::EXPIRES_AT: base64(&format_time(at(expires_ms))),
+                },
+            }))
+            .expect("a Secret");
+        TokenRecord::from_secret(&secret)
+    }
+
+    fn base64(s: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn a_rotation_at_expiry_is_broken_into_its_parts() {
+        let mut t = Timeline::default();
+        // Token a, usable until 9_000 (expiry 10_000, 1 s skew).
+        t.observe(&rec("a", 10_000, None, 0), at(100));
+        // Claimed at 9_002 (lease to 14_002), seen at 9_004.
+        t.observe(&rec("a", 10_000, Some(14_002), 0), at(9_004));
+        // Stored at 9_010 (token b), seen at 9_013.
+        t.observe(&rec("b", 20_000, None, 9_010), at(9_013));
+        let r = t.rotations();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0],
+            Rotation {
+                usable_end: Some(9_000),
+                claim_sent: Some(9_002),
+                claim_seen: Some(9_004),
+                store_sent: Some(9_010),
+                store_seen: 9_013,
+            }
+        );
+        let path = critical_path(
+            r,
+            &[50, 9_006],
+            &[(9_012, 1_000), (9_014, 15_000), (9_020, 100)],
+        );
+        assert_eq!(path["rotations"], 1);
+        assert_eq!(path["expiry_to_claim_sent_ms"], 2.0);
+        assert_eq!(path["claim_write_ms"], 4.0);
+        assert_eq!(path["xero_call_ms"], 4.0);
+        assert_eq!(path["store_write_and_delivery_ms"], 3.0);
+        assert_eq!(path["wake_up_p50_ms"], 1.0);
+        assert_eq!(path["wake_up_p99_ms"], 7.0);
+        let slowest = &path["slowest_gets"][0];
+        assert_eq!(slowest["took_ms"], 15.0);
+        assert_eq!(slowest["started_after_usable_end_ms"], -1.0);
+        assert_eq!(slowest["returned_after_usable_end_ms"], 14);
+    }
+
+    #[test]
+    fn a_refresh_ahead_of_expiry_is_not_counted_as_one_at_expiry() {
+        let mut t = Timeline::default();
+        t.observe(&rec("a", 10_000, None, 0), at(100));
+        t.observe(&rec("a", 10_000, Some(13_000), 0), at(8_001));
+        t.observe(&rec("b", 20_000, None, 8_005), at(8_006));
+        assert_eq!(t.rotations().len(), 1);
+        assert_eq!(critical_path(t.rotations(), &[], &[])["rotations"], 0);
+    }
+}
