@@ -1,6 +1,11 @@
-//! Controller scale: many `XeroConnection`s in one controller process — peak and steady RSS, CPU
-//! while idle, time until all are Ready, and a refresh storm (every token due in the same second)
-//! under the per-app token bucket: how long it took and the most calls any minute saw.
+//! Controller scale: many `XeroConnection`s in one controller process — peak and steady RSS, the
+//! bytes each connection adds, CPU while idle, time until all are Ready, and a refresh storm
+//! (every token due in the same second) under the per-app token bucket: how long it took and
+//! the most calls any minute saw.
+//!
+//! The per-app cap of a row is raised to at least one call per connection per minute (the
+//! emulator's app limit is off), so a large row measures the controller, not the cap: the
+//! storm's budget stays at a minute or less.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -10,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
 use xero_operator::crd::XeroConnection;
@@ -21,7 +27,8 @@ use xero_operator::protocol::format::{self as f, format_time};
 #[derive(Clone, Debug)]
 pub struct ScaleBench {
     pub counts: Vec<usize>,
-    /// The controller's per-app cap (`--app-calls-per-minute`).
+    /// The controller's per-app cap (`--app-calls-per-minute`); a row with more connections
+    /// than this runs with one call per connection per minute instead.
     pub app_calls_per_minute: u32,
     /// How long to measure CPU while nothing is due.
     pub idle: Duration,
@@ -75,9 +82,14 @@ pub fn max_per_minute(by_second: &std::collections::BTreeMap<u64, u64>) -> u64 {
 /// Runs every count and returns the JSON document.
 pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
     xero_operator::crd::install(client).await?;
+    let baseline_kib = baseline_rss_kib(cfg, client).await?;
+    eprintln!(
+        "scale: the controller with no connection: {:.1} MiB",
+        baseline_kib as f64 / 1024.0
+    );
     let mut rows = Vec::new();
     for &n in &cfg.counts {
-        let row = run_one(cfg, client, n).await?;
+        let row = run_one(cfg, client, n, baseline_kib).await?;
         eprintln!("scale n={n:<6} {row}");
         rows.push(row);
     }
@@ -85,6 +97,10 @@ pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
         "inputs": {
             "counts": cfg.counts,
             "app_calls_per_minute": cfg.app_calls_per_minute,
+            "cap_per_row": "max(app_calls_per_minute, connections)",
+            "emulator_app_limit": "off",
+            "controller_concurrency": xero_operator::controller::context::DEFAULT_CONCURRENCY,
+            "baseline_rss_mib": round1(baseline_kib as f64 / 1024.0),
             "idle_seconds": cfg.idle.as_secs(),
             "xero_operator_version": env!("CARGO_PKG_VERSION"),
             "kubernetes_version": client.apiserver_version().await.map(|v| v.git_version).unwrap_or_default(),
@@ -94,7 +110,62 @@ pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
     }))
 }
 
-async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<Value> {
+/// The per-app cap a row runs with: the configured one, raised to a call per connection per
+/// minute.
+fn row_cap(cfg: &ScaleBench, n: usize) -> u32 {
+    cfg.app_calls_per_minute
+        .max(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The controller, watching namespace `ns`, calling the emulator under the per-app `cap`.
+fn spawn_controller(
+    cfg: &ScaleBench,
+    ns: &str,
+    emu: &super::Emulator,
+    cap: u32,
+) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(&cfg.operator)
+        .args([
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "controller/scale",
+        ])
+        .arg(format!("--app-calls-per-minute={cap}"))
+        .arg(format!("--allowed-endpoint-hosts={}", emu.allowed_host()))
+        .env("KUBECONFIG", &cfg.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// The controller's resident memory with nothing to do (an empty namespace), after it settled:
+/// what each row's bytes per connection are counted from.
+async fn baseline_rss_kib(cfg: &ScaleBench, client: &Client) -> anyhow::Result<u64> {
+    let hour = Duration::from_secs(3600);
+    let emu = super::start_emulator(hour, hour).await?;
+    let ns = super::create_namespace(client, "scale-empty").await?;
+    let mut controller = spawn_controller(cfg, &ns, &emu, cfg.app_calls_per_minute)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss = proc_status_kib(controller.id().unwrap_or_default(), "VmRSS:");
+    let _ = controller.start_kill();
+    let _ = controller.wait().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &Default::default())
+        .await;
+    rss.ok_or_else(|| anyhow::anyhow!("the controller ended before its memory was read"))
+}
+
+async fn run_one(
+    cfg: &ScaleBench,
+    client: &Client,
+    n: usize,
+    baseline_kib: u64,
+) -> anyhow::Result<Value> {
     let hour = Duration::from_secs(3600);
     let emu = super::start_emulator(hour, hour).await?;
     let ns = super::create_namespace(client, "scale").await?;
@@ -118,26 +189,8 @@ async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<
         .try_collect::<Vec<_>>()
         .await?;
 
-    let mut controller = tokio::process::Command::new(&cfg.operator)
-        .args([
-            "--namespace",
-            &ns,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--identity",
-            "controller/scale",
-        ])
-        .arg(format!(
-            "--app-calls-per-minute={}",
-            cfg.app_calls_per_minute
-        ))
-        .arg(format!("--allowed-endpoint-hosts={}", emu.allowed_host()))
-        .env("KUBECONFIG", &cfg.kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let cap = row_cap(cfg, n);
+    let mut controller = spawn_controller(cfg, &ns, &emu, cap)?;
     let pid = controller.id().unwrap_or_default();
     let peak_kib = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -203,7 +256,7 @@ async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<
         .range(due.duration_since(SystemTime::UNIX_EPOCH)?.as_secs()..)
         .map(|(s, c)| (*s, *c))
         .collect();
-    let budget = Duration::from_secs_f64(n as f64 * 60.0 / f64::from(cfg.app_calls_per_minute));
+    let budget = Duration::from_secs_f64(n as f64 * 60.0 / f64::from(cap));
     sampler.abort();
     let _ = controller.start_kill();
     let _ = controller.wait().await;
@@ -215,43 +268,54 @@ async fn run_one(cfg: &ScaleBench, client: &Client, n: usize) -> anyhow::Result<
         "time_until_all_ready_s": round1(time_to_ready.as_secs_f64()),
         "peak_rss_mib": round1(peak_kib.load(Ordering::Relaxed) as f64 / 1024.0),
         "steady_rss_mib": round1(steady_kib as f64 / 1024.0),
+        "bytes_per_connection": (steady_kib.saturating_sub(baseline_kib) * 1024) / (n.max(1) as u64),
         "idle_cpu_percent_of_a_core": round2(cpu_idle),
         "storm_refreshed": report.counters.token_calls - calls_before,
         "storm_duration_s": round1(storm.as_secs_f64()),
         "storm_budget_s": round1(budget.as_secs_f64()),
         "storm_max_calls_per_minute": max_per_minute(&storm_seconds),
-        "cap_per_minute": cfg.app_calls_per_minute,
+        "cap_per_minute": cap,
         "broken_chains": report.broken_chains(),
     }))
 }
 
+/// Waits until `n` connections show `Ready` (`TokenValid`), counted from one watch: polling
+/// lists of 100,000 objects would load the API server more than the controller does.
 async fn wait_all_ready(
     conns: &Api<XeroConnection>,
     n: usize,
     within: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let list = conns.list(&ListParams::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|c| {
-                c.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|x| x.type_ == "Ready" && x.reason == "TokenValid")
-                })
-            })
-            .count();
-        if ready >= n {
-            return Ok(());
+    let mut ready = std::collections::HashSet::new();
+    let counted = async {
+        let events = watcher(conns.clone(), watcher::Config::default());
+        let mut events = std::pin::pin!(events);
+        while ready.len() < n {
+            match events.try_next().await? {
+                Some(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
+                    let is_ready = c.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|x| x.type_ == "Ready" && x.reason == "TokenValid")
+                    });
+                    if is_ready {
+                        ready.insert(c.name_any());
+                    } else {
+                        ready.remove(&c.name_any());
+                    }
+                }
+                Some(watcher::Event::Delete(c)) => {
+                    ready.remove(&c.name_any());
+                }
+                Some(_) => {}
+                None => anyhow::bail!("the watch of connections ended"),
+            }
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {ready} of {n} connections Ready in {within:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(within, counted).await {
+        Ok(done) => done,
+        Err(_) => anyhow::bail!("not all {n} connections Ready in {within:?}"),
     }
 }
 
@@ -266,11 +330,12 @@ fn round2(x: f64) -> f64 {
 /// Prints the scale table.
 pub fn print_table(doc: &Value) {
     println!(
-        "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13}",
+        "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}",
         "connections",
         "ready (s)",
         "peak MiB",
         "steady MiB",
+        "B/conn",
         "idle CPU%",
         "storm (s)",
         "budget s",
@@ -280,11 +345,12 @@ pub fn print_table(doc: &Value) {
     for row in doc["rows"].as_array().into_iter().flatten() {
         let cell = |k: &str| row[k].to_string();
         println!(
-            "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13}",
+            "{:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}",
             cell("connections"),
             cell("time_until_all_ready_s"),
             cell("peak_rss_mib"),
             cell("steady_rss_mib"),
+            cell("bytes_per_connection"),
             cell("idle_cpu_percent_of_a_core"),
             cell("storm_duration_s"),
             cell("storm_budget_s"),

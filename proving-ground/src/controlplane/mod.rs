@@ -253,6 +253,9 @@ impl ControlPlane {
                 format!("--initial-cluster=default={peer_url}"),
                 // Test data: durability is not worth the fsync latency.
                 "--unsafe-no-fsync=true".into(),
+                // Room for the scale benchmark's 100,000 connections and Secrets and their
+                // history until the API server compacts it (etcd's default is 2 GiB).
+                "--quota-backend-bytes=8589934592".into(),
                 "--log-level=warn".into(),
             ],
         )?;
