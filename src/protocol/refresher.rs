@@ -50,6 +50,10 @@ const FOLLOW_CATCH_UP: Duration = Duration::from_millis(500);
 /// is a connection's (labelled): its controller refreshes at expiry and is usually the first to
 /// claim; if it does not, the consumers take over a moment later.
 const CLAIM_SPREAD: Duration = Duration::from_millis(50);
+/// The longest wait on the follower before a read from the API server, and how often the wait
+/// checks that the follower's watch is still open.
+const FOLLOWER_WAIT_MAX: Duration = Duration::from_secs(5);
+const FOLLOWER_WAIT_SLICE: Duration = Duration::from_secs(1);
 const PRODUCER_HEAD_START: Duration = Duration::from_millis(50);
 
 /// A usable access token, handed to a workload.
@@ -423,7 +427,15 @@ impl Inner {
         if let Some(rv) = &rec.resource_version {
             *lock(&self.followed) = Some(rv.clone());
         }
-        self.followed_latest.send_replace(Some(secret));
+        // Never backwards (a restart from "0" after a 410 may replay an older cached state).
+        let number = version_number(&secret);
+        self.followed_latest.send_if_modified(|latest| {
+            let newer = latest.as_ref().and_then(version_number) <= number;
+            if newer {
+                *latest = Some(secret);
+            }
+            newer
+        });
         if decide(&rec, SystemTime::now(), &self.identity, self.role) != Step::Use {
             return;
         }
@@ -507,6 +519,9 @@ impl Inner {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let secret = self.api.get(&self.name).await?;
         self.remember(&secret);
+        // The server's answer replaces what the follower was known to be behind (versions
+        // that went backwards, after an etcd restore, must not leave every read waiting).
+        self.follower_behind.store(0, Ordering::Relaxed);
         Ok(secret)
     }
 
@@ -527,16 +542,23 @@ impl Inner {
         }
     }
 
-    async fn read(&self) -> Result<TokenRecord, Error> {
+    /// The Secret's current state: a copy just seen, the follower's latest version, or a read
+    /// from the API server; says whether it came from the follower.
+    async fn read(&self) -> Result<(TokenRecord, bool), Error> {
         let snapshot = lock(&self.snapshot).take();
         if let Some((secret, seen)) = snapshot
             && seen.elapsed() < SNAPSHOT_MAX_AGE
         {
-            return Ok(self.remember(&secret));
+            return Ok((self.remember(&secret), false));
         }
         if let Some(secret) = self.followed_version(FOLLOW_CATCH_UP).await {
-            return Ok(self.remember(&secret));
+            return Ok((self.remember(&secret), true));
         }
+        Ok((self.read_from_server().await?, false))
+    }
+
+    /// Reads the Secret from the API server (retrying transient failures a few times).
+    async fn read_from_server(&self) -> Result<TokenRecord, Error> {
         let mut attempt = 0;
         loop {
             match self.fetch().await {
@@ -570,10 +592,21 @@ impl Inner {
 
     async fn patch(&self, body: &serde_json::Value) -> Result<Secret, kube::Error> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let secret = self
+        let secret = match self
             .api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
-            .await?;
+            .await
+        {
+            Ok(secret) => secret,
+            Err(e) => {
+                // A write whose outcome is unknown (a lost answer) may have landed: the next
+                // read asks the API server, not a follower that may not have seen it yet.
+                if !is_conflict(&e) {
+                    self.ask_server_next.store(true, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
         self.remember(&secret);
         Ok(secret)
     }
@@ -591,11 +624,18 @@ impl Inner {
             if fruitless > 0 {
                 tokio::time::sleep(XERO_RETRY.delay(fruitless - 1)).await;
             }
-            let rec = self.read().await?;
+            let (rec, followed) = self.read().await?;
             let now = SystemTime::now();
             let step = decide(&rec, now, &self.identity, self.role);
             let waited = matches!(step, Step::Wait { .. });
-            tracing::debug!(secret = %self.name, ?step, "protocol step");
+            tracing::debug!(secret = %self.name, ?step, followed, "protocol step");
+            // Only using, claiming (a conditional write) and waiting are decided on the
+            // follower's version; calling Xero under a claim and ending in an error are
+            // decided on the API server's answer (the follower may lag behind a write).
+            if followed && !matches!(step, Step::Use | Step::Claim { .. } | Step::Wait { .. }) {
+                self.ask_server_next.store(true, Ordering::Relaxed);
+                continue;
+            }
             match step {
                 Step::Use => {
                     if let Some(token) = AccessToken::from_record(&rec) {
@@ -820,8 +860,22 @@ impl Inner {
     /// pass: no watch of its own, no extra request. The version seen stands in for the next
     /// read. If none came, the follower may have missed it: the next read asks the API server.
     async fn wait_on_follower(&self, from: u64, wait: Duration) {
-        if !self.follower_saw_newer(from, wait).await {
-            self.ask_server_next.store(true, Ordering::Relaxed);
+        // In slices, so that a follower whose watch ended is noticed; and no longer than
+        // FOLLOWER_WAIT_MAX in all, so that a watch gone silent costs a read now and then,
+        // not the whole claim.
+        let until = tokio::time::Instant::now() + wait.min(FOLLOWER_WAIT_MAX);
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if self
+                .follower_saw_newer(from, left.min(FOLLOWER_WAIT_SLICE))
+                .await
+            {
+                return;
+            }
+            if left <= FOLLOWER_WAIT_SLICE || !self.follow_live.load(Ordering::Relaxed) {
+                self.ask_server_next.store(true, Ordering::Relaxed);
+                return;
+            }
         }
     }
 
@@ -976,7 +1030,9 @@ impl Inner {
         rec: &TokenRecord,
         description: Option<String>,
     ) -> Result<Option<AccessToken>, Error> {
-        let fresh = self.read().await?;
+        // From the API server: a follower lagging behind the rotation must not make it look
+        // like a revocation.
+        let fresh = self.read_from_server().await?;
         if fresh.refresh_token != rec.refresh_token {
             tracing::info!(secret = %self.name, "invalid_grant, but the refresh token changed meanwhile: using the new one");
             if matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity) {
