@@ -32,7 +32,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What reconciles share.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Who publishes the controller's Events ([`Context::publish`]).
+    reporter: Reporter,
     pub metrics: Arc<Metrics>,
     /// The controller's identity in the refresh protocol.
     pub identity: String,
@@ -67,6 +68,21 @@ impl Context {
         lock(&self.rotations).insert(uid.to_owned(), rotation)
     }
 
+    /// Publishes `event` about `regarding`. Each Event is created on its own, without kube's
+    /// in-memory series cache: that cache keeps every Event for 6 minutes and scans all of them
+    /// on each publish, which with 100,000 connections turning Ready at start is 100,000 cached
+    /// Events and a quadratic scan. The controller's Events are transitions of Ready (rate-bound
+    /// by the backoff), not repeats to fold into series.
+    pub async fn publish(
+        &self,
+        event: &kube::runtime::events::Event,
+        regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    ) -> Result<(), kube::Error> {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+            .publish(event, regarding)
+            .await
+    }
+
     /// Forgets everything held for a connection that is gone (or going): its per-uid state and
     /// its metric series, so deleted connections cost no memory and leave no stale gauge.
     pub(super) fn forget(&self, conn: &XeroConnection) {
@@ -85,7 +101,7 @@ impl Context {
             instance: Some(identity.clone()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             metrics,
             identity,

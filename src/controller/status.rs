@@ -118,7 +118,7 @@ async fn write_with(
             action: "Reconcile".to_owned(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+        if let Err(e) = ctx.publish(&event, &conn.object_ref(&())).await {
             tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish an Event");
         }
         tracing::info!(connection = %conn.name_any(), reason = outcome.state.reason(), message = %outcome.state.message(), "Ready changed");

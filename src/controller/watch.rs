@@ -52,6 +52,9 @@ pub async fn run(
     Ok(())
 }
 
+/// The annotation `kubectl apply` keeps a copy of the applied object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
     let conns: Api<XeroConnection> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -84,7 +87,8 @@ async fn run_scope(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    // The connections, cached without their managedFields (memory), and passed on only when
+    // The connections, cached without their managedFields and kubectl's copy of the applied
+    // object (memory: each is about the size of the object itself), and passed on only when
     // the spec (generation: also bumped when deletion starts) or the finalizers change: the
     // controller's own status writes do not wake it again.
     let (store, writer) = reflector::store();
@@ -97,7 +101,10 @@ async fn run_scope(
                 forget_ctx.forget(conn);
             }
         })
-        .modify(|c: &mut XeroConnection| c.managed_fields_mut().clear())
+        .modify(|c: &mut XeroConnection| {
+            c.managed_fields_mut().clear();
+            c.annotations_mut().remove(LAST_APPLIED);
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
