@@ -93,6 +93,8 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "--set",
             "logJson=true",
             "--set",
+            "metrics.perConnection=false",
+            "--set",
             "logLevel=debug",
             "--set",
             "nodeSelector.kubernetes\\.io/os=linux",
@@ -115,6 +117,11 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
         custom.contains("- --allowed-endpoint-hosts=identity.xero.com,api.xero.com,127.0.0.1:8480")
     );
     assert!(custom.contains("- --allow-cross-namespace-consumers"));
+    assert!(
+        custom.contains("- --connection-metrics=false")
+            && defaults.contains("- --connection-metrics=true"),
+        "per-connection series on by default, off when asked"
+    );
     assert!(
         defaults.contains("- --allowed-endpoint-hosts=identity.xero.com,api.xero.com")
             && !defaults.contains("- --allow-cross-namespace-consumers"),

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub app_calls_limit_per_minute: Gauge,
     /// The reason last exported per connection, so a change removes the old series.
     current_reason: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// Whether the per-connection series are exported (`--connection-metrics`): about a
+    /// kilobyte of the controller's memory per connection, and four series per connection for
+    /// Prometheus to scrape.
+    per_connection: bool,
 }
 
 impl Default for Metrics {
@@ -139,11 +143,35 @@ impl Default for Metrics {
             app_permits,
             app_calls_limit_per_minute,
             current_reason: std::sync::Mutex::default(),
+            per_connection: true,
         }
     }
 }
 
 impl Metrics {
+    /// Metrics without the per-connection series (`seconds_until_expiry`,
+    /// `connection_condition`, `access_token_expiry_timestamp_seconds`,
+    /// `last_refresh_timestamp_seconds`): for fleets so large that a series per connection
+    /// costs more than it tells. The totals (refreshes, errors by reason, permits) stay.
+    pub fn without_connection_series() -> Self {
+        Self {
+            per_connection: false,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the seconds until a connection's stored access token expires.
+    pub fn set_seconds_until_expiry(&self, namespace: &str, name: &str, seconds: f64) {
+        if self.per_connection {
+            self.seconds_until_expiry
+                .get_or_create(&ConnectionLabels {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+                .set(seconds);
+        }
+    }
+
     /// Drops the per-connection series of a connection that is gone.
     pub fn forget_connection(&self, namespace: &str, name: &str) {
         let labels = ConnectionLabels {
@@ -159,6 +187,9 @@ impl Metrics {
     /// Exports `reason` as the connection's current one (`None`: none), removing the series of
     /// the previous reason.
     pub fn set_reason(&self, namespace: &str, name: &str, reason: Option<&str>) {
+        if !self.per_connection {
+            return;
+        }
         let key = (namespace.to_owned(), name.to_owned());
         let mut current = self
             .current_reason
@@ -187,11 +218,15 @@ impl Metrics {
 
     /// Sets a per-connection timestamp gauge to `at` (Unix seconds).
     pub fn set_time(
+        &self,
         family: &TimestampGauge,
         namespace: &str,
         name: &str,
         at: std::time::SystemTime,
     ) {
+        if !self.per_connection {
+            return;
+        }
         let secs = at
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -230,13 +265,13 @@ impl Metrics {
             .inc();
         m.reconciles.inc();
         m.set_reason(ns, name, Some("TokenValid"));
-        Self::set_time(
+        m.set_time(
             &m.access_token_expiry,
             ns,
             name,
             std::time::SystemTime::now(),
         );
-        Self::set_time(&m.last_refresh, ns, name, std::time::SystemTime::now());
+        m.set_time(&m.last_refresh, ns, name, std::time::SystemTime::now());
         m.app_permits
             .get_or_create(&AppLabels { app: "app".into() })
             .inc();
@@ -285,6 +320,28 @@ mod tests {
         assert!(!text.contains("XeroUnavailable"), "{text}");
         m.forget_connection("ns", "acme");
         assert!(!m.encode().contains("acme"));
+    }
+
+    #[test]
+    fn without_connection_series_no_connection_appears_and_the_totals_stay() {
+        let m = Metrics::without_connection_series();
+        m.set_reason("ns", "acme", Some("TokenValid"));
+        m.set_time(
+            &m.access_token_expiry,
+            "ns",
+            "acme",
+            std::time::SystemTime::now(),
+        );
+        m.set_time(&m.last_refresh, "ns", "acme", std::time::SystemTime::now());
+        m.set_seconds_until_expiry("ns", "acme", 12.5);
+        m.reconciles.inc();
+        let text = m.encode();
+        assert!(!text.contains("acme"), "{text}");
+        assert!(text.contains("xero_operator_reconciles_total 1"), "{text}");
+        // The same calls on the default metrics do show the connection.
+        let on = Metrics::default();
+        on.set_seconds_until_expiry("ns", "acme", 12.5);
+        assert!(on.encode().contains("name=\"acme\""));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use kube::{Api, ResourceExt};
 use crate::crd::XeroConnection;
 use conditions::State;
 use inputs::TokenSecretLookup;
-use metrics::{Metrics, ReasonLabels};
+use metrics::ReasonLabels;
 
 /// Field manager and Event reporter name.
 pub const MANAGER: &str = "xero-operator";
@@ -132,10 +132,12 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(rec) = &outcome.record {
         let name = conn.name_any();
         if let crate::protocol::format::Expiry::At(at) = rec.expiry {
-            Metrics::set_time(&ctx.metrics.access_token_expiry, &ns, &name, at);
+            ctx.metrics
+                .set_time(&ctx.metrics.access_token_expiry, &ns, &name, at);
         }
         if let Some(at) = rec.refreshed_at {
-            Metrics::set_time(&ctx.metrics.last_refresh, &ns, &name, at);
+            ctx.metrics
+                .set_time(&ctx.metrics.last_refresh, &ns, &name, at);
         }
     }
     status::write(&conn, &ctx, &outcome, tenants).await?;

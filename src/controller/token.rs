@@ -10,7 +10,7 @@ use kube::ResourceExt;
 
 use super::conditions::State;
 use super::context::Context;
-use super::metrics::{ConnectionLabels, RefreshLabels};
+use super::metrics::RefreshLabels;
 use super::{Error, classify, resources};
 use crate::crd::XeroConnection;
 use crate::protocol::format::TokenRecord;
@@ -68,19 +68,15 @@ pub(super) async fn step(
         Ok(token) => {
             let now = SystemTime::now();
             let due = token.usable_until.checked_sub(ahead).unwrap_or(now);
-            ctx.metrics
-                .seconds_until_expiry
-                .get_or_create(&ConnectionLabels {
-                    namespace: ns.clone(),
-                    name: conn.name_any(),
-                })
-                .set(
-                    token
-                        .expires_at
-                        .duration_since(now)
-                        .unwrap_or_default()
-                        .as_secs_f64(),
-                );
+            ctx.metrics.set_seconds_until_expiry(
+                &ns,
+                &conn.name_any(),
+                token
+                    .expires_at
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
             TokenOutcome {
                 state: State::TokenValid,
                 requeue: due
