@@ -32,6 +32,10 @@ pub struct ScaleBench {
     pub app_calls_per_minute: u32,
     /// How long to measure CPU while nothing is due.
     pub idle: Duration,
+    /// Whether each row ends with a refresh storm (off: memory, CPU and time to Ready only).
+    pub storm: bool,
+    /// More arguments for the controller (`--connection-metrics=false`, say).
+    pub controller_args: Vec<String>,
     /// The `xero-operator` executable.
     pub operator: PathBuf,
     pub kubeconfig: PathBuf,
@@ -102,6 +106,8 @@ pub async fn scale(cfg: &ScaleBench, client: &Client) -> anyhow::Result<Value> {
             "controller_concurrency": xero_operator::controller::context::DEFAULT_CONCURRENCY,
             "baseline_rss_mib": round1(baseline_kib as f64 / 1024.0),
             "idle_seconds": cfg.idle.as_secs(),
+            "storm": cfg.storm,
+            "controller_args": cfg.controller_args,
             "xero_operator_version": env!("CARGO_PKG_VERSION"),
             "kubernetes_version": client.apiserver_version().await.map(|v| v.git_version).unwrap_or_default(),
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -135,6 +141,7 @@ fn spawn_controller(
         ])
         .arg(format!("--app-calls-per-minute={cap}"))
         .arg(format!("--allowed-endpoint-hosts={}", emu.allowed_host()))
+        .args(&cfg.controller_args)
         .env("KUBECONFIG", &cfg.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -216,7 +223,41 @@ async fn run_one(
         (cpu_seconds(pid).unwrap_or_default() - cpu_before) / cfg.idle.as_secs_f64() * 100.0;
     let steady_kib = proc_status_kib(pid, "VmRSS:").unwrap_or_default();
 
-    // The storm: every token expires in the same second.
+    let storm = if cfg.storm {
+        Some(storm(&secrets, &emu, n, cap).await?)
+    } else {
+        None
+    };
+    sampler.abort();
+    let _ = controller.start_kill();
+    let _ = controller.wait().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &Default::default())
+        .await;
+    let mut row = json!({
+        "connections": n,
+        "time_until_all_ready_s": round1(time_to_ready.as_secs_f64()),
+        "peak_rss_mib": round1(peak_kib.load(Ordering::Relaxed) as f64 / 1024.0),
+        "steady_rss_mib": round1(steady_kib as f64 / 1024.0),
+        "bytes_per_connection": (steady_kib.saturating_sub(baseline_kib) * 1024) / (n.max(1) as u64),
+        "idle_cpu_percent_of_a_core": round2(cpu_idle),
+        "cap_per_minute": cap,
+    });
+    if let (Some(storm), Some(row)) = (storm, row.as_object_mut()) {
+        row.extend(storm.as_object().cloned().unwrap_or_default());
+    }
+    Ok(row)
+}
+
+/// The storm: every token of the row's `n` connections expires in the same second; how long
+/// until all were refreshed, against the budget the per-app `cap` allows, and the most calls
+/// any minute saw.
+async fn storm(
+    secrets: &Api<Secret>,
+    emu: &super::Emulator,
+    n: usize,
+    cap: u32,
+) -> anyhow::Result<Value> {
     let calls_before = emu.admin().report().await?.counters.token_calls;
     let due = SystemTime::now() + Duration::from_secs(10) + Duration::from_millis((n as u64) * 2);
     futures_util::stream::iter(0..n)
@@ -257,24 +298,11 @@ async fn run_one(
         .map(|(s, c)| (*s, *c))
         .collect();
     let budget = Duration::from_secs_f64(n as f64 * 60.0 / f64::from(cap));
-    sampler.abort();
-    let _ = controller.start_kill();
-    let _ = controller.wait().await;
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &Default::default())
-        .await;
     Ok(json!({
-        "connections": n,
-        "time_until_all_ready_s": round1(time_to_ready.as_secs_f64()),
-        "peak_rss_mib": round1(peak_kib.load(Ordering::Relaxed) as f64 / 1024.0),
-        "steady_rss_mib": round1(steady_kib as f64 / 1024.0),
-        "bytes_per_connection": (steady_kib.saturating_sub(baseline_kib) * 1024) / (n.max(1) as u64),
-        "idle_cpu_percent_of_a_core": round2(cpu_idle),
         "storm_refreshed": report.counters.token_calls - calls_before,
         "storm_duration_s": round1(storm.as_secs_f64()),
         "storm_budget_s": round1(budget.as_secs_f64()),
         "storm_max_calls_per_minute": max_per_minute(&storm_seconds),
-        "cap_per_minute": cap,
         "broken_chains": report.broken_chains(),
     }))
 }

@@ -54,9 +54,17 @@ enum Command {
         /// The controller's per-app cap of token calls per minute.
         #[arg(long, default_value_t = 3000)]
         app_calls_per_minute: u32,
-        /// Seconds of idle CPU measurement.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        /// How long CPU is measured while nothing is due; the steady RSS is read at its end
+        /// (over a minute: the controller hands freed memory back once a minute).
+        #[arg(long, default_value = "65s", value_parser = humantime::parse_duration)]
         idle: Duration,
+        /// No refresh storm at the end of each row (memory, CPU and time to Ready only).
+        #[arg(long)]
+        no_storm: bool,
+        /// One more argument for the controller (repeatable), e.g.
+        /// `--controller-arg=--connection-metrics=false`.
+        #[arg(long = "controller-arg", allow_hyphen_values = true)]
+        controller_args: Vec<String>,
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/scale.json")]
         out: PathBuf,
@@ -156,6 +164,8 @@ async fn main() -> anyhow::Result<()> {
             counts,
             app_calls_per_minute,
             idle,
+            no_storm,
+            controller_args,
             out,
             bin_dir,
         } => {
@@ -164,6 +174,8 @@ async fn main() -> anyhow::Result<()> {
                 counts,
                 app_calls_per_minute,
                 idle,
+                storm: !no_storm,
+                controller_args,
                 operator: operator_exe()?,
                 kubeconfig: cp.admin_kubeconfig.clone(),
             };
