@@ -108,12 +108,15 @@ struct Args {
 }
 
 /// How often freed memory is handed back to the system ([`return_freed_memory`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Hands memory freed since the last call back to the system, every [`TRIM_EVERY`]. The C
 /// library's allocator keeps freed memory inside its heaps; after a burst (thousands of
 /// connections reconciled at start, a refresh storm) that would stay part of the resident size
 /// for good. `malloc_trim` walks the free lists (milliseconds, even with 100,000 connections).
+/// glibc only (the image links it statically); musl's allocator has no such call.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn return_freed_memory() {
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
@@ -177,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Metrics::without_connection_series()
     });
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(return_freed_memory());
     let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(controller::server::serve(

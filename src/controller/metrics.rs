@@ -53,6 +53,9 @@ pub struct Metrics {
     pub reconciles: Counter,
     /// 1 for each connection's current `Ready` reason (one series per connection).
     pub connection_condition: Family<ConditionLabels, Gauge>,
+    /// How many connections have each `Ready` reason (always exported, also without the
+    /// per-connection series).
+    pub connections: Family<ReasonLabels, Gauge>,
     /// When each connection's stored access token expires (Unix seconds).
     pub access_token_expiry: TimestampGauge,
     /// When each connection's token pair was last refreshed, by anyone (Unix seconds): Xero
@@ -106,6 +109,12 @@ impl Default for Metrics {
             "1 for the current reason of each connection's Ready condition",
             connection_condition.clone(),
         );
+        let connections = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Connections by the reason of their Ready condition",
+            connections.clone(),
+        );
         let access_token_expiry = TimestampGauge::default();
         registry.register(
             "access_token_expiry_timestamp_seconds",
@@ -138,6 +147,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconciles,
             connection_condition,
+            connections,
             access_token_expiry,
             last_refresh,
             app_permits,
@@ -184,12 +194,10 @@ impl Metrics {
         self.set_reason(namespace, name, None);
     }
 
-    /// Exports `reason` as the connection's current one (`None`: none), removing the series of
-    /// the previous reason.
+    /// Exports `reason` as the connection's current one (`None`: none): moves the connection
+    /// from its previous reason's count to this one's and, with per-connection series, replaces
+    /// the series of the previous reason.
     pub fn set_reason(&self, namespace: &str, name: &str, reason: Option<&str>) {
-        if !self.per_connection {
-            return;
-        }
         let key = (namespace.to_owned(), name.to_owned());
         let mut current = self
             .current_reason
@@ -204,6 +212,22 @@ impl Metrics {
             Some(r) => current.insert(key, r.to_owned()),
             None => current.remove(&key),
         };
+        if previous.as_deref() != reason {
+            let count = |r: &str| {
+                self.connections.get_or_create(&ReasonLabels {
+                    reason: r.to_owned(),
+                })
+            };
+            if let Some(previous) = &previous {
+                count(previous).dec();
+            }
+            if let Some(r) = reason {
+                count(r).inc();
+            }
+        }
+        if !self.per_connection {
+            return;
+        }
         if let Some(previous) = previous
             && Some(previous.as_str()) != reason
         {
@@ -317,9 +341,27 @@ mod tests {
         m.set_reason("ns", "acme", Some("TokenValid"));
         let text = m.encode();
         assert!(text.contains("reason=\"TokenValid\"} 1"), "{text}");
-        assert!(!text.contains("XeroUnavailable"), "{text}");
+        assert!(
+            !text.contains("name=\"acme\",reason=\"XeroUnavailable\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("connections{reason=\"TokenValid\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("connections{reason=\"XeroUnavailable\"} 0"),
+            "{text}"
+        );
+        m.set_reason("ns", "other", Some("TokenValid"));
+        assert!(m.encode().contains("connections{reason=\"TokenValid\"} 2"));
         m.forget_connection("ns", "acme");
-        assert!(!m.encode().contains("acme"));
+        let text = m.encode();
+        assert!(!text.contains("acme"), "{text}");
+        assert!(
+            text.contains("connections{reason=\"TokenValid\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -338,6 +380,10 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains("acme"), "{text}");
         assert!(text.contains("xero_operator_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains("xero_operator_connections{reason=\"TokenValid\"} 1"),
+            "{text}"
+        );
         // The same calls on the default metrics do show the connection.
         let on = Metrics::default();
         on.set_seconds_until_expiry("ns", "acme", 12.5);

@@ -106,23 +106,9 @@ async fn write_with(
     let now = SystemTime::now();
     let ready =
         conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);
-    if events && conditions::is_transition(prev_ready, &outcome.state) {
-        let event = KubeEvent {
-            type_: if outcome.state.is_ready() {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: outcome.state.reason().to_owned(),
-            note: Some(outcome.state.message()),
-            action: "Reconcile".to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.publish(&event, &conn.object_ref(&())).await {
-            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish an Event");
-        }
-        tracing::info!(connection = %conn.name_any(), reason = outcome.state.reason(), message = %outcome.state.message(), "Ready changed");
-    }
+    // Published once the status that records the transition is written: a failed write is
+    // retried (with backoff) and would otherwise publish the same transition again each time.
+    let transition = events && conditions::is_transition(prev_ready, &outcome.state);
     let mut status = previous.clone();
     status.conditions = vec![ready];
     status.observed_generation = conn.metadata.generation;
@@ -139,6 +125,7 @@ async fn write_with(
         status.tenants = t;
     }
     if status == previous {
+        // No status change, so no transition to announce (the condition would have changed).
         return Ok(());
     }
     let body = json!({
@@ -155,5 +142,22 @@ async fn write_with(
         .await
         .map_err(kube_err("writing status"))?;
     ctx.mark_status_written(&written);
+    if transition {
+        let event = KubeEvent {
+            type_: if outcome.state.is_ready() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: outcome.state.reason().to_owned(),
+            note: Some(outcome.state.message()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.publish(&event, &conn.object_ref(&())).await {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish an Event");
+        }
+        tracing::info!(connection = %conn.name_any(), reason = outcome.state.reason(), message = %outcome.state.message(), "Ready changed");
+    }
     Ok(())
 }

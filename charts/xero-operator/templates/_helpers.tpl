@@ -51,10 +51,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch", "delete"]
-# One Event per Ready transition (patch: the recorder counts repeats on the same Event).
+# One Event per Ready transition, each created on its own (no series kept, so no patch).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
 
 {{/* "true" when the chart renders the CRD: crds.install, and the CRD is absent or this release's (see crds.yaml). */}}
