@@ -19,6 +19,13 @@ use crate::protocol::{Refresher, Role as ProtocolRole};
 /// How long the controller waits for a consumer that holds the refresh claim before it
 /// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
 const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
+/// A connection's reconcile is scheduled this long before its token is due: it reads what it
+/// needs, then waits out the rest, so the claim goes out when the token is due rather than a
+/// reconcile's reads later (consumers at the moment of expiry wait on that claim's store).
+const PREWAKE: Duration = Duration::from_millis(100);
+/// The shortest requeue after a usable token whose due time has already passed (a token
+/// stored with next to no lifetime): never a loop of instant reconciles.
+const MIN_REQUEUE: Duration = Duration::from_millis(200);
 /// Most rotations one reconcile counts in the metrics (they happen once per token lifetime; a
 /// larger jump is a hand edit of the `rotation` annotation).
 const MAX_ROTATIONS_COUNTED: u64 = 100;
@@ -53,10 +60,19 @@ pub(super) async fn step(
         Some(gate) => refresher.with_gate(gate.clone()),
         None => refresher,
     };
+    let due = token_secret
+        .as_ref()
+        .and_then(|s| TokenRecord::from_secret(s).due_at(ahead));
     let refresher = match token_secret {
         Some(secret) => refresher.with_snapshot(secret),
         None => refresher,
     };
+    // Woken just before the token is due (PREWAKE): wait for the moment itself.
+    if let Some(wait) = due.and_then(|due| due.duration_since(SystemTime::now()).ok())
+        && wait <= PREWAKE
+    {
+        tokio::time::sleep(wait + Duration::from_millis(2)).await;
+    }
     let started = std::time::Instant::now();
     let result = refresher.get().await;
     // What the protocol ended on: the Secret as last read or written (no second read).
@@ -67,7 +83,11 @@ pub(super) async fn step(
     let outcome = match result {
         Ok(token) => {
             let now = SystemTime::now();
-            let due = token.usable_until.checked_sub(ahead).unwrap_or(now);
+            let due = record
+                .as_ref()
+                .and_then(|r| r.due_at(ahead))
+                .or_else(|| token.usable_until.checked_sub(ahead))
+                .unwrap_or(now);
             ctx.metrics.set_seconds_until_expiry(
                 &ns,
                 &conn.name_any(),
@@ -79,10 +99,7 @@ pub(super) async fn step(
             );
             TokenOutcome {
                 state: State::TokenValid,
-                requeue: due
-                    .duration_since(now)
-                    .unwrap_or_default()
-                    .max(Duration::from_millis(200)),
+                requeue: requeue_before(due.duration_since(now).unwrap_or_default()),
                 record,
             }
         }
@@ -116,6 +133,17 @@ pub(super) async fn step(
     Ok(outcome)
 }
 
+/// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it, and
+/// not sooner than [`MIN_REQUEUE`] unless the token is due sooner than that.
+fn requeue_before(until_due: Duration) -> Duration {
+    if until_due.is_zero() {
+        return MIN_REQUEUE;
+    }
+    until_due
+        .saturating_sub(PREWAKE)
+        .max(until_due.min(MIN_REQUEUE))
+}
+
 /// Counts the rotations that happened since the last reconcile, by who made them.
 fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elapsed: Duration) {
     let Some(last) = ctx.note_rotation(&conn.uid().unwrap_or_default(), rec.rotation) else {
@@ -138,5 +166,25 @@ fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elap
         ctx.metrics
             .token_endpoint_seconds
             .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_reconcile_is_scheduled_just_before_the_token_is_due() {
+        // Far ahead: PREWAKE early, then the step waits out the rest.
+        assert_eq!(requeue_before(1800 * 1000 * MS), 1800 * 1000 * MS - PREWAKE);
+        assert_eq!(requeue_before(400 * MS), 300 * MS);
+        // Close: no sooner than MIN_REQUEUE, but never after the token is due.
+        assert_eq!(requeue_before(250 * MS), MIN_REQUEUE);
+        assert_eq!(requeue_before(150 * MS), 150 * MS);
+        assert_eq!(requeue_before(MS), MS);
+        // Already due (a token stored with no lifetime left): no loop of instant reconciles.
+        assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
     }
 }

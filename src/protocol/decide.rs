@@ -82,6 +82,20 @@ impl TokenRecord {
         }
     }
 
+    /// When a party refreshing `ahead` of the usable end must refresh (`ahead` zero: at the
+    /// usable end): never earlier than the [`Self::margin_cap`] before expiry, so a freshly
+    /// stored token is not due at once. `None` when there is no usable-looking token, or the
+    /// time is before the epoch: due now.
+    pub fn due_at(&self, ahead: Duration) -> Option<SystemTime> {
+        let until = self.usable_until()?;
+        match (self.margin_cap(), self.expiry) {
+            (Some(cap), Expiry::At(exp)) if self.settings.clock_skew + ahead > cap => {
+                exp.checked_sub(cap)
+            }
+            _ => until.checked_sub(ahead),
+        }
+    }
+
     /// Whether the access token is usable at `now`.
     pub fn is_usable(&self, now: SystemTime) -> bool {
         self.usable_until().is_some_and(|until| now < until)
@@ -107,15 +121,7 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     let due = match rec.usable_until() {
         _ if renewal_asked => true,
         Some(until) if !plausible(until) => true,
-        Some(until) => {
-            let due_at = match (rec.margin_cap(), rec.expiry) {
-                (Some(cap), Expiry::At(exp)) if rec.settings.clock_skew + ahead > cap => {
-                    exp.checked_sub(cap)
-                }
-                _ => until.checked_sub(ahead),
-            };
-            due_at.is_none_or(|due_at| now >= due_at)
-        }
+        Some(_) => rec.due_at(ahead).is_none_or(|due_at| now >= due_at),
         // Missing or unparsable expiry, or no access token: refresh (the safe recovery).
         None => true,
     };
@@ -326,6 +332,29 @@ mod tests {
             decide(&r, t(95), ME, Role::Consumer),
             Step::Claim { replacing: None }
         );
+    }
+
+    #[test]
+    fn due_at_is_where_the_decision_turns_from_use() {
+        let mut stored = rec();
+        stored.refreshed_at = Some(t(40));
+        // No ahead, some ahead, and so much ahead that half the lifetime caps it.
+        for (r, ahead) in [
+            (rec(), Duration::ZERO),
+            (rec(), 10 * SEC),
+            (stored, 50 * SEC),
+        ] {
+            let due = r.due_at(ahead).expect("a usable token");
+            let role = Role::Producer { ahead };
+            assert_eq!(
+                decide(&r, due - Duration::from_millis(1), ME, role),
+                Step::Use
+            );
+            assert_ne!(decide(&r, due, ME, role), Step::Use, "{ahead:?}");
+        }
+        let mut none = rec();
+        none.access_token = None;
+        assert_eq!(none.due_at(Duration::ZERO), None, "no token: due now");
     }
 
     #[test]
