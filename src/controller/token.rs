@@ -69,11 +69,17 @@ pub(super) async fn step(
         Some(secret) => refresher.with_snapshot(secret),
         None => refresher,
     };
-    // Woken just before the token is due (PREWAKE): wait for the moment itself.
-    if let Some(wait) = due.and_then(|due| due.duration_since(SystemTime::now()).ok())
-        && wait <= PREWAKE
-    {
-        tokio::time::sleep(wait + Duration::from_millis(2)).await;
+    // Woken just before the token is due (PREWAKE): wait for the moment itself, and no longer
+    // (every consumer at expiry waits on this claim). A timer never fires early; the loop only
+    // covers the wall clock stepping back meanwhile, and gives up after PREWAKE.
+    if let Some(due) = due {
+        let deadline = tokio::time::Instant::now() + PREWAKE;
+        while let Ok(wait) = due.duration_since(SystemTime::now()) {
+            if wait.is_zero() || wait > PREWAKE || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+        }
     }
     let started = std::time::Instant::now();
     let result = refresher.get().await;
