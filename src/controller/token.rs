@@ -69,17 +69,8 @@ pub(super) async fn step(
         Some(secret) => refresher.with_snapshot(secret),
         None => refresher,
     };
-    // Woken just before the token is due (PREWAKE): wait for the moment itself, and no longer
-    // (every consumer at expiry waits on this claim). A timer never fires early; the loop only
-    // covers the wall clock stepping back meanwhile, and gives up after PREWAKE.
     if let Some(due) = due {
-        let deadline = tokio::time::Instant::now() + PREWAKE;
-        while let Ok(wait) = due.duration_since(SystemTime::now()) {
-            if wait.is_zero() || wait > PREWAKE || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
-        }
+        wait_until_due(due).await;
     }
     let started = std::time::Instant::now();
     let result = refresher.get().await;
@@ -141,6 +132,20 @@ pub(super) async fn step(
     Ok(outcome)
 }
 
+/// Woken just before the token is due ([`PREWAKE`]): waits for the moment itself, and no longer
+/// (every consumer at expiry waits on this claim); returns at once when it is further off. A
+/// timer never fires early; the loop only covers the wall clock stepping back meanwhile, and
+/// gives up after [`PREWAKE`].
+async fn wait_until_due(due: SystemTime) {
+    let deadline = tokio::time::Instant::now() + PREWAKE;
+    while let Ok(wait) = due.duration_since(SystemTime::now()) {
+        if wait.is_zero() || wait > PREWAKE || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+    }
+}
+
 /// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it, and
 /// not sooner than [`MIN_REQUEUE`] unless the token is due sooner than that.
 fn requeue_before(until_due: Duration) -> Duration {
@@ -194,5 +199,21 @@ mod tests {
         assert_eq!(requeue_before(MS), MS);
         // Already due (a token stored with no lifetime left): no loop of instant reconciles.
         assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
+    }
+
+    #[tokio::test]
+    async fn a_prewoken_step_claims_no_sooner_than_the_token_is_due() {
+        for ahead in [MS, 7 * MS, PREWAKE - MS] {
+            let due = SystemTime::now() + ahead;
+            wait_until_due(due).await;
+            assert!(
+                SystemTime::now() >= due,
+                "returned before the due time ({ahead:?})"
+            );
+        }
+        // Further off than PREWAKE (a reconcile woken by a change, not the requeue): no wait.
+        let due = SystemTime::now() + 60 * 1000 * MS;
+        wait_until_due(due).await;
+        assert!(SystemTime::now() < due);
     }
 }
