@@ -1316,6 +1316,7 @@ async fn the_follower_backs_off_and_moves_past_a_deleted_secret() {
         |_| Keep::Watching,
         || {},
         |_| {},
+        follow::SILENCE_MAX,
     ));
     tokio::time::sleep(Duration::from_millis(3500)).await;
     following.abort();
@@ -1329,5 +1330,161 @@ async fn the_follower_backs_off_and_moves_past_a_deleted_secret() {
     assert!(
         queries[1..].iter().all(|q| q.contains("resourceVersion=7")),
         "{queries:?}"
+    );
+}
+
+/// A stand-in API server whose watches of `/api/v1/namespaces/n/secrets` each send `first` (if
+/// any) and then nothing, never ending: a connection that died without a reset. Counts the
+/// watches.
+async fn stub_silent_watches(
+    first: Option<String>,
+) -> (
+    kube::Client,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    use futures_util::StreamExt;
+    let watches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/n/secrets",
+        axum::routing::get({
+            let watches = watches.clone();
+            move || async move {
+                watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let sent = futures_util::stream::iter(first.map(Ok::<_, std::io::Error>));
+                axum::body::Body::from_stream(sent.chain(futures_util::stream::pending()))
+            }
+        }),
+    );
+    let (client, server) = stub_api(app).await;
+    (client, server, watches)
+}
+
+/// Follows Secret `t` through `client` with `silence` as the longest quiet watch; records what
+/// `live` was told.
+fn follow_recording(
+    client: kube::Client,
+    silence: Duration,
+) -> (
+    tokio::task::JoinHandle<xero_operator::protocol::follow::Ended>,
+    Arc<std::sync::Mutex<Vec<bool>>>,
+) {
+    use xero_operator::protocol::follow::{self, Keep};
+    let live = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, "n");
+    let following = tokio::spawn(follow::run(
+        api,
+        "t".into(),
+        "5".into(),
+        || Keep::Watching,
+        |_| Keep::Watching,
+        || {},
+        {
+            let live = live.clone();
+            move |open| live.lock().expect("lock").push(open)
+        },
+        silence,
+    ));
+    (following, live)
+}
+
+/// A follower watch whose connection went silent (broken without a reset: it never ends on its
+/// own) is renewed once nothing, not even a bookmark, came for the silence limit; meanwhile the
+/// follower says it is not live, so its last version no longer stands in for a read.
+#[tokio::test]
+async fn a_silent_follower_watch_is_renewed() {
+    let (client, server, watches) = stub_silent_watches(None).await;
+    let (following, live) = follow_recording(client, Duration::from_millis(300));
+    // 300 ms of silence, then the 1 s backoff of a failed watch, then the second watch.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    following.abort();
+    server.abort();
+    let watches = watches.load(std::sync::atomic::Ordering::Relaxed);
+    let live = live.lock().expect("lock").clone();
+    assert!(
+        (2..=3).contains(&watches),
+        "{watches} watches in 2.5 s with a 300 ms silence limit"
+    );
+    assert_eq!(live[..2], [true, false], "{live:?}");
+}
+
+/// A Deleted event ends what the follower stands in for: it tells its owner it is not live (so
+/// reads ask the API server, which says the Secret is gone) while it goes on watching for the
+/// Secret to be created again.
+#[tokio::test]
+async fn a_deleted_secret_is_no_longer_stood_in_for() {
+    let deleted = json!({"type": "DELETED", "object": {"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "t", "namespace": "n", "resourceVersion": "7"}}})
+    .to_string()
+        + "\n";
+    let (client, server, watches) = stub_silent_watches(Some(deleted)).await;
+    let (following, live) = follow_recording(client, xero_operator::protocol::follow::SILENCE_MAX);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let finished = following.is_finished();
+    following.abort();
+    server.abort();
+    assert!(!finished, "the follower goes on watching");
+    assert_eq!(watches.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(*live.lock().expect("lock"), [true, false]);
+}
+
+/// A consumer whose RBAC refuses the watch (a Role without `watch`) uses its tokens as before,
+/// and does not ask for the refused watch again on every get: one refusal pauses following.
+#[tokio::test]
+async fn a_refused_follower_watch_is_not_asked_for_on_every_get() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (reads, watches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let expires = f::format_time(std::time::SystemTime::now() + Duration::from_secs(600));
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "t", "namespace": "n", "resourceVersion": "3"},
+        "data": {
+            f::ACCESS_TOKEN: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "usable"),
+            f::EXPIRES_AT: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, expires),
+            f::REFRESH_TOKEN: "cnQ=", f::CLIENT_ID: "aWQ=", f::CLIENT_SECRET: "c2VjcmV0"}});
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/n/secrets/t",
+            axum::routing::get({
+                let reads = reads.clone();
+                move || async move {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    axum::Json(secret)
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/n/secrets",
+            axum::routing::get({
+                let watches = watches.clone();
+                move || async move {
+                    watches.fetch_add(1, Ordering::Relaxed);
+                    (
+                        axum::http::StatusCode::FORBIDDEN,
+                        axum::Json(json!({"kind": "Status", "apiVersion": "v1",
+                            "status": "Failure", "reason": "Forbidden", "code": 403,
+                            "message": "secrets is forbidden: cannot watch"})),
+                    )
+                }
+            }),
+        );
+    let (client, server) = stub_api(app).await;
+    let consumer = Refresher::new(
+        client,
+        "n",
+        "t",
+        "consumer",
+        xero_operator::protocol::Role::Consumer,
+    );
+    for _ in 0..30 {
+        let t = consumer.get().await.expect("the stored token");
+        assert_eq!(t.token.expose(), "usable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.abort();
+    assert_eq!(reads.load(Ordering::Relaxed), 1, "one read, then the cache");
+    assert_eq!(
+        watches.load(Ordering::Relaxed),
+        1,
+        "the refused watch was asked for again"
     );
 }

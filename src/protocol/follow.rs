@@ -4,10 +4,13 @@
 //!
 //! One long watch (`metadata.name=<secret>`: what a consumer's RBAC allows) is held at a time;
 //! it is resumed from the last version seen when it times out, and restarted from the current
-//! state when that version is gone (410). Failures back off (1 s doubling to 30 s): never a
-//! loop of instant retries. Following ends when the consumer goes away, when it has not asked
-//! for a token for a while (checked each time the watch is renewed), or when its RBAC refuses
-//! the watch.
+//! state when that version is gone (410). The watch asks for bookmarks (kube's default), which
+//! the API server sends about once a minute: a watch silent for longer is taken for a dead connection (one
+//! that broke without a reset never ends on its own) and renewed. Failures back off (1 s
+//! doubling to 30 s): never a loop of instant retries. Following ends when the consumer goes
+//! away, when it has not asked for a token for a while (checked each time the watch is
+//! renewed), or when its RBAC refuses the watch ([`Ended::Refused`]: the owner decides when to
+//! try again).
 
 use std::time::Duration;
 
@@ -23,8 +26,21 @@ pub const WATCH_SECONDS: u32 = 1800;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// How long a watch may go without any event (a bookmark counts) before it is taken for a
+/// dead connection: over twice the API server's bookmark period of a minute.
+pub const SILENCE_MAX: Duration = Duration::from_secs(150);
+
 /// The status codes that end following: retrying cannot fix them (the consumer's RBAC).
 const REFUSED: [u16; 2] = [401, 403];
+
+/// Why following ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The owner said stop.
+    Stopped,
+    /// The API server refused the watch (401/403): retrying at once cannot fix that.
+    Refused,
+}
 
 /// What the owner says about each version of the Secret: go on watching or stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +52,10 @@ pub enum Keep {
 /// Watches Secret `name` from `resource_version` until `keep` says stop; hands each new version
 /// of the Secret to `seen`. `keep` is asked before each watch request; `on_request` is told of
 /// each request made (for the caller's count); `live` is told when a watch is open (`true`:
-/// versions arrive as they are written) and when it ended (`false`: a later version may be
-/// unseen until the next watch replays it).
+/// versions arrive as they are written) and when it ended or the Secret was deleted (`false`:
+/// what the owner last saw is not the Secret's current state). A watch silent for `silence`
+/// ([`SILENCE_MAX`]) is renewed.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     api: Api<Secret>,
     name: String,
@@ -46,7 +64,8 @@ pub async fn run(
     seen: impl Fn(Secret) -> Keep,
     on_request: impl Fn(),
     live: impl Fn(bool),
-) {
+    silence: Duration,
+) -> Ended {
     let mut retry = RETRY_FIRST;
     let params = WatchParams::default()
         .fields(&format!("metadata.name={name}"))
@@ -59,19 +78,34 @@ pub async fn run(
                 live(true);
                 let mut stream = std::pin::pin!(stream);
                 let mut failed = false;
-                while let Some(event) = stream.next().await {
+                loop {
+                    let event = match tokio::time::timeout(silence, stream.next()).await {
+                        Ok(Some(event)) => event,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::debug!(
+                                "the watch of the token Secret went silent; renewing it"
+                            );
+                            failed = true;
+                            break;
+                        }
+                    };
                     match event {
                         Ok(WatchEvent::Added(s) | WatchEvent::Modified(s)) => {
                             if let Some(rv) = s.metadata.resource_version.clone() {
                                 resource_version = rv;
                             }
+                            // After a Deleted: the Secret exists again.
+                            live(true);
                             if seen(s) == Keep::Stop {
                                 live(false);
-                                return;
+                                return Ended::Stopped;
                             }
                         }
-                        // Deleted: go on from there (a Secret created again is followed).
+                        // Deleted: what was seen last is gone (reads ask the API server); go
+                        // on from there (a Secret created again is followed).
                         Ok(WatchEvent::Deleted(s)) => {
+                            live(false);
                             if let Some(rv) = s.metadata.resource_version {
                                 resource_version = rv;
                             }
@@ -91,7 +125,7 @@ pub async fn run(
                                 "not allowed to watch the token Secret; not following it"
                             );
                             live(false);
-                            return;
+                            return Ended::Refused;
                         }
                         Ok(WatchEvent::Error(_)) | Err(_) => {
                             failed = true;
@@ -111,7 +145,7 @@ pub async fn run(
                     code = status.code,
                     "not allowed to watch the token Secret; not following it"
                 );
-                return;
+                return Ended::Refused;
             }
             Err(_) => true,
         };
@@ -125,4 +159,5 @@ pub async fn run(
             retry = RETRY_FIRST;
         }
     }
+    Ended::Stopped
 }

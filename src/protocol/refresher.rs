@@ -113,6 +113,9 @@ impl Drop for Refresher {
 
 /// A consumer that has not asked for a token for this long stops following its Secret.
 const FOLLOW_IDLE: Duration = Duration::from_secs(super::follow::WATCH_SECONDS as u64);
+/// After the API server refused the follower's watch (the consumer's RBAC), following is not
+/// tried again for this long: not a watch request on every `get`.
+const FOLLOW_REFUSED_PAUSE: Duration = Duration::from_secs(300);
 
 impl std::ops::Deref for Refresher {
     type Target = Inner;
@@ -168,6 +171,8 @@ pub struct Inner {
     ask_server_next: std::sync::atomic::AtomicBool,
     /// Whether the Secret last seen is a connection's (its controller is the producer).
     managed: std::sync::atomic::AtomicBool,
+    /// When the API server last refused the follower's watch ([`FOLLOW_REFUSED_PAUSE`]).
+    follow_refused: Mutex<Option<std::time::Instant>>,
 }
 
 /// A Secret's `resourceVersion` as a number (what the API server gives: etcd's revision), to
@@ -216,6 +221,7 @@ impl Refresher {
             follower_behind: AtomicU64::new(0),
             ask_server_next: std::sync::atomic::AtomicBool::new(false),
             managed: std::sync::atomic::AtomicBool::new(false),
+            follow_refused: Mutex::new(None),
         };
         Self {
             inner: Arc::new(inner),
@@ -352,6 +358,9 @@ impl Refresher {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        if lock(&self.follow_refused).is_some_and(|at| at.elapsed() < FOLLOW_REFUSED_PAUSE) {
+            return;
+        }
         let followed = lock(&self.followed).clone();
         let Some(rv) = followed.or_else(|| {
             lock(&self.last)
@@ -360,13 +369,14 @@ impl Refresher {
         }) else {
             return;
         };
-        let (keep, seen, counted, live) = (
+        let (keep, seen, counted, live, ended) = (
+            Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
             Arc::downgrade(&self.inner),
         );
-        *follower = Some(tokio::spawn(super::follow::run(
+        let following = super::follow::run(
             self.api.clone(),
             self.name.clone(),
             rv,
@@ -393,7 +403,15 @@ impl Refresher {
                     inner.follow_live.store(open, Ordering::Relaxed);
                 }
             },
-        )));
+            super::follow::SILENCE_MAX,
+        );
+        *follower = Some(tokio::spawn(async move {
+            if following.await == super::follow::Ended::Refused
+                && let Some(inner) = ended.upgrade()
+            {
+                *lock(&inner.follow_refused) = Some(std::time::Instant::now());
+            }
+        }));
     }
 
     /// Drops the cached token (after the API answered 401 with it, say).
@@ -669,6 +687,11 @@ impl Inner {
                         WaitReason::HeldBy(_) => left.is_zero(),
                         WaitReason::RateLimited => wait > left,
                     };
+                    // Giving up is decided on the API server's answer, like every error.
+                    if give_up && followed {
+                        self.ask_server_next.store(true, Ordering::Relaxed);
+                        continue;
+                    }
                     if give_up {
                         let why = match reason {
                             WaitReason::HeldBy(h) => format!(
