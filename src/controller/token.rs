@@ -146,15 +146,16 @@ async fn wait_until_due(due: SystemTime) {
     }
 }
 
-/// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it, and
-/// not sooner than [`MIN_REQUEUE`] unless the token is due sooner than that.
+/// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it (at
+/// the moment itself when that is closer), and [`MIN_REQUEUE`] when it is already due.
 fn requeue_before(until_due: Duration) -> Duration {
     if until_due.is_zero() {
         return MIN_REQUEUE;
     }
-    until_due
-        .saturating_sub(PREWAKE)
-        .max(until_due.min(MIN_REQUEUE))
+    match until_due.checked_sub(PREWAKE) {
+        Some(early) if !early.is_zero() => early,
+        _ => until_due,
+    }
 }
 
 /// Counts the rotations that happened since the last reconcile, by who made them.
@@ -193,9 +194,11 @@ mod tests {
         // Far ahead: PREWAKE early, then the step waits out the rest.
         assert_eq!(requeue_before(1800 * 1000 * MS), 1800 * 1000 * MS - PREWAKE);
         assert_eq!(requeue_before(400 * MS), 370 * MS);
-        // Close: no sooner than MIN_REQUEUE, but never after the token is due.
-        assert_eq!(requeue_before(220 * MS), MIN_REQUEUE);
-        assert_eq!(requeue_before(150 * MS), 150 * MS);
+        // Close (a reconcile woken by a change just before): still PREWAKE early, or at the
+        // moment itself when that is closer; never after the token is due.
+        assert_eq!(requeue_before(150 * MS), 120 * MS);
+        assert_eq!(requeue_before(PREWAKE + MS), MS);
+        assert_eq!(requeue_before(PREWAKE), PREWAKE);
         assert_eq!(requeue_before(MS), MS);
         // Already due (a token stored with no lifetime left): no loop of instant reconciles.
         assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
