@@ -1333,11 +1333,14 @@ async fn the_follower_backs_off_and_moves_past_a_deleted_secret() {
     );
 }
 
-/// A stand-in API server whose watches of `/api/v1/namespaces/n/secrets` each send `first` (if
-/// any) and then nothing, never ending: a connection that died without a reset. Counts the
-/// watches.
-async fn stub_silent_watches(
-    first: Option<String>,
+/// One watch of a stand-in API server: the lines it sends, then whether it ends (`false`: it
+/// never does and sends nothing more, like a connection that died without a reset).
+type WatchScript = (Vec<String>, bool);
+
+/// A stand-in API server whose n-th watch of `/api/v1/namespaces/n/secrets` plays
+/// `scripts[n]` (the last one for all later watches). Counts the watches.
+async fn stub_watches(
+    scripts: Vec<WatchScript>,
 ) -> (
     kube::Client,
     tokio::task::JoinHandle<std::io::Result<()>>,
@@ -1345,19 +1348,34 @@ async fn stub_silent_watches(
 ) {
     use futures_util::StreamExt;
     let watches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scripts = Arc::new(scripts);
     let app = axum::Router::new().route(
         "/api/v1/namespaces/n/secrets",
         axum::routing::get({
             let watches = watches.clone();
             move || async move {
-                watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let sent = futures_util::stream::iter(first.map(Ok::<_, std::io::Error>));
-                axum::body::Body::from_stream(sent.chain(futures_util::stream::pending()))
+                let n = watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+                let (lines, ends) = scripts[n.min(scripts.len() - 1)].clone();
+                let sent =
+                    futures_util::stream::iter(lines.into_iter().map(Ok::<_, std::io::Error>));
+                if ends {
+                    axum::body::Body::from_stream(sent)
+                } else {
+                    axum::body::Body::from_stream(sent.chain(futures_util::stream::pending()))
+                }
             }
         }),
     );
     let (client, server) = stub_api(app).await;
     (client, server, watches)
+}
+
+/// A watch event line for Secret `t` at version `rv`.
+fn watch_line(kind: &str, rv: &str) -> String {
+    json!({"type": kind, "object": {"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "t", "namespace": "n", "resourceVersion": rv}}})
+    .to_string()
+        + "\n"
 }
 
 /// Follows Secret `t` through `client` with `silence` as the longest quiet watch; records what
@@ -1389,43 +1407,58 @@ fn follow_recording(
 }
 
 /// A follower watch whose connection went silent (broken without a reset: it never ends on its
-/// own) is renewed once nothing, not even a bookmark, came for the silence limit; meanwhile the
-/// follower says it is not live, so its last version no longer stands in for a read.
+/// own) is renewed once nothing came for the silence limit, on a server that has shown it sends
+/// bookmarks; meanwhile the follower says it is not live, so its last version no longer stands
+/// in for a read. On a server that sent no bookmark, a quiet watch is kept: the limit would cut
+/// every quiet Secret's watch.
 #[tokio::test]
-async fn a_silent_follower_watch_is_renewed() {
-    let (client, server, watches) = stub_silent_watches(None).await;
-    let (following, live) = follow_recording(client, Duration::from_millis(300));
-    // 300 ms of silence, then the 1 s backoff of a failed watch, then the second watch.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    following.abort();
-    server.abort();
-    let watches = watches.load(std::sync::atomic::Ordering::Relaxed);
-    let live = live.lock().expect("lock").clone();
-    assert!(
-        (2..=3).contains(&watches),
-        "{watches} watches in 2.5 s with a 300 ms silence limit"
-    );
-    assert_eq!(live[..2], [true, false], "{live:?}");
+async fn a_silent_follower_watch_is_renewed_once_the_server_has_shown_bookmarks() {
+    let bookmark = json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"resourceVersion": "6"}}})
+    .to_string()
+        + "\n";
+    for (first, renewed) in [(vec![bookmark], true), (vec![], false)] {
+        let (client, server, watches) = stub_watches(vec![(first, false)]).await;
+        let (following, live) = follow_recording(client, Duration::from_millis(300));
+        // 300 ms of silence, the 1 s wait after a watch that lasted under a second, the second.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        following.abort();
+        server.abort();
+        let watches = watches.load(std::sync::atomic::Ordering::Relaxed);
+        let live = live.lock().expect("lock").clone();
+        if renewed {
+            assert!((2..=3).contains(&watches), "{watches} watches in 2.5 s");
+            assert_eq!(live[..2], [true, false], "{live:?}");
+        } else {
+            assert_eq!(watches, 1, "a quiet watch without bookmarks was cut");
+            assert_eq!(live, [true]);
+        }
+    }
 }
 
 /// A Deleted event ends what the follower stands in for: it tells its owner it is not live (so
-/// reads ask the API server, which says the Secret is gone) while it goes on watching for the
-/// Secret to be created again.
+/// reads ask the API server, which says the Secret is gone), also across a renewed watch, until
+/// a watch delivers the Secret again.
 #[tokio::test]
-async fn a_deleted_secret_is_no_longer_stood_in_for() {
-    let deleted = json!({"type": "DELETED", "object": {"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "t", "namespace": "n", "resourceVersion": "7"}}})
-    .to_string()
-        + "\n";
-    let (client, server, watches) = stub_silent_watches(Some(deleted)).await;
+async fn a_deleted_secret_is_no_longer_stood_in_for_until_it_is_back() {
+    let (client, server, watches) = stub_watches(vec![
+        (vec![watch_line("DELETED", "7")], true),
+        (vec![watch_line("ADDED", "9")], false),
+    ])
+    .await;
     let (following, live) = follow_recording(client, xero_operator::protocol::follow::SILENCE_MAX);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first watch ends at once after the Deleted: the second comes after 1 s.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
     let finished = following.is_finished();
     following.abort();
     server.abort();
     assert!(!finished, "the follower goes on watching");
-    assert_eq!(watches.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(*live.lock().expect("lock"), [true, false]);
+    assert_eq!(watches.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // Open, deleted, ended; the renewed watch opens not live, and is live once the Secret is back.
+    assert_eq!(
+        *live.lock().expect("lock"),
+        [true, false, false, false, true]
+    );
 }
 
 /// A consumer whose RBAC refuses the watch (a Role without `watch`) uses its tokens as before,

@@ -107,6 +107,8 @@ impl Drop for Refresher {
     fn drop(&mut self) {
         if let Some(f) = lock(&self.follower).take() {
             f.abort();
+            // A refresh task that outlives this handle must not count on the follower.
+            self.inner.follow_live.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -162,7 +164,7 @@ pub struct Inner {
     /// The last version the follower saw, whole: while its watch is open it stands in for a
     /// read, and a waiter waits on it instead of opening a watch of its own.
     followed_latest: tokio::sync::watch::Sender<Option<Secret>>,
-    /// Whether the follower's watch is open.
+    /// Whether the follower's watch is open (and has not seen the Secret deleted).
     follow_live: std::sync::atomic::AtomicBool,
     /// The follower is known to be behind this version (a claim made on it conflicted, or a
     /// wait on it saw nothing): only a later one stands in for a read.
