@@ -110,7 +110,7 @@ run: prerequisites
 ## bench: against the real API server and the emulator, release build; prints tables and writes
 ## target/bench/refresh.json (naive vs per-process vs protocol, and protocol ahead of expiry) and target/bench/scale.json
 ## (connections per controller, RSS, idle CPU, a refresh storm). SCALE_COUNTS=100,1000,10000 for
-## the full scale run (long); SCALE_COUNTS=100000 for the 100,000-connection row (about 40 min).
+## the full scale run (long); SCALE_COUNTS=100000 for the 100,000-connection row (about 45 min with its storm).
 SCALE_COUNTS ?= 100,1000
 bench: prerequisites
 	$(CARGO) build --locked --release --bin xero-bench --bin xero-operator

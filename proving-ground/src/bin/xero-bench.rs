@@ -48,8 +48,8 @@ enum Command {
     },
     /// Controller scale: connections per controller, RSS, idle CPU, time to Ready, a storm.
     Scale {
-        /// Connection counts (10,000 takes a quarter of an hour or more on 2 cores; 100,000 over
-        /// an hour and a half with its storm: `--no-storm` for memory and CPU alone).
+        /// Connection counts (10,000 takes about 9 minutes on 2 cores; 100,000 about 45 minutes
+        /// with its storm, 29 without: `--no-storm` for memory and CPU alone).
         #[arg(long, value_delimiter = ',', default_value = "100,1000")]
         counts: Vec<usize>,
         /// The controller's per-app cap of token calls per minute.
