@@ -1140,6 +1140,33 @@ async fn stub_api(
     (client, server)
 }
 
+/// A GET route that answers `secret` and counts the reads.
+fn serve_counted(
+    reads: &Arc<std::sync::atomic::AtomicU64>,
+    secret: serde_json::Value,
+) -> axum::routing::MethodRouter {
+    let reads = reads.clone();
+    axum::routing::get(move || async move {
+        reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::Json(secret)
+    })
+}
+
+/// The API server's answer for a failed request: status `code` with a `Status` body.
+fn api_status(
+    code: u16,
+    reason: &str,
+    message: &str,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    (
+        axum::http::StatusCode::from_u16(code).expect("a status code"),
+        axum::Json(
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": reason, "code": code, "message": message}),
+        ),
+    )
+}
+
 /// P21: a claim answered 409 (someone moved first) is followed by a fresh read and a new
 /// decision; here the other party has stored a fresh token meanwhile, which is used without
 /// calling Xero. A stand-in API server answers the claim 409 on cue.
@@ -1185,12 +1212,7 @@ async fn a_claim_answered_409_reads_again_and_uses_what_was_stored() {
             let patches = patches.clone();
             move || async move {
                 patches.fetch_add(1, Ordering::Relaxed);
-                (
-                    axum::http::StatusCode::CONFLICT,
-                    axum::Json(json!({"kind": "Status", "apiVersion": "v1",
-                        "status": "Failure", "reason": "Conflict", "code": 409,
-                        "message": "the object has been modified"})),
-                )
+                api_status(409, "Conflict", "the object has been modified")
             }
         }),
     );
@@ -1235,13 +1257,7 @@ async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
     let app = axum::Router::new()
         .route(
             "/api/v1/namespaces/n/secrets/t",
-            axum::routing::get({
-                let reads = reads.clone();
-                move || async move {
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    axum::Json(secret)
-                }
-            }),
+            serve_counted(&reads, secret),
         )
         .route(
             "/api/v1/namespaces/n/secrets",
@@ -1477,13 +1493,7 @@ async fn a_refused_follower_watch_is_not_asked_for_on_every_get() {
     let app = axum::Router::new()
         .route(
             "/api/v1/namespaces/n/secrets/t",
-            axum::routing::get({
-                let reads = reads.clone();
-                move || async move {
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    axum::Json(secret)
-                }
-            }),
+            serve_counted(&reads, secret),
         )
         .route(
             "/api/v1/namespaces/n/secrets",
@@ -1491,12 +1501,7 @@ async fn a_refused_follower_watch_is_not_asked_for_on_every_get() {
                 let watches = watches.clone();
                 move || async move {
                     watches.fetch_add(1, Ordering::Relaxed);
-                    (
-                        axum::http::StatusCode::FORBIDDEN,
-                        axum::Json(json!({"kind": "Status", "apiVersion": "v1",
-                            "status": "Failure", "reason": "Forbidden", "code": 403,
-                            "message": "secrets is forbidden: cannot watch"})),
-                    )
+                    api_status(403, "Forbidden", "secrets is forbidden: cannot watch")
                 }
             }),
         );
