@@ -6,12 +6,11 @@
 //! it is resumed from the last version seen when it times out, and restarted from the current
 //! state when that version is gone (410). The watch asks for bookmarks (kube's default); once
 //! the API server has sent one (a server with a watch cache sends one about once a minute), a
-//! watch silent for 150 s is taken for a dead connection (one that broke without a reset
-//! never ends on its own) and renewed. Failures back off (1 s
-//! doubling to 30 s): never a loop of instant retries. Following ends when the consumer goes
-//! away, when it has not asked for a token for a while (checked each time the watch is
-//! renewed), or when its RBAC refuses the watch ([`Ended::Refused`]: the owner decides when to
-//! try again).
+//! watch silent for 150 s is taken for a dead connection (one that broke without a reset never
+//! ends on its own) and renewed. Failures back off (1 s doubling to 30 s): never a loop of
+//! instant retries. Following ends when the consumer goes away, when it has not asked for a
+//! token for a while (checked each time the watch is renewed), or when its RBAC refuses the
+//! watch ([`Ended::Refused`]: the owner decides when to try again).
 
 use std::time::Duration;
 
