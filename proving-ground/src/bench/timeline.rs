@@ -1,9 +1,9 @@
 //! The critical path of each rotation, from the writes seen on a watch of the token Secret, the
-//! emulator's token-call times and the consumers' at-rotation gets: how long from the token's
-//! usable end to the claim being sent, the claim write (until Xero received the call), the call
-//! to Xero (until the holder had the answer in hand), the store write and its delivery over a
-//! watch, and the consumers' wake-up (from that delivery until a get that was waiting for it
-//! returned).
+//! emulator's token-call times and the consumers' at-rotation gets: when the claim was sent
+//! (relative to the token's usable end) and how long its write took to be delivered, how long
+//! from the usable end until Xero received the call, the call to Xero (until the holder had the
+//! answer in hand), the store write and its delivery over a watch, and the consumers' wake-up
+//! (from that delivery until a get that was waiting for it returned).
 //!
 //! Every time is the one machine's wall clock in Unix milliseconds: the claim's send time is its
 //! lease end minus the lease duration, the store's is its `refreshed-at` (both written by the
@@ -91,32 +91,43 @@ fn p99(mut v: Vec<f64>) -> Option<f64> {
     Some(v[idx.min(v.len() - 1)])
 }
 
-/// The critical path's parts (milliseconds, the median over the rotations after the first
-/// one whose claim came after the token's usable end, i.e. refreshes at expiry), with
-/// `token_calls_ms` (the emulator's token-call receipt times) and `gets` (consumers'
+/// The critical path's parts (milliseconds, the median over the rotations at expiry: those
+/// whose call to Xero, or failing that whose claim, came at or after the token's usable end),
+/// with `token_calls_ms` (the emulator's token-call receipt times) and `gets` (consumers'
 /// at-rotation gets: when each returned, Unix ms, and how long it took, µs). `None` where no
-/// rotation had that part. The slowest gets are placed on their rotation's timeline.
+/// rotation had that part. The claim is timed from the usable end (negative: claimed ahead, off
+/// the path) and its write from sending to delivery; the path itself runs from the usable end
+/// to the call, the call, the store's write and delivery, and the wake-up. The slowest gets are
+/// placed on their rotation's timeline.
 pub fn critical_path(rotations: &[Rotation], token_calls_ms: &[u64], gets: &[(u64, u64)]) -> Value {
-    let (mut to_claim, mut claim_write, mut xero, mut store, mut wake) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut to_claim, mut claim_write, mut to_call, mut xero, mut store, mut wake) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut counted = 0;
     let mut slowest: Vec<(u64, Value)> = Vec::new();
     let mut each = Vec::new();
+    let ms = |a: u64, b: u64| a as f64 - b as f64;
     for (i, r) in rotations.iter().enumerate() {
         let (Some(end), Some(claim), Some(sent)) = (r.usable_end, r.claim_sent, r.store_sent)
         else {
             continue;
         };
-        if claim < end {
+        let call = token_calls_ms
+            .iter()
+            .find(|&&t| t >= claim && t <= sent)
+            .copied();
+        if call.unwrap_or(claim) < end {
             continue;
         }
         counted += 1;
-        to_claim.push(claim as f64 - end as f64);
-        if let Some(&call) = token_calls_ms.iter().find(|&&t| t >= claim && t <= sent) {
-            claim_write.push(call as f64 - claim as f64);
-            xero.push(sent as f64 - call as f64);
+        to_claim.push(ms(claim, end));
+        if let Some(seen) = r.claim_seen {
+            claim_write.push(ms(seen, claim));
         }
-        store.push(r.store_seen as f64 - sent as f64);
+        if let Some(call) = call {
+            to_call.push(ms(call, end));
+            xero.push(ms(sent, call));
+        }
+        store.push(ms(r.store_seen, sent));
         let next = rotations
             .get(i + 1)
             .and_then(|n| n.store_sent)
@@ -126,8 +137,8 @@ pub fn critical_path(rotations: &[Rotation], token_calls_ms: &[u64], gets: &[(u6
             .filter(|(g, _)| *g >= sent && *g < next)
             .collect();
         each.push(json!({
-            "claim_sent_after_usable_end_ms": claim - end,
-            "store_seen_after_usable_end_ms": r.store_seen - end,
+            "claim_sent_after_usable_end_ms": ms(claim, end),
+            "store_seen_after_usable_end_ms": ms(r.store_seen, end),
             "gets": of_this.len(),
             "slowest_get_ms": of_this.iter().map(|g| g.1).max().unwrap_or_default() as f64 / 1000.0,
         }));
@@ -136,16 +147,16 @@ pub fn critical_path(rotations: &[Rotation], token_calls_ms: &[u64], gets: &[(u6
             // Only a get that was waiting when the store arrived wakes up; one that started
             // later (a worker between two gets) answered from the new token at once.
             if started <= r.store_seen as f64 {
-                wake.push(done as f64 - r.store_seen as f64);
+                wake.push(ms(done, r.store_seen));
             }
             slowest.push((
                 took_us,
                 json!({
                     "took_ms": took_us as f64 / 1000.0,
                     "started_after_usable_end_ms": (started - end as f64).round(),
-                    "claim_sent_after_usable_end_ms": claim - end,
-                    "store_seen_after_usable_end_ms": r.store_seen - end,
-                    "returned_after_usable_end_ms": done - end,
+                    "claim_sent_after_usable_end_ms": ms(claim, end),
+                    "store_seen_after_usable_end_ms": ms(r.store_seen, end),
+                    "returned_after_usable_end_ms": ms(done, end),
                 }),
             ));
         }
@@ -154,8 +165,9 @@ pub fn critical_path(rotations: &[Rotation], token_calls_ms: &[u64], gets: &[(u6
     let slowest_three: Vec<Value> = slowest.into_iter().take(3).map(|(_, v)| v).collect();
     json!({
         "rotations": counted,
-        "expiry_to_claim_sent_ms": median(to_claim),
-        "claim_write_ms": median(claim_write),
+        "claim_sent_after_usable_end_ms": median(to_claim),
+        "claim_write_and_delivery_ms": median(claim_write),
+        "expiry_to_xero_call_ms": median(to_call),
         "xero_call_ms": median(xero),
         "store_write_and_delivery_ms": median(store),
         "wake_up_p50_ms": median(wake.clone()),
@@ -237,8 +249,9 @@ mod tests {
             &[(9_012, 1_000), (9_014, 15_000), (9_020, 100)],
         );
         assert_eq!(path["rotations"], 1);
-        assert_eq!(path["expiry_to_claim_sent_ms"], 2.0);
-        assert_eq!(path["claim_write_ms"], 4.0);
+        assert_eq!(path["claim_sent_after_usable_end_ms"], 2.0);
+        assert_eq!(path["claim_write_and_delivery_ms"], 2.0);
+        assert_eq!(path["expiry_to_xero_call_ms"], 6.0);
         assert_eq!(path["xero_call_ms"], 4.0);
         assert_eq!(path["store_write_and_delivery_ms"], 3.0);
         // The get that started after the store (at 9_020) is not a wake-up.
@@ -247,7 +260,24 @@ mod tests {
         let slowest = &path["slowest_gets"][0];
         assert_eq!(slowest["took_ms"], 15.0);
         assert_eq!(slowest["started_after_usable_end_ms"], -1.0);
-        assert_eq!(slowest["returned_after_usable_end_ms"], 14);
+        assert_eq!(slowest["returned_after_usable_end_ms"], 14.0);
+    }
+
+    #[test]
+    fn a_claim_made_just_ahead_of_a_call_at_expiry_counts_as_a_rotation_at_expiry() {
+        let mut t = Timeline::default();
+        t.observe(&rec("a", 10_000, None, 0), at(100));
+        // Claimed at 8_980, ahead of the usable end (9_000); the call comes at 9_001.
+        t.observe(&rec("a", 10_000, Some(13_980), 0), at(8_984));
+        t.observe(&rec("b", 20_000, None, 9_002), at(9_006));
+        let path = critical_path(t.rotations(), &[9_001], &[(9_008, 9_000)]);
+        assert_eq!(path["rotations"], 1);
+        assert_eq!(path["claim_sent_after_usable_end_ms"], -20.0);
+        assert_eq!(path["claim_write_and_delivery_ms"], 4.0);
+        assert_eq!(path["expiry_to_xero_call_ms"], 1.0);
+        assert_eq!(path["xero_call_ms"], 1.0);
+        assert_eq!(path["store_write_and_delivery_ms"], 4.0);
+        assert_eq!(path["wake_up_p99_ms"], 2.0);
     }
 
     #[test]
@@ -258,5 +288,7 @@ mod tests {
         t.observe(&rec("b", 20_000, None, 8_005), at(8_006));
         assert_eq!(t.rotations().len(), 1);
         assert_eq!(critical_path(t.rotations(), &[], &[])["rotations"], 0);
+        // Nor when the emulator's call time shows the call itself came ahead.
+        assert_eq!(critical_path(t.rotations(), &[8_003], &[])["rotations"], 0);
     }
 }
