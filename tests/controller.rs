@@ -83,6 +83,23 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
             "a refresh before its token was due: {seconds:?}"
         );
     }
+    // To the millisecond: the controller claims a moment ahead but calls only when due, never
+    // before the usable end of the token the previous call issued (second s + 9).
+    let calls: Vec<u64> = report
+        .counters
+        .recent_token_calls_ms
+        .iter()
+        .copied()
+        .collect();
+    assert!(calls.len() >= 10, "{calls:?}");
+    for pair in calls.windows(2) {
+        let usable_end = pair[0] / 1000 * 1000 + 9000;
+        assert!(
+            pair[1] >= usable_end,
+            "a call {} ms before its token was due: {calls:?}",
+            usable_end - pair[1]
+        );
+    }
     let rec = fx.record().await;
     assert_eq!(rec.refreshed_by.as_deref(), Some(CONTROLLER_ID));
     assert!(

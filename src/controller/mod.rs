@@ -12,7 +12,7 @@
 //!    state and a time to look again ([`classify`]);
 //! 6. [`tenants`]: the tenants, when the token changed;
 //! 7. [`status`]: status, the `Ready` condition and an Event per transition ([`conditions`]);
-//!    then a requeue just before the token is due ([`token`] waits out the rest and claims at
+//!    then a requeue just before the token is due ([`token`] claims then, and calls Xero at
 //!    the instant itself).
 //!
 //! On delete: [`cleanup`]. Around the pipeline: [`watch`] (what wakes a reconcile; [`wake`]),

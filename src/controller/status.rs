@@ -55,10 +55,15 @@ pub(super) async fn announce_first_call(
     let role = ProtocolRole::Producer {
         ahead: super::resources::ahead_of_expiry(conn),
     };
-    if !matches!(
-        decide(&rec, SystemTime::now(), &ctx.identity, role),
-        Step::Claim { .. } | Step::Refresh
-    ) {
+    let now = SystemTime::now();
+    // A usable token due for a refresh (ahead of expiry, or claimed a moment early) is not
+    // "no usable access token yet".
+    if rec.is_usable(now)
+        || !matches!(
+            decide(&rec, now, &ctx.identity, role),
+            Step::Claim { .. } | Step::Refresh
+        )
+    {
         return Ok(());
     }
     let endpoints = super::checks::endpoints(conn, &ctx.policy.default_endpoints);

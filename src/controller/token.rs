@@ -13,6 +13,7 @@ use super::context::Context;
 use super::metrics::RefreshLabels;
 use super::{Error, classify, resources};
 use crate::crd::XeroConnection;
+use crate::protocol::decide::{PRODUCER_CLAIM_LEAD, call_delay};
 use crate::protocol::format::TokenRecord;
 use crate::protocol::{Refresher, Role as ProtocolRole};
 
@@ -20,11 +21,13 @@ use crate::protocol::{Refresher, Role as ProtocolRole};
 /// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
 const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
 /// A connection's reconcile is scheduled this long before its token is due: it reads what it
-/// needs, then waits out the rest, so the claim goes out when the token is due rather than a
-/// reconcile's reads later (consumers at the moment of expiry wait on that claim's store).
-/// Long enough for a reconcile's reads under load (8-15 ms measured), short enough that a
-/// reconcile slot never idles for long.
+/// needs and claims the refresh ahead ([`PRODUCER_CLAIM_LEAD`]), then calls Xero at the due
+/// time itself, so consumers at the moment of expiry wait on neither a reconcile's reads nor the
+/// claim's write. Long enough for a reconcile's reads under load (8-15 ms measured), short
+/// enough that a reconcile slot never idles for long; within the lead, so a reconcile woken by
+/// its requeue always claims.
 const PREWAKE: Duration = Duration::from_millis(30);
+const _: () = assert!(PREWAKE.as_micros() <= PRODUCER_CLAIM_LEAD.as_micros());
 /// The shortest requeue after a usable token whose due time has already passed (a token
 /// stored with next to no lifetime): never a loop of instant reconciles.
 const MIN_REQUEUE: Duration = Duration::from_millis(200);
@@ -62,17 +65,19 @@ pub(super) async fn step(
         Some(gate) => refresher.with_gate(gate.clone()),
         None => refresher,
     };
-    let due = token_secret
-        .as_ref()
-        .and_then(|s| TokenRecord::from_secret(s).due_at(ahead));
+    // A refresh claimed ahead is timed from the due time, when its call goes out.
+    let until_due = token_secret.as_ref().map_or(Duration::ZERO, |s| {
+        call_delay(
+            &TokenRecord::from_secret(s),
+            SystemTime::now(),
+            ProtocolRole::Producer { ahead },
+        )
+    });
     let refresher = match token_secret {
         Some(secret) => refresher.with_snapshot(secret),
         None => refresher,
     };
-    if let Some(due) = due {
-        wait_until_due(due).await;
-    }
-    let started = std::time::Instant::now();
+    let started = std::time::Instant::now() + until_due;
     let result = refresher.get().await;
     // What the protocol ended on: the Secret as last read or written (no second read).
     let record = refresher.last_record();
@@ -132,20 +137,6 @@ pub(super) async fn step(
     Ok(outcome)
 }
 
-/// Woken just before the token is due ([`PREWAKE`]): waits for the moment itself, and no longer
-/// (every consumer at expiry waits on this claim); returns at once when it is further off. A
-/// timer never fires early; the loop only covers the wall clock stepping back meanwhile, and
-/// gives up after [`PREWAKE`].
-async fn wait_until_due(due: SystemTime) {
-    let deadline = tokio::time::Instant::now() + PREWAKE;
-    while let Ok(wait) = due.duration_since(SystemTime::now()) {
-        if wait.is_zero() || wait > PREWAKE || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
-    }
-}
-
 /// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it (at
 /// the moment itself when that is closer), and [`MIN_REQUEUE`] when it is already due.
 fn requeue_before(until_due: Duration) -> Duration {
@@ -191,7 +182,7 @@ mod tests {
 
     #[test]
     fn the_reconcile_is_scheduled_just_before_the_token_is_due() {
-        // Far ahead: PREWAKE early, then the step waits out the rest.
+        // Far ahead: PREWAKE early; the step claims then, and calls Xero when due.
         assert_eq!(requeue_before(1800 * 1000 * MS), 1800 * 1000 * MS - PREWAKE);
         assert_eq!(requeue_before(400 * MS), 370 * MS);
         // Close (a reconcile woken by a change just before): still PREWAKE early, or at the
@@ -202,21 +193,5 @@ mod tests {
         assert_eq!(requeue_before(MS), MS);
         // Already due (a token stored with no lifetime left): no loop of instant reconciles.
         assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
-    }
-
-    #[tokio::test]
-    async fn a_prewoken_step_claims_no_sooner_than_the_token_is_due() {
-        for ahead in [MS, 7 * MS, PREWAKE - MS] {
-            let due = SystemTime::now() + ahead;
-            wait_until_due(due).await;
-            assert!(
-                SystemTime::now() >= due,
-                "returned before the due time ({ahead:?})"
-            );
-        }
-        // Further off than PREWAKE (a reconcile woken by a change, not the requeue): no wait.
-        let due = SystemTime::now() + 60 * 1000 * MS;
-        wait_until_due(due).await;
-        assert!(SystemTime::now() < due);
     }
 }

@@ -6,6 +6,12 @@ use std::time::{Duration, SystemTime};
 use super::format::{Expiry, Lease, TokenRecord};
 use crate::crd::Grant;
 
+/// The producer claims a refresh this long before it is due, and calls Xero at the due time
+/// itself ([`call_delay`]): consumers that find the token expired then wait only on the call and
+/// the store, not on the claim's write and its delivery as well. A claim on a token that is
+/// still usable keeps no one from using it (P10 comes first).
+pub const PRODUCER_CLAIM_LEAD: Duration = Duration::from_millis(50);
+
 /// Who is asking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -102,29 +108,50 @@ impl TokenRecord {
     }
 }
 
-/// The next step for `me` in `role`, given the Secret `rec` read at `now`.
-pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
+/// When a refresh becomes due for `role`, given the Secret `rec` read at `now`; `None`: due
+/// already.
+fn due_time(rec: &TokenRecord, now: SystemTime, role: Role) -> Option<SystemTime> {
     let ahead = match role {
         Role::Consumer | Role::Renew { .. } => Duration::ZERO,
         Role::Producer { ahead } => ahead,
     };
-    let renewal_asked = match role {
-        Role::Renew { seen } => rec.refreshed_at == seen,
-        _ => false,
-    };
+    if let Role::Renew { seen } = role
+        && rec.refreshed_at == seen
+    {
+        return None;
+    }
     // An expiry further ahead than any token Xero issues was not written by a refresh (a hand
     // edit, say): the token counts as expired rather than staying in use for ever.
-    let plausible = |until: SystemTime| {
-        now.checked_add(Duration::from_secs(crate::xero::MAX_EXPIRES_IN))
-            .is_none_or(|limit| until <= limit)
-    };
-    let due = match rec.usable_until() {
-        _ if renewal_asked => true,
-        Some(until) if !plausible(until) => true,
-        Some(_) => rec.due_at(ahead).is_none_or(|due_at| now >= due_at),
+    let limit = now.checked_add(Duration::from_secs(crate::xero::MAX_EXPIRES_IN));
+    match rec.usable_until() {
+        Some(until) if limit.is_some_and(|limit| until > limit) => None,
+        Some(_) => rec.due_at(ahead),
         // Missing or unparsable expiry, or no access token: refresh (the safe recovery).
-        None => true,
+        None => None,
+    }
+}
+
+/// How long the party holding the claim still waits before it calls Xero: the producer claims
+/// up to [`PRODUCER_CLAIM_LEAD`] before the refresh is due and calls at the due time. Zero for
+/// everyone else and once the refresh is due.
+pub fn call_delay(rec: &TokenRecord, now: SystemTime, role: Role) -> Duration {
+    if !matches!(role, Role::Producer { .. }) {
+        return Duration::ZERO;
+    }
+    due_time(rec, now, role)
+        .and_then(|due| due.duration_since(now).ok())
+        .map_or(Duration::ZERO, |wait| wait.min(PRODUCER_CLAIM_LEAD))
+}
+
+/// The next step for `me` in `role`, given the Secret `rec` read at `now`.
+pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
+    let lead = match role {
+        Role::Producer { .. } => PRODUCER_CLAIM_LEAD,
+        Role::Consumer | Role::Renew { .. } => Duration::ZERO,
     };
+    let due = due_time(rec, now, role)
+        .and_then(|due| due.checked_sub(lead))
+        .is_none_or(|claim_from| now >= claim_from);
     if !due {
         return Step::Use;
     }
@@ -345,12 +372,20 @@ mod tests {
             (stored, 50 * SEC),
         ] {
             let due = r.due_at(ahead).expect("a usable token");
-            let role = Role::Producer { ahead };
-            assert_eq!(
-                decide(&r, due - Duration::from_millis(1), ME, role),
-                Step::Use
-            );
-            assert_ne!(decide(&r, due, ME, role), Step::Use, "{ahead:?}");
+            for role in [Role::Consumer, Role::Producer { ahead }] {
+                if role == Role::Consumer && !ahead.is_zero() {
+                    continue;
+                }
+                // The producer claims PRODUCER_CLAIM_LEAD early; a consumer at the time itself.
+                let lead = if role == Role::Consumer {
+                    Duration::ZERO
+                } else {
+                    PRODUCER_CLAIM_LEAD
+                };
+                let ms = Duration::from_millis(1);
+                assert_eq!(decide(&r, due - lead - ms, ME, role), Step::Use);
+                assert_ne!(decide(&r, due - lead, ME, role), Step::Use, "{ahead:?}");
+            }
         }
         let mut none = rec();
         none.access_token = None;
@@ -386,6 +421,45 @@ mod tests {
             ),
             Step::Claim { replacing: None }
         );
+    }
+
+    #[test]
+    fn the_producer_claims_a_moment_early_and_calls_xero_when_due() {
+        let r = rec();
+        let on_expiry = Role::Producer {
+            ahead: Duration::ZERO,
+        };
+        let due = t(95);
+        let ms = Duration::from_millis(1);
+        // Claimed up to the lead before the due time …
+        assert_eq!(
+            decide(&r, due - PRODUCER_CLAIM_LEAD, ME, on_expiry),
+            Step::Claim { replacing: None }
+        );
+        // … held, but Xero called only at the due time itself.
+        let mut mine = r.clone();
+        mine.lease = held(ME, t(125));
+        let early = due - PRODUCER_CLAIM_LEAD + 10 * ms;
+        assert_eq!(decide(&mine, early, ME, on_expiry), Step::Refresh);
+        assert_eq!(
+            call_delay(&mine, early, on_expiry),
+            PRODUCER_CLAIM_LEAD - 10 * ms
+        );
+        assert_eq!(call_delay(&mine, due, on_expiry), Duration::ZERO);
+        assert_eq!(call_delay(&mine, due + ms, on_expiry), Duration::ZERO);
+        // Never more than the lead, whatever the Secret says.
+        assert_eq!(call_delay(&mine, t(0), on_expiry), PRODUCER_CLAIM_LEAD);
+        // Nobody else waits: a consumer claims at the usable end and calls at once.
+        assert_eq!(decide(&r, due - ms, ME, Role::Consumer), Step::Use);
+        assert_eq!(call_delay(&mine, early, Role::Consumer), Duration::ZERO);
+        assert_eq!(
+            call_delay(&mine, t(0), Role::Renew { seen: None }),
+            Duration::ZERO
+        );
+        // A token with no usable expiry is due at once: no wait.
+        let mut broken = mine.clone();
+        broken.expiry = Expiry::Unparsable;
+        assert_eq!(call_delay(&broken, early, on_expiry), Duration::ZERO);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
 
 use super::Error;
 use super::backoff::{ACROSS_CLAIMS, WRITE_RETRY, XERO_RETRY};
-use super::decide::{Role, Step, WaitReason, decide};
+use super::decide::{PRODUCER_CLAIM_LEAD, Role, Step, WaitReason, call_delay, decide};
 use super::format::{
     ANN_FAILED_ATTEMPTS, ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, ANN_STOP_REASON,
     ANN_STOPPED_FOR, Lease, TokenRecord, claim_patch, format_time, release_patch, salvage_patch,
@@ -47,14 +47,18 @@ const FOLLOW_CATCH_UP: Duration = Duration::from_millis(500);
 /// claim's store instead of each sending a claim that can only conflict (each on a connection
 /// of its own to the API server, opened for it: the follower's watch holds the pooled one).
 /// The wait is a random part of `CLAIM_SPREAD`, after `PRODUCER_HEAD_START` when the Secret
-/// is a connection's (labelled): its controller refreshes at expiry and is usually the first to
-/// claim; if it does not, the consumers take over a moment later.
+/// is a connection's (labelled): its controller claims just before expiry and calls Xero at
+/// expiry, so its claim is usually there already; if it is not, the consumers take over a
+/// moment later.
 const CLAIM_SPREAD: Duration = Duration::from_millis(50);
 /// The longest wait on the follower before a read from the API server, and how often the wait
 /// checks that the follower's watch is still open.
 const FOLLOWER_WAIT_MAX: Duration = Duration::from_secs(5);
 const FOLLOWER_WAIT_SLICE: Duration = Duration::from_secs(1);
 const PRODUCER_HEAD_START: Duration = Duration::from_millis(50);
+/// How much longer than [`PRODUCER_CLAIM_LEAD`] a holder waits for its due time: a wall clock
+/// slewed by NTP runs a little slower than the monotonic one the sleep uses.
+const HOLD_SLACK: Duration = Duration::from_millis(5);
 
 /// A usable access token, handed to a workload.
 #[derive(Clone, Debug)]
@@ -750,6 +754,10 @@ impl Inner {
                                 tracing::info!(secret = %self.name, previous, "took over an expired refresh claim");
                             }
                             let claimed = TokenRecord::from_secret(&secret);
+                            if !wait_until_due(&claimed, self.role).await {
+                                self.release(&claimed, &[]).await;
+                                continue;
+                            }
                             if let Some(token) = self.refresh(claimed, lease_end).await? {
                                 return Ok(token);
                             }
@@ -780,6 +788,10 @@ impl Inner {
                         Lease::Held { expires, .. } => expires,
                         _ => now + rec.settings.lease_duration,
                     };
+                    if !wait_until_due(&rec, self.role).await {
+                        self.release(&rec, &[]).await;
+                        continue;
+                    }
                     if let Some(token) = self.refresh(rec, lease_end).await? {
                         return Ok(token);
                     }
@@ -1215,8 +1227,73 @@ pub fn process_identity(prefix: &str) -> String {
     format!("{prefix}/{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
+/// Holding a claim made ahead of the due time ([`PRODUCER_CLAIM_LEAD`]): waits for the
+/// due time itself, and no longer (every consumer at expiry waits on this call); true once it
+/// is due. A timer never fires early, so one sleep is the rule. Only a wall clock stepped back
+/// meanwhile can leave it not due after the lead (plus a little for a slewed clock): false, and
+/// the caller releases its claim and decides again rather than call Xero early.
+async fn wait_until_due(rec: &TokenRecord, role: Role) -> bool {
+    let deadline = tokio::time::Instant::now() + PRODUCER_CLAIM_LEAD + HOLD_SLACK;
+    loop {
+        let wait = call_delay(rec, SystemTime::now(), role);
+        if wait.is_zero() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        tokio::time::sleep(wait.max(Duration::from_micros(100)).min(left)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::{PRODUCER_CLAIM_LEAD, Role, TokenRecord, wait_until_due};
+
+    /// A token Secret whose access token stops being usable at `usable_end` (no skew).
+    fn expiring_at(usable_end: SystemTime) -> TokenRecord {
+        use crate::protocol::format as f;
+        let secret: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "t", "annotations": {f::ANN_CLOCK_SKEW: "0"}},
+                "data": {
+                    f::ACCESS_TOKEN: "YQ==",
+                    f::EXPIRES_AT: base64_text(&f::format_time(usable_end)),
+                },
+            }))
+            .expect("a Secret");
+        TokenRecord::from_secret(&secret)
+    }
+
+    fn base64_text(s: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[tokio::test]
+    async fn a_claim_made_ahead_calls_xero_no_sooner_than_the_token_is_due() {
+        let producer = Role::Producer {
+            ahead: Duration::ZERO,
+        };
+        let ms = Duration::from_millis(1);
+        for ahead in [2 * ms, 7 * ms, PRODUCER_CLAIM_LEAD - ms] {
+            // The due time as stored (whole milliseconds), which is what the wait is for.
+            let rec = expiring_at(SystemTime::now() + ahead);
+            let due = rec.usable_until().expect("a usable token");
+            assert!(wait_until_due(&rec, producer).await, "due within the lead");
+            let now = SystemTime::now();
+            assert!(now >= due, "called {:?} early", due.duration_since(now));
+        }
+        // Only the producer waits: a consumer holding a claim calls at once.
+        let rec = expiring_at(SystemTime::now() + PRODUCER_CLAIM_LEAD);
+        let started = std::time::Instant::now();
+        assert!(wait_until_due(&rec, Role::Consumer).await);
+        assert!(started.elapsed() < PRODUCER_CLAIM_LEAD / 2);
+    }
+
     #[test]
     fn process_identities_are_printable_bounded_and_per_process() {
         let a = super::process_identity("pod-1");
