@@ -108,6 +108,7 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
         Err(state) => token::TokenOutcome {
             state,
             requeue: ctx.recheck,
+            due: None,
             record: None,
         },
         Ok(token_secret) => {
@@ -121,10 +122,10 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
     ) {
         ctx.clear_backoff(&uid);
     }
-    let requeue = match outcome.state {
+    let backoff = match outcome.state {
         // The in-process backoff, or the one every party shares in the Secret if longer.
-        State::XeroUnavailable(_) | State::ApiError(_) => ctx.backoff(&uid).max(outcome.requeue),
-        _ => outcome.requeue,
+        State::XeroUnavailable(_) | State::ApiError(_) => Some(ctx.backoff(&uid)),
+        _ => None,
     };
     let tenants = match (&outcome.state, &outcome.record) {
         (State::TokenValid, Some(rec)) => tenants::refresh(&conn, &ctx, rec).await,
@@ -150,6 +151,10 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
             })
             .inc();
     }
+    let requeue = match backoff {
+        Some(backoff) => backoff.max(outcome.requeue),
+        None => outcome.requeue_from_now(),
+    };
     tracing::debug!(connection = %conn.name_any(), namespace = %ns, reason = outcome.state.reason(), ?requeue, "reconciled");
     Ok(Action::requeue(requeue))
 }

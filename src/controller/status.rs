@@ -76,6 +76,7 @@ pub(super) async fn announce_first_call(
             "no usable access token yet: getting one from {host}"
         )),
         requeue: std::time::Duration::ZERO,
+        due: None,
         record: None,
     };
     write_with(conn, ctx, &outcome, None, false).await

@@ -38,8 +38,25 @@ const MAX_ROTATIONS_COUNTED: u64 = 100;
 /// The outcome of the token step.
 pub(super) struct TokenOutcome {
     pub(super) state: State,
+    /// When to look again, unless `due` says.
     pub(super) requeue: Duration,
+    /// When the usable token is due for a refresh: the requeue is then counted from the end of
+    /// the reconcile ([`TokenOutcome::requeue_from_now`]).
+    pub(super) due: Option<SystemTime>,
     pub(super) record: Option<TokenRecord>,
+}
+
+impl TokenOutcome {
+    /// The requeue, counted from now: just before the token is due when it is usable (the steps
+    /// after this one, tenants and status, take time of their own: a requeue counted from
+    /// before them would wake the reconcile late, after consumers already found the token
+    /// expired), otherwise the delay the step chose.
+    pub(super) fn requeue_from_now(&self) -> Duration {
+        match self.due {
+            Some(due) => requeue_before(due.duration_since(SystemTime::now()).unwrap_or_default()),
+            None => self.requeue,
+        }
+    }
 }
 
 /// The producer's part in the protocol, starting from the token Secret `prepare` saw.
@@ -104,6 +121,7 @@ pub(super) async fn step(
             TokenOutcome {
                 state: State::TokenValid,
                 requeue: requeue_before(due.duration_since(now).unwrap_or_default()),
+                due: Some(due),
                 record,
             }
         }
@@ -130,6 +148,7 @@ pub(super) async fn step(
             TokenOutcome {
                 state,
                 requeue,
+                due: None,
                 record,
             }
         }
@@ -193,5 +212,23 @@ mod tests {
         assert_eq!(requeue_before(MS), MS);
         // Already due (a token stored with no lifetime left): no loop of instant reconciles.
         assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
+    }
+
+    #[test]
+    fn the_requeue_is_counted_from_when_the_reconcile_ends() {
+        let lifetime = 10 * 1000 * MS;
+        let outcome = |due| TokenOutcome {
+            state: State::TokenValid,
+            requeue: lifetime - PREWAKE,
+            due,
+            record: None,
+        };
+        let valid = outcome(Some(SystemTime::now() + lifetime));
+        // The reconcile's later steps (tenants, status) took 100 ms: the requeue is that much
+        // shorter, so the reconcile still wakes PREWAKE before the due time.
+        std::thread::sleep(100 * MS);
+        assert!(valid.requeue_from_now() <= lifetime - PREWAKE - 100 * MS);
+        // Nothing due (an error): the step's own delay.
+        assert_eq!(outcome(None).requeue_from_now(), lifetime - PREWAKE);
     }
 }
