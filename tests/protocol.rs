@@ -1548,3 +1548,126 @@ async fn a_refused_follower_watch_is_not_asked_for_on_every_get() {
         "the refused watch was asked for again"
     );
 }
+
+/// A token Secret `t` for a stand-in API server: version `rv`, access token `token` usable
+/// until `expires` (no clock skew), and `annotations` besides.
+fn stand_in_secret(
+    rv: &str,
+    token: &str,
+    expires: std::time::SystemTime,
+    annotations: serde_json::Value,
+) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut annotations = annotations;
+    annotations[f::ANN_CLOCK_SKEW] = "0".into();
+    json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "t", "namespace": "n", "resourceVersion": rv,
+            "annotations": annotations},
+        "data": {
+            f::ACCESS_TOKEN: b64(token),
+            f::EXPIRES_AT: b64(&f::format_time(expires)),
+            f::REFRESH_TOKEN: b64("rt"), f::CLIENT_ID: b64("id"), f::CLIENT_SECRET: b64("secret")}})
+}
+
+/// A wait that would end in an error is decided on the API server's answer, not on the
+/// follower's version, which may lag behind a write: here the follower last delivered a backoff
+/// longer than the caller's deadline (retrying cannot end in time), while the API server already
+/// holds a new token, which the caller gets.
+#[tokio::test]
+async fn a_give_up_seen_on_the_follower_is_checked_with_the_api_server_first() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::SystemTime;
+    let started = SystemTime::now();
+    let first = stand_in_secret(
+        "3",
+        "first",
+        started + Duration::from_millis(1500),
+        json!({}),
+    );
+    // What the follower delivers: the first token, now with a backoff a minute long.
+    let backoff = json!({
+        f::ANN_RETRY_NOT_BEFORE: f::format_time(started + Duration::from_secs(60)),
+    });
+    let stale = stand_in_secret("4", "first", started + Duration::from_millis(1500), backoff);
+    // What the API server holds by then: a new token.
+    let stored = stand_in_secret("5", "second", started + Duration::from_secs(600), json!({}));
+    let reads = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/n/secrets/t",
+            axum::routing::get({
+                let reads = reads.clone();
+                move || async move {
+                    let n = reads.fetch_add(1, Ordering::Relaxed);
+                    axum::Json(if n == 0 { first } else { stored })
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/n/secrets",
+            axum::routing::get(move || async move {
+                use futures_util::StreamExt;
+                let line = json!({"type": "MODIFIED", "object": stale}).to_string() + "\n";
+                axum::body::Body::from_stream(
+                    futures_util::stream::iter([Ok::<_, std::io::Error>(line)])
+                        .chain(futures_util::stream::pending()),
+                )
+            }),
+        );
+    let (client, server) = stub_api(app).await;
+    let consumer = Refresher::new(
+        client,
+        "n",
+        "t",
+        "consumer",
+        xero_operator::protocol::Role::Consumer,
+    )
+    .with_max_wait(Duration::from_secs(2));
+    // The first get reads the Secret; the second, from the cache, starts following it.
+    for _ in 0..2 {
+        let t = consumer.get().await.expect("the first token");
+        assert_eq!(t.token.expose(), "first");
+    }
+    // The first token runs out while the follower shows the backoff.
+    let run_out = started + Duration::from_millis(1600);
+    tokio::time::sleep(
+        run_out
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let got = consumer.get().await;
+    server.abort();
+    let got = got.expect("the token the API server holds, not a give-up on the follower's word");
+    assert_eq!(got.token.expose(), "second");
+    assert_eq!(
+        reads.load(Ordering::Relaxed),
+        2,
+        "one read, then one to check"
+    );
+}
+
+/// A refusal that arrives inside an open watch (an ERROR event with 403, as when the consumer's
+/// Role loses `watch` while it follows) ends following as a refused request does: not live, no
+/// new watch.
+#[tokio::test]
+async fn a_refusal_inside_the_watch_stream_ends_following() {
+    use xero_operator::protocol::follow::{Ended, SILENCE_MAX};
+    let refused = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+        "status": "Failure", "reason": "Forbidden", "code": 403,
+        "message": "secrets \"t\" is forbidden: cannot watch"}})
+    .to_string()
+        + "\n";
+    let (client, server, watches) =
+        stub_watches(vec![(vec![watch_line("MODIFIED", "6"), refused], false)]).await;
+    let (following, live) = follow_recording(client, SILENCE_MAX);
+    let ended = tokio::time::timeout(Duration::from_secs(10), following).await;
+    server.abort();
+    let ended = ended
+        .expect("following ended")
+        .expect("the follower's task");
+    assert_eq!(ended, Ended::Refused);
+    assert_eq!(watches.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(live.lock().expect("lock").last(), Some(&false), "not live");
+}
