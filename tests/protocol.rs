@@ -1592,7 +1592,7 @@ async fn a_give_up_seen_on_the_follower_is_checked_with_the_api_server_first() {
     let stale = stand_in_secret("4", "first", started + Duration::from_millis(1500), backoff);
     // What the API server holds by then: a new token.
     let stored = stand_in_secret("5", "second", started + Duration::from_secs(600), json!({}));
-    let reads = Arc::new(AtomicU64::new(0));
+    let (reads, watches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let app = axum::Router::new()
         .route(
             "/api/v1/namespaces/n/secrets/t",
@@ -1606,13 +1606,17 @@ async fn a_give_up_seen_on_the_follower_is_checked_with_the_api_server_first() {
         )
         .route(
             "/api/v1/namespaces/n/secrets",
-            axum::routing::get(move || async move {
-                use futures_util::StreamExt;
-                let line = json!({"type": "MODIFIED", "object": stale}).to_string() + "\n";
-                axum::body::Body::from_stream(
-                    futures_util::stream::iter([Ok::<_, std::io::Error>(line)])
-                        .chain(futures_util::stream::pending()),
-                )
+            axum::routing::get({
+                let watches = watches.clone();
+                move || async move {
+                    use futures_util::StreamExt;
+                    watches.fetch_add(1, Ordering::Relaxed);
+                    let line = json!({"type": "MODIFIED", "object": stale}).to_string() + "\n";
+                    axum::body::Body::from_stream(
+                        futures_util::stream::iter([Ok::<_, std::io::Error>(line)])
+                            .chain(futures_util::stream::pending()),
+                    )
+                }
             }),
         );
     let (client, server) = stub_api(app).await;
@@ -1629,7 +1633,14 @@ async fn a_give_up_seen_on_the_follower_is_checked_with_the_api_server_first() {
         let t = consumer.get().await.expect("the first token");
         assert_eq!(t.token.expose(), "first");
     }
-    // The first token runs out while the follower shows the backoff.
+    // The follower's watch delivers the backoff (without it, the last get would read the API
+    // server anyway and prove nothing) …
+    wait_until(Duration::from_secs(1), || {
+        watches.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    assert_eq!(watches.load(Ordering::Relaxed), 1, "the follower watched");
+    // … and the first token runs out.
     let run_out = started + Duration::from_millis(1600);
     tokio::time::sleep(
         run_out
@@ -1669,5 +1680,10 @@ async fn a_refusal_inside_the_watch_stream_ends_following() {
         .expect("the follower's task");
     assert_eq!(ended, Ended::Refused);
     assert_eq!(watches.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(live.lock().expect("lock").last(), Some(&false), "not live");
+    let live = live.lock().expect("lock").clone();
+    assert_eq!(
+        (live.first(), live.last()),
+        (Some(&true), Some(&false)),
+        "{live:?}"
+    );
 }

@@ -31,6 +31,8 @@ const _: () = assert!(PREWAKE.as_micros() <= PRODUCER_CLAIM_LEAD.as_micros());
 /// The shortest requeue after a usable token whose due time has already passed (a token
 /// stored with next to no lifetime): never a loop of instant reconciles.
 const MIN_REQUEUE: Duration = Duration::from_millis(200);
+/// The requeue for a token due within [`PREWAKE`]: a reconcile then claims ahead at once.
+const AT_ONCE: Duration = Duration::from_millis(1);
 /// Most rotations one reconcile counts in the metrics (they happen once per token lifetime; a
 /// larger jump is a hand edit of the `rotation` annotation).
 const MAX_ROTATIONS_COUNTED: u64 = 100;
@@ -157,14 +159,15 @@ pub(super) async fn step(
 }
 
 /// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it (at
-/// the moment itself when that is closer), and [`MIN_REQUEUE`] when it is already due.
+/// once when that is closer: the reconcile claims ahead, within the lead), and [`MIN_REQUEUE`]
+/// when it is already due.
 fn requeue_before(until_due: Duration) -> Duration {
     if until_due.is_zero() {
         return MIN_REQUEUE;
     }
     match until_due.checked_sub(PREWAKE) {
         Some(early) if !early.is_zero() => early,
-        _ => until_due,
+        _ => AT_ONCE,
     }
 }
 
@@ -204,12 +207,13 @@ mod tests {
         // Far ahead: PREWAKE early; the step claims then, and calls Xero when due.
         assert_eq!(requeue_before(1800 * 1000 * MS), 1800 * 1000 * MS - PREWAKE);
         assert_eq!(requeue_before(400 * MS), 370 * MS);
-        // Close (a reconcile woken by a change just before): still PREWAKE early, or at the
-        // moment itself when that is closer; never after the token is due.
+        // Close (a reconcile woken by a change just before, or one whose status write took
+        // long): still PREWAKE early, or at once when that is closer (it claims ahead, within
+        // the lead); never after the token is due.
         assert_eq!(requeue_before(150 * MS), 120 * MS);
         assert_eq!(requeue_before(PREWAKE + MS), MS);
-        assert_eq!(requeue_before(PREWAKE), PREWAKE);
-        assert_eq!(requeue_before(MS), MS);
+        assert_eq!(requeue_before(PREWAKE), AT_ONCE);
+        assert_eq!(requeue_before(MS), AT_ONCE);
         // Already due (a token stored with no lifetime left): no loop of instant reconciles.
         assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
     }
