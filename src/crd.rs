@@ -326,8 +326,21 @@ pub struct XeroConnectionStatus {
     pub refresh_count: u64,
 
     /// The Xero tenants (organisations) the token can reach, from Xero's connections endpoint.
+    /// Listed when the connection first has a token, after each new authorisation, and
+    /// otherwise every 6 hours (a tenant disconnected in Xero shows then); not on every refresh,
+    /// which would double the calls to Xero.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<Tenant>,
+
+    /// When `tenants` was last listed from Xero (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants_listed_at: Option<Time>,
+
+    /// The authorisation `tenants` was listed under: the `authentication_event_id` of the access
+    /// token used (an identifier, not a credential). A token from a new authorisation has a new
+    /// one, and the tenants are listed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants_authentication_event: Option<String>,
 }
 
 /// One Xero tenant reachable with the token.

@@ -74,17 +74,35 @@ pub fn pkce_challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
-/// The `exp` claim of a JWT (Xero's access tokens are JWTs); `None` for anything else.
-pub fn jwt_expiry(token: &str) -> Option<std::time::SystemTime> {
+/// The claims of a JWT (Xero's access tokens are JWTs), unverified: only for deciding when to
+/// look again, never for trust. `None` for anything else.
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let exp = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_u64()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `authentication_event_id` claim of a Xero access token: the same for every refresh of
+/// one authorisation, new with each authorisation. `None` when the token has none (a Custom
+/// Connection's, or not a JWT).
+pub fn jwt_authentication_event(token: &str) -> Option<String> {
+    let event = jwt_claims(token)?
+        .get("authentication_event_id")?
+        .as_str()?
+        .to_owned();
+    // Text from the token, kept in the status: bounded and printable.
+    Some(crate::text::sanitize(
+        &event,
+        crate::text::MAX_IDENTITY_CHARS,
+    ))
+}
+
+/// The `exp` claim of a JWT (Xero's access tokens are JWTs); `None` for anything else.
+pub fn jwt_expiry(token: &str) -> Option<std::time::SystemTime> {
+    let exp = jwt_claims(token)?.get("exp")?.as_u64()?;
     // A crafted `exp` must not overflow the clock arithmetic.
     std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }

@@ -100,11 +100,59 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
             usable_end - pair[1]
         );
     }
+    // The tenants were listed once, with the first token: refreshes of one authorisation do
+    // not list them again (that would double the calls to Xero).
+    assert_eq!(
+        report.counters.connections_calls, 1,
+        "tenants listed per refresh"
+    );
     let rec = fx.record().await;
     assert_eq!(rec.refreshed_by.as_deref(), Some(CONTROLLER_ID));
     assert!(
         fx.accepted_by_xero(rec.access_token.as_ref().expect("token").expose())
             .await
+    );
+    // A new authorisation (another user's grant, stored just after a refresh) lists them again
+    // with the first token it gives.
+    let calls_before = fx.report().await.counters.connections_calls;
+    let other = fx
+        .emulator
+        .admin()
+        .add_user(&xero_proving_ground::emulator::NewUser::default())
+        .await
+        .expect("a second user");
+    fx.patch(
+        json!({f::REFRESH_TOKEN: other.refresh_token.clone().expect("refresh token")}),
+        json!({}),
+    )
+    .await;
+    let wanted = other.connections[0].tenant_id.clone();
+    let listed = Instant::now();
+    loop {
+        let conn = connection::api(&fx)
+            .get("acme")
+            .await
+            .expect("get connection");
+        let status = conn.status.unwrap_or_default();
+        if status.tenants.first().map(|t| &t.tenant_id) == Some(&wanted) {
+            break;
+        }
+        assert!(
+            listed.elapsed() < Duration::from_secs(30),
+            "the new authorisation's tenants never listed: {:?}",
+            status.tenants
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        fx.report().await.counters.connections_calls,
+        calls_before + 1,
+        "listed once for the new authorisation"
+    );
+    assert_eq!(
+        fx.record().await.tenant_ids,
+        [wanted],
+        "published in the Secret"
     );
 }
 

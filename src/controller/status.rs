@@ -13,9 +13,10 @@ use serde_json::json;
 
 use super::conditions::State;
 use super::context::Context;
+use super::tenants::Listing;
 use super::token::TokenOutcome;
 use super::{Error, MANAGER, conditions, kube_err};
-use crate::crd::{Tenant, XeroConnection};
+use crate::crd::XeroConnection;
 use crate::protocol::decide::{Role as ProtocolRole, Step, decide};
 use crate::protocol::format as f;
 
@@ -27,7 +28,7 @@ pub(super) async fn write(
     conn: &XeroConnection,
     ctx: &Context,
     outcome: &TokenOutcome,
-    tenants: Option<Vec<Tenant>>,
+    tenants: Option<Listing>,
 ) -> Result<(), Error> {
     write_with(conn, ctx, outcome, tenants, true).await
 }
@@ -86,7 +87,7 @@ async fn write_with(
     conn: &XeroConnection,
     ctx: &Context,
     outcome: &TokenOutcome,
-    tenants: Option<Vec<Tenant>>,
+    tenants: Option<Listing>,
     events: bool,
 ) -> Result<(), Error> {
     let api: Api<XeroConnection> =
@@ -127,8 +128,10 @@ async fn write_with(
         status.last_refreshed_by = rec.refreshed_by.clone();
         status.refresh_count = rec.rotation;
     }
-    if let Some(t) = tenants {
-        status.tenants = t;
+    if let Some(listing) = tenants {
+        status.tenants = listing.tenants;
+        status.tenants_listed_at = to_time(now);
+        status.tenants_authentication_event = listing.authentication_event;
     }
     if status == previous {
         // No status change, so no transition to announce (the condition would have changed).

@@ -1,6 +1,9 @@
-//! The tenants step: the tenants (`/connections`), fetched when the token changed since the
-//! status last listed them, go into the status (sanitised) and into the token Secret's
+//! The tenants step: the tenants (`/connections`), listed when the connection first has a
+//! token, after a new authorisation and every [`TENANTS_RECHECK`] (not on every refresh: that
+//! would double the calls to Xero), go into the status (sanitised) and into the token Secret's
 //! `tenant_id`/`tenant_ids` (pinned to the Secret version the token came from).
+
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -9,24 +12,59 @@ use serde_json::json;
 
 use super::checks;
 use super::context::Context;
-use crate::crd::{Tenant, XeroConnection};
+use crate::crd::{Tenant, XeroConnection, XeroConnectionStatus};
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::text::{MAX_IDENTITY_CHARS, sanitize};
 use crate::xero::XeroClient;
 
-/// Fetches the tenants when the token changed since the status last listed them, and publishes
-/// them in the token Secret. `None`: keep what the status has.
+/// How long a tenant list stands when no new authorisation came: a tenant disconnected in Xero
+/// (which needs no new authorisation) shows in the status within this long.
+pub const TENANTS_RECHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// A tenant list just fetched, and the authorisation it was fetched under.
+pub(super) struct Listing {
+    pub(super) tenants: Vec<Tenant>,
+    pub(super) authentication_event: Option<String>,
+}
+
+/// Whether the tenants the status shows still stand for the token `rec`, at `now`: listed
+/// under the same authorisation, less than [`TENANTS_RECHECK`] ago.
+fn still_listed(status: Option<&XeroConnectionStatus>, rec: &TokenRecord, now: SystemTime) -> bool {
+    let Some(status) = status else { return false };
+    let event = rec
+        .access_token
+        .as_ref()
+        .and_then(|t| crate::xero::jwt_authentication_event(t.expose()));
+    let fresh = status
+        .tenants_listed_at
+        .as_ref()
+        .and_then(|at| now.duration_since(SystemTime::from(at.0)).ok())
+        .is_some_and(|age| age < TENANTS_RECHECK);
+    fresh && status.tenants_authentication_event == event
+}
+
+/// Fetches the tenants unless the status still has them for this token ([`still_listed`]), and
+/// publishes them in the token Secret. `None`: keep what the status has.
 pub(super) async fn refresh(
     conn: &XeroConnection,
     ctx: &Context,
     rec: &TokenRecord,
-) -> Option<Vec<Tenant>> {
-    let status = conn.status.as_ref();
-    let known = status.is_some_and(|s| !s.tenants.is_empty() && s.refresh_count == rec.rotation);
-    if known {
+) -> Option<Listing> {
+    // Right after this controller's own status write the cached connection lags behind it:
+    // the status as written then (a reconcile woken by the tenants' own Secret write would
+    // otherwise list them again).
+    let status = if ctx.status_is_stale(conn) {
+        let api: Api<XeroConnection> =
+            Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+        api.get(&conn.name_any()).await.ok()?.status
+    } else {
+        conn.status.clone()
+    };
+    if still_listed(status.as_ref(), rec, SystemTime::now()) {
         return None;
     }
     let access_token = rec.access_token.clone()?;
+    let authentication_event = crate::xero::jwt_authentication_event(access_token.expose());
     // checks::validate has allowed this endpoint before the reconcile got here.
     let endpoints = checks::endpoints(conn, &ctx.policy.default_endpoints);
     let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
@@ -64,15 +102,91 @@ pub(super) async fn refresh(
             return None;
         }
     }
-    Some(
-        list.into_iter()
-            // What an endpoint answered reaches `kubectl get -o yaml`: shown sanitised.
-            .map(|t| Tenant {
-                tenant_id: t.tenant_id,
-                tenant_type: t.tenant_type.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
-                tenant_name: t.tenant_name.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
-                connection_id: Some(t.id),
-            })
-            .collect(),
-    )
+    let tenants = list
+        .into_iter()
+        // What an endpoint answered reaches `kubectl get -o yaml`: shown sanitised.
+        .map(|t| Tenant {
+            tenant_id: t.tenant_id,
+            tenant_type: t.tenant_type.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
+            tenant_name: t.tenant_name.map(|v| sanitize(&v, MAX_IDENTITY_CHARS)),
+            connection_id: Some(t.id),
+        })
+        .collect();
+    Some(Listing {
+        tenants,
+        authentication_event,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    /// A token Secret whose access token is a JWT with `claims`.
+    fn with_token(claims: serde_json::Value) -> TokenRecord {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let url = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.sig",
+            url(r#"{"alg":"RS256"}"#),
+            url(&claims.to_string())
+        );
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "t"},
+            "data": {f::ACCESS_TOKEN: b64(&jwt)},
+        }))
+        .expect("a Secret");
+        TokenRecord::from_secret(&secret)
+    }
+
+    fn listed(ago: Duration, event: Option<&str>, now: SystemTime) -> XeroConnectionStatus {
+        XeroConnectionStatus {
+            tenants_listed_at: k8s_openapi::jiff::Timestamp::try_from(now - ago)
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            tenants_authentication_event: event.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tenants_are_listed_again_only_after_a_new_authorisation_or_the_recheck() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let token = with_token(json!({"authentication_event_id": "e1", "exp": 1}));
+        // Refreshes of one authorisation: the list stands.
+        assert!(still_listed(
+            Some(&listed(hour, Some("e1"), now)),
+            &token,
+            now
+        ));
+        // Never listed, or listed before this was recorded (an upgrade): list.
+        assert!(!still_listed(None, &token, now));
+        assert!(!still_listed(
+            Some(&XeroConnectionStatus::default()),
+            &token,
+            now
+        ));
+        // A new authorisation: list.
+        assert!(!still_listed(
+            Some(&listed(hour, Some("e0"), now)),
+            &token,
+            now
+        ));
+        // The recheck: list.
+        assert!(!still_listed(
+            Some(&listed(TENANTS_RECHECK + hour, Some("e1"), now)),
+            &token,
+            now
+        ));
+        // A token without the claim (a Custom Connection's): only the recheck lists again.
+        let custom = with_token(json!({"exp": 1}));
+        assert!(still_listed(Some(&listed(hour, None, now)), &custom, now));
+        assert!(!still_listed(
+            Some(&listed(TENANTS_RECHECK, None, now)),
+            &custom,
+            now
+        ));
+    }
 }
