@@ -85,12 +85,7 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
     }
     // To the millisecond: the controller claims a moment ahead but calls only when due, never
     // before the usable end of the token the previous call issued (second s + 9).
-    let calls: Vec<u64> = report
-        .counters
-        .recent_token_calls_ms
-        .iter()
-        .copied()
-        .collect();
+    let calls = report.counters.token_call_times_ms();
     assert!(calls.len() >= 10, "{calls:?}");
     for pair in calls.windows(2) {
         let usable_end = pair[0] / 1000 * 1000 + 9000;

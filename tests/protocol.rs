@@ -1140,16 +1140,40 @@ async fn stub_api(
     (client, server)
 }
 
+/// A handler for a stand-in API server that counts its requests in `count` and answers what
+/// `answer` makes of the request's number (0 for the first).
+fn counted<R, F>(
+    count: &Arc<std::sync::atomic::AtomicU64>,
+    answer: F,
+) -> impl FnOnce() -> std::future::Ready<R> + Clone + Send + Sync + 'static
+where
+    F: FnOnce(u64) -> R + Clone + Send + Sync + 'static,
+{
+    let count = count.clone();
+    move || {
+        std::future::ready(answer(
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ))
+    }
+}
+
+/// A consumer `identity` of Secret `t` in namespace `n`, through a stand-in API server.
+fn stand_in_consumer(client: kube::Client, identity: &str) -> Refresher {
+    Refresher::new(
+        client,
+        "n",
+        "t",
+        identity,
+        xero_operator::protocol::Role::Consumer,
+    )
+}
+
 /// A GET route that answers `secret` and counts the reads.
 fn serve_counted(
     reads: &Arc<std::sync::atomic::AtomicU64>,
     secret: serde_json::Value,
 ) -> axum::routing::MethodRouter {
-    let reads = reads.clone();
-    axum::routing::get(move || async move {
-        reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        axum::Json(secret)
-    })
+    axum::routing::get(counted(reads, move |_| axum::Json(secret)))
 }
 
 /// The API server's answer for a failed request: status `code` with a `Status` body.
@@ -1200,33 +1224,19 @@ async fn a_claim_answered_409_reads_again_and_uses_what_was_stored() {
     );
     let app = axum::Router::new().route(
         "/api/v1/namespaces/n/secrets/t",
-        axum::routing::get({
-            let reads = reads.clone();
-            move || async move {
-                // The first read sees the expired token; after the 409, the stored one.
-                let n = reads.fetch_add(1, Ordering::Relaxed);
-                axum::Json(if n == 0 { expired } else { stored })
-            }
-        })
-        .patch({
-            let patches = patches.clone();
-            move || async move {
-                patches.fetch_add(1, Ordering::Relaxed);
-                api_status(409, "Conflict", "the object has been modified")
-            }
-        }),
+        // The first read sees the expired token; after the 409, the stored one.
+        axum::routing::get(counted(&reads, move |n| {
+            axum::Json(if n == 0 { expired } else { stored })
+        }))
+        .patch(counted(&patches, |_| {
+            api_status(409, "Conflict", "the object has been modified")
+        })),
     );
     let (client, server) = stub_api(app).await;
-    let got = Refresher::new(
-        client,
-        "n",
-        "t",
-        "claimer",
-        xero_operator::protocol::Role::Consumer,
-    )
-    .with_max_wait(Duration::from_secs(10))
-    .get()
-    .await;
+    let got = stand_in_consumer(client, "claimer")
+        .with_max_wait(Duration::from_secs(10))
+        .get()
+        .await;
     server.abort();
     let t = got.expect("the token the other party stored");
     assert_eq!(t.token.expose(), "stored-by-another-party");
@@ -1261,25 +1271,15 @@ async fn a_watch_that_ends_at_once_does_not_make_a_loop_of_reads() {
         )
         .route(
             "/api/v1/namespaces/n/secrets",
-            axum::routing::get({
-                let watches = watches.clone();
-                move || async move {
-                    watches.fetch_add(1, Ordering::Relaxed);
-                    ([("content-type", "application/json")], "")
-                }
-            }),
+            axum::routing::get(counted(&watches, |_| {
+                ([("content-type", "application/json")], "")
+            })),
         );
     let (client, server) = stub_api(app).await;
-    let waited = Refresher::new(
-        client,
-        "n",
-        "t",
-        "waiter",
-        xero_operator::protocol::Role::Consumer,
-    )
-    .with_max_wait(Duration::from_secs(3))
-    .get()
-    .await;
+    let waited = stand_in_consumer(client, "waiter")
+        .with_max_wait(Duration::from_secs(3))
+        .get()
+        .await;
     server.abort();
     assert!(matches!(waited, Err(Error::Timeout(..))), "{waited:?}");
     let (reads, watches) = (
@@ -1519,22 +1519,12 @@ async fn a_refused_follower_watch_is_not_asked_for_on_every_get() {
         )
         .route(
             "/api/v1/namespaces/n/secrets",
-            axum::routing::get({
-                let watches = watches.clone();
-                move || async move {
-                    watches.fetch_add(1, Ordering::Relaxed);
-                    api_status(403, "Forbidden", "secrets is forbidden: cannot watch")
-                }
-            }),
+            axum::routing::get(counted(&watches, |_| {
+                api_status(403, "Forbidden", "secrets is forbidden: cannot watch")
+            })),
         );
     let (client, server) = stub_api(app).await;
-    let consumer = Refresher::new(
-        client,
-        "n",
-        "t",
-        "consumer",
-        xero_operator::protocol::Role::Consumer,
-    );
+    let consumer = stand_in_consumer(client, "consumer");
     for _ in 0..30 {
         let t = consumer.get().await.expect("the stored token");
         assert_eq!(t.token.expose(), "usable");
@@ -1596,38 +1586,23 @@ async fn a_give_up_seen_on_the_follower_is_checked_with_the_api_server_first() {
     let app = axum::Router::new()
         .route(
             "/api/v1/namespaces/n/secrets/t",
-            axum::routing::get({
-                let reads = reads.clone();
-                move || async move {
-                    let n = reads.fetch_add(1, Ordering::Relaxed);
-                    axum::Json(if n == 0 { first } else { stored })
-                }
-            }),
+            axum::routing::get(counted(&reads, move |n| {
+                axum::Json(if n == 0 { first } else { stored })
+            })),
         )
         .route(
             "/api/v1/namespaces/n/secrets",
-            axum::routing::get({
-                let watches = watches.clone();
-                move || async move {
-                    use futures_util::StreamExt;
-                    watches.fetch_add(1, Ordering::Relaxed);
-                    let line = json!({"type": "MODIFIED", "object": stale}).to_string() + "\n";
-                    axum::body::Body::from_stream(
-                        futures_util::stream::iter([Ok::<_, std::io::Error>(line)])
-                            .chain(futures_util::stream::pending()),
-                    )
-                }
-            }),
+            axum::routing::get(counted(&watches, move |_| {
+                use futures_util::StreamExt;
+                let line = json!({"type": "MODIFIED", "object": stale}).to_string() + "\n";
+                axum::body::Body::from_stream(
+                    futures_util::stream::iter([Ok::<_, std::io::Error>(line)])
+                        .chain(futures_util::stream::pending()),
+                )
+            })),
         );
     let (client, server) = stub_api(app).await;
-    let consumer = Refresher::new(
-        client,
-        "n",
-        "t",
-        "consumer",
-        xero_operator::protocol::Role::Consumer,
-    )
-    .with_max_wait(Duration::from_secs(2));
+    let consumer = stand_in_consumer(client, "consumer").with_max_wait(Duration::from_secs(2));
     // The first get reads the Secret; the second, from the cache, starts following it.
     for _ in 0..2 {
         let t = consumer.get().await.expect("the first token");

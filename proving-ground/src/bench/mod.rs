@@ -261,12 +261,7 @@ async fn run_one(
     total.at_expiry_us.sort_unstable();
     total.first_us.sort_unstable();
     let critical_path = (mode == Mode::Protocol).then(|| {
-        let calls: Vec<u64> = report
-            .counters
-            .recent_token_calls_ms
-            .iter()
-            .copied()
-            .collect();
+        let calls = report.counters.token_call_times_ms();
         let timeline = timeline.lock().unwrap_or_else(|e| e.into_inner());
         timeline::critical_path(timeline.rotations(), &calls, &total.at_expiry_gets)
     });

@@ -240,6 +240,13 @@ pub struct Counters {
     pub bearer_outcomes: BTreeMap<String, u64>,
 }
 
+impl Counters {
+    /// The latest token-endpoint request times (Unix ms), oldest first.
+    pub fn token_call_times_ms(&self) -> Vec<u64> {
+        self.recent_token_calls_ms.iter().copied().collect()
+    }
+}
+
 struct Client {
     secret: String,
     /// For Custom Connections: the user whose tenants a client-credentials token reaches.
