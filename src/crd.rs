@@ -327,8 +327,9 @@ pub struct XeroConnectionStatus {
 
     /// The Xero tenants (organisations) the token can reach, from Xero's connections endpoint.
     /// Listed when the connection first has a token, after each new authorisation, and
-    /// otherwise every 6 hours (a tenant disconnected in Xero shows then); not on every refresh,
-    /// which would double the calls to Xero.
+    /// otherwise again after 5 to 6 hours (a time of its own per connection; a tenant
+    /// disconnected in Xero shows then); not on every refresh, which would double the calls to
+    /// Xero.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<Tenant>,
 

@@ -87,7 +87,7 @@ fn jwt_claims(token: &str) -> Option<serde_json::Value> {
 
 /// The `authentication_event_id` claim of a Xero access token: the same for every refresh of
 /// one authorisation, new with each authorisation. `None` when the token has none (a Custom
-/// Connection's, or not a JWT).
+/// Connection's may not have one) or is not a JWT.
 pub fn jwt_authentication_event(token: &str) -> Option<String> {
     let event = jwt_claims(token)?
         .get("authentication_event_id")?

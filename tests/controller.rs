@@ -107,35 +107,45 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
         fx.accepted_by_xero(rec.access_token.as_ref().expect("token").expose())
             .await
     );
-    // A new authorisation (another user's grant, stored just after a refresh) lists them again
-    // with the first token it gives.
+    // The same user authorises again (a new refresh-token family under a new authentication
+    // event; stored just after a refresh): the tenants are listed once more, with the first
+    // token it gives, and not again with the next.
     let calls_before = fx.report().await.counters.connections_calls;
-    let other = fx
-        .emulator
-        .admin()
-        .add_user(&xero_proving_ground::emulator::NewUser::default())
-        .await
-        .expect("a second user");
-    fx.patch(
-        json!({f::REFRESH_TOKEN: other.refresh_token.clone().expect("refresh token")}),
-        json!({}),
-    )
-    .await;
-    let wanted = other.connections[0].tenant_id.clone();
-    let listed = Instant::now();
-    loop {
+    let status_now = || async {
         let conn = connection::api(&fx)
             .get("acme")
             .await
             .expect("get connection");
-        let status = conn.status.unwrap_or_default();
-        if status.tenants.first().map(|t| &t.tenant_id) == Some(&wanted) {
-            break;
+        conn.status.unwrap_or_default()
+    };
+    let event_before = status_now().await.tenants_authentication_event;
+    assert!(
+        event_before.is_some(),
+        "the listing's authorisation recorded"
+    );
+    let rt = fx
+        .emulator
+        .admin()
+        .new_family(&fx.user.user_id)
+        .await
+        .expect("a new authorisation");
+    fx.patch(json!({f::REFRESH_TOKEN: rt}), json!({})).await;
+    let waited = Instant::now();
+    let relisted_at = loop {
+        let status = status_now().await;
+        if status.tenants_authentication_event != event_before {
+            break status.refresh_count;
         }
         assert!(
-            listed.elapsed() < Duration::from_secs(30),
-            "the new authorisation's tenants never listed: {:?}",
-            status.tenants
+            waited.elapsed() < Duration::from_secs(30),
+            "the new authorisation's tenants never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    while status_now().await.refresh_count < relisted_at + 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "no refresh after it"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -144,10 +154,24 @@ async fn the_controller_alone_refreshes_once_per_expiry_and_never_early() {
         calls_before + 1,
         "listed once for the new authorisation"
     );
+    // A `tenant_id` changed in the Secret is put back from the status, without asking Xero.
+    let tenant = fx.user.connections[0].tenant_id.clone();
+    fx.patch(
+        json!({f::TENANT_ID: "not-a-tenant", f::TENANT_IDS: "not-a-tenant"}),
+        json!({}),
+    )
+    .await;
+    while fx.record().await.tenant_ids != [tenant.clone()] {
+        assert!(
+            waited.elapsed() < Duration::from_secs(90),
+            "the edited tenant_id was not put back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert_eq!(
-        fx.record().await.tenant_ids,
-        [wanted],
-        "published in the Secret"
+        fx.report().await.counters.connections_calls,
+        calls_before + 1,
+        "no listing to put it back"
     );
 }
 

@@ -10,7 +10,7 @@
 //! 4. [`consumers`]: the consumers' Role and RoleBinding;
 //! 5. [`token`]: the protocol as the producer, refreshing only when due; a failure becomes a
 //!    state and a time to look again ([`classify`]);
-//! 6. [`tenants`]: the tenants, with the first token, after a new authorisation and every 6 h;
+//! 6. [`tenants`]: the tenants, with the first token, after a new authorisation and every 5-6 h;
 //! 7. [`status`]: status, the `Ready` condition and an Event per transition ([`conditions`]);
 //!    then a requeue just before the token is due ([`token`] claims then, and calls Xero at
 //!    the instant itself).

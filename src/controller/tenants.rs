@@ -2,6 +2,11 @@
 //! token, after a new authorisation and every [`TENANTS_RECHECK`] (not on every refresh: that
 //! would double the calls to Xero), go into the status (sanitised) and into the token Secret's
 //! `tenant_id`/`tenant_ids` (pinned to the Secret version the token came from).
+//!
+//! Assumed of Xero: the access token's `authentication_event_id` stays the same across the
+//! refreshes of one authorisation and is new with each authorisation (its connections' `authEventId`
+//! is "shared across connections authorised at the same time"). Were it new with every token,
+//! the tenants would be listed on every refresh, as before: more calls, never a stale list.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +25,19 @@ use crate::xero::XeroClient;
 /// How long a tenant list stands when no new authorisation came: a tenant disconnected in Xero
 /// (which needs no new authorisation) shows in the status within this long.
 pub const TENANTS_RECHECK: Duration = Duration::from_secs(6 * 3600);
+/// The recheck of each connection comes up to this much sooner, by a fixed amount of its own:
+/// connections whose tokens rotated together (a storm, a restart) do not all list again in
+/// the same minute six hours later.
+const RECHECK_SPREAD: Duration = Duration::from_secs(3600);
+
+/// This connection's share of [`RECHECK_SPREAD`], fixed by its uid.
+fn recheck_of(uid: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    uid.hash(&mut hasher);
+    let spread = RECHECK_SPREAD.as_secs();
+    TENANTS_RECHECK - Duration::from_secs(hasher.finish() % spread)
+}
 
 /// A tenant list just fetched, and the authorisation it was fetched under.
 pub(super) struct Listing {
@@ -28,18 +46,26 @@ pub(super) struct Listing {
 }
 
 /// Whether the tenants the status shows still stand for the token `rec`, at `now`: listed
-/// under the same authorisation, less than [`TENANTS_RECHECK`] ago.
-fn still_listed(status: Option<&XeroConnectionStatus>, rec: &TokenRecord, now: SystemTime) -> bool {
+/// under the same authorisation, less than `recheck` ago. A status an earlier version wrote
+/// (no listing time) stands for the very token it listed them with: the listing moves to this
+/// rule with the next refresh, spread as the refreshes are, not all at once on an upgrade.
+fn still_listed(
+    status: Option<&XeroConnectionStatus>,
+    rec: &TokenRecord,
+    now: SystemTime,
+    recheck: Duration,
+) -> bool {
     let Some(status) = status else { return false };
+    let Some(listed_at) = &status.tenants_listed_at else {
+        return !status.tenants.is_empty() && status.refresh_count == rec.rotation;
+    };
     let event = rec
         .access_token
         .as_ref()
         .and_then(|t| crate::xero::jwt_authentication_event(t.expose()));
-    let fresh = status
-        .tenants_listed_at
-        .as_ref()
-        .and_then(|at| now.duration_since(SystemTime::from(at.0)).ok())
-        .is_some_and(|age| age < TENANTS_RECHECK);
+    let fresh = now
+        .duration_since(SystemTime::from(listed_at.0))
+        .is_ok_and(|age| age < recheck);
     fresh && status.tenants_authentication_event == event
 }
 
@@ -60,7 +86,16 @@ pub(super) async fn refresh(
     } else {
         conn.status.clone()
     };
-    if still_listed(status.as_ref(), rec, SystemTime::now()) {
+    let recheck = recheck_of(&conn.uid().unwrap_or_default());
+    if let Some(status) = status.as_ref()
+        && still_listed(Some(status), rec, SystemTime::now(), recheck)
+    {
+        // A `tenant_id` someone changed in the Secret is put back from the status: an API
+        // write, no call to Xero.
+        let ids: Vec<String> = status.tenants.iter().map(|t| t.tenant_id.clone()).collect();
+        if ids != rec.tenant_ids {
+            publish(conn, ctx, rec, &ids).await;
+        }
         return None;
     }
     let access_token = rec.access_token.clone()?;
@@ -76,31 +111,8 @@ pub(super) async fn refresh(
         }
     };
     let ids: Vec<String> = list.iter().map(|t| t.tenant_id.clone()).collect();
-    if ids != rec.tenant_ids {
-        let secrets: Api<Secret> =
-            Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
-        use base64::Engine;
-        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        // Pinned to the Secret version the token came from; on a conflict the next reconcile
-        // (woken by that other write) tries again.
-        let patch = json!({
-            "metadata": {"resourceVersion": rec.resource_version},
-            "data": {
-                f::TENANT_ID: b64(ids.first().map(String::as_str).unwrap_or_default()),
-                f::TENANT_IDS: b64(&ids.join(",")),
-            },
-        });
-        if let Err(e) = secrets
-            .patch(
-                &conn.token_secret_name(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
-            return None;
-        }
+    if ids != rec.tenant_ids && !publish(conn, ctx, rec, &ids).await {
+        return None;
     }
     let tenants = list
         .into_iter()
@@ -116,6 +128,35 @@ pub(super) async fn refresh(
         tenants,
         authentication_event,
     })
+}
+
+/// Publishes the tenant ids `ids` in the token Secret, pinned to the version the token came
+/// from (on a conflict the next reconcile, woken by that other write, tries again); false when
+/// that failed.
+async fn publish(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, ids: &[String]) -> bool {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let patch = json!({
+        "metadata": {"resourceVersion": rec.resource_version},
+        "data": {
+            f::TENANT_ID: b64(ids.first().map(String::as_str).unwrap_or_default()),
+            f::TENANT_IDS: b64(&ids.join(",")),
+        },
+    });
+    if let Err(e) = secrets
+        .patch(
+            &conn.token_secret_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -154,39 +195,59 @@ mod tests {
     fn tenants_are_listed_again_only_after_a_new_authorisation_or_the_recheck() {
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
+        let recheck = TENANTS_RECHECK;
         let token = with_token(json!({"authentication_event_id": "e1", "exp": 1}));
+        let stands = |status: &XeroConnectionStatus, rec: &TokenRecord| {
+            still_listed(Some(status), rec, now, recheck)
+        };
         // Refreshes of one authorisation: the list stands.
-        assert!(still_listed(
-            Some(&listed(hour, Some("e1"), now)),
-            &token,
-            now
-        ));
-        // Never listed, or listed before this was recorded (an upgrade): list.
-        assert!(!still_listed(None, &token, now));
-        assert!(!still_listed(
-            Some(&XeroConnectionStatus::default()),
-            &token,
-            now
-        ));
+        assert!(stands(&listed(hour, Some("e1"), now), &token));
+        // Never listed: list.
+        assert!(!still_listed(None, &token, now, recheck));
+        assert!(!stands(&XeroConnectionStatus::default(), &token));
         // A new authorisation: list.
-        assert!(!still_listed(
-            Some(&listed(hour, Some("e0"), now)),
-            &token,
-            now
-        ));
+        assert!(!stands(&listed(hour, Some("e0"), now), &token));
         // The recheck: list.
-        assert!(!still_listed(
-            Some(&listed(TENANTS_RECHECK + hour, Some("e1"), now)),
-            &token,
-            now
-        ));
-        // A token without the claim (a Custom Connection's): only the recheck lists again.
+        assert!(!stands(&listed(recheck + hour, Some("e1"), now), &token));
+        assert!(!stands(&listed(recheck, Some("e1"), now), &token));
+        // A token without the claim (a Custom Connection's may have none): only the recheck
+        // lists again.
         let custom = with_token(json!({"exp": 1}));
-        assert!(still_listed(Some(&listed(hour, None, now)), &custom, now));
-        assert!(!still_listed(
-            Some(&listed(TENANTS_RECHECK, None, now)),
-            &custom,
-            now
-        ));
+        assert!(stands(&listed(hour, None, now), &custom));
+        assert!(!stands(&listed(recheck, None, now), &custom));
+    }
+
+    #[test]
+    fn a_status_from_an_earlier_version_stands_for_the_token_it_listed_with() {
+        let now = SystemTime::now();
+        let mut token = with_token(json!({"authentication_event_id": "e1"}));
+        token.rotation = 7;
+        let legacy = XeroConnectionStatus {
+            tenants: vec![Tenant {
+                tenant_id: "t1".into(),
+                tenant_type: None,
+                tenant_name: None,
+                connection_id: None,
+            }],
+            refresh_count: 7,
+            ..Default::default()
+        };
+        assert!(still_listed(Some(&legacy), &token, now, TENANTS_RECHECK));
+        // The next refresh lists them (and records when).
+        token.rotation = 8;
+        assert!(!still_listed(Some(&legacy), &token, now, TENANTS_RECHECK));
+    }
+
+    #[test]
+    fn each_connection_rechecks_at_a_time_of_its_own_within_the_spread() {
+        let rechecks: std::collections::BTreeSet<Duration> =
+            (0..50).map(|i| recheck_of(&format!("uid-{i}"))).collect();
+        assert!(rechecks.len() > 40, "spread: {rechecks:?}");
+        assert!(
+            rechecks
+                .iter()
+                .all(|r| *r <= TENANTS_RECHECK && *r > TENANTS_RECHECK - RECHECK_SPREAD)
+        );
+        assert_eq!(recheck_of("uid-1"), recheck_of("uid-1"), "fixed per uid");
     }
 }

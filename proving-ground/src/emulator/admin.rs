@@ -247,6 +247,22 @@ impl AdminClient {
         Ok(seeded.expect("POST /_admin/users answers with a body"))
     }
 
+    /// The user authorises again: a new refresh-token family under a new authentication event.
+    /// Returns its first refresh token.
+    pub async fn new_family(&self, user_id: &str) -> Result<String, AdminError> {
+        let answer: serde_json::Value = self
+            .send(
+                self.http
+                    .post(self.url(&format!("users/{user_id}/families"))),
+            )
+            .await?
+            .expect("POST /_admin/users/{id}/families answers with a body");
+        Ok(answer["refresh_token"]
+            .as_str()
+            .expect("a refresh token")
+            .to_owned())
+    }
+
     pub async fn report(&self) -> Result<Report, AdminError> {
         Ok(self
             .send(self.http.get(self.url("report")))

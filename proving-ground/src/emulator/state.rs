@@ -495,7 +495,17 @@ impl State {
     /// Starts a new refresh-token family for a user (what a person authorising the app does).
     /// Returns the first refresh token.
     pub fn start_family(&mut self, user_id: &str, now: Millis) -> Option<String> {
-        let client_id = self.users.get(user_id)?.client_id.clone();
+        let user = self.users.get_mut(user_id)?;
+        let client_id = user.client_id.clone();
+        // Each authorisation is an authentication event of its own: the access tokens issued
+        // from then on and the connections it (re)authorised carry its id. (Simplified: an
+        // older family's later tokens carry the new id too.)
+        let event = random_uuid();
+        for c in &mut user.connections {
+            c.auth_event_id = event.clone();
+            c.updated_date_utc = rfc3339(now);
+        }
+        user.auth_event_id = event;
         let family = format!("family-{}", self.next_id);
         self.next_id += 1;
         self.families.insert(
@@ -1108,5 +1118,29 @@ mod tests {
             claims["authentication_event_id"],
             s.connections(&user)[0].auth_event_id.as_str()
         );
+    }
+
+    #[test]
+    fn each_authorisation_is_an_authentication_event_of_its_own() {
+        let (mut s, user, rt0) = seeded(short());
+        let event = |s: &State, token: &str| {
+            let claims = super::super::jwt::decode_claims(token).expect("jwt");
+            assert_eq!(
+                claims["authentication_event_id"],
+                s.connections(&user)[0].auth_event_id.as_str(),
+                "the connections carry the latest authorisation's event"
+            );
+            claims["authentication_event_id"].clone()
+        };
+        let first = s.refresh(CLIENT, &rt0, SEC).expect("refresh");
+        let before = event(&s, &first.access_token);
+        // Refreshing keeps the event; authorising again makes a new one.
+        let again = s
+            .refresh(CLIENT, first.refresh_token.as_deref().expect("rt"), 2 * SEC)
+            .expect("refresh");
+        assert_eq!(event(&s, &again.access_token), before);
+        let rt1 = s.start_family(&user, 3 * SEC).expect("a new family");
+        let after = s.refresh(CLIENT, &rt1, 4 * SEC).expect("refresh");
+        assert_ne!(event(&s, &after.access_token), before);
     }
 }
