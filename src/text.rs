@@ -2,10 +2,12 @@
 //! (`refreshed-by`, `reauthorization-reason`, the claim holder) and answers from an endpoint reach
 //! status fields, Events, `kubectl get` columns and logs. Pure.
 //!
-//! Control characters (terminal escape sequences, injected newlines) and the Unicode
-//! bidirectional overrides that make text display differently from what it is are removed, and
-//! the length is capped, so nothing written into the Secret can repaint an operator's screen or
-//! forge a line of output.
+//! Control characters (terminal escape sequences, injected newlines), every Unicode format
+//! character (general category Cf: the bidirectional overrides and marks that make text display
+//! differently from what it is, zero-width spaces and joiners, the byte-order mark, invisible
+//! operators) and the line and paragraph separators are removed, and the length is capped, so
+//! nothing written into the Secret can repaint an operator's screen, forge a line of output, or
+//! hide text inside a name.
 
 /// Longest identity shown (a claim holder, `refreshed-by`): `<pod name>/<pid>-<random>` fits
 /// easily.
@@ -29,12 +31,13 @@ pub fn sanitize(text: &str, max: usize) -> String {
 }
 
 fn is_displayable(c: char) -> bool {
-    !c.is_control()
-        && !matches!(c,
-            // Bidi embeddings/overrides and isolates ("Trojan Source").
-            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-            // Line and paragraph separators.
-            | '\u{2028}' | '\u{2029}')
+    use unicode_general_category::{GeneralCategory as G, get_general_category};
+    !matches!(
+        get_general_category(c),
+        // Control (C0, C1), format (bidi embeddings, overrides, isolates and marks: "Trojan
+        // Source"; zero-width characters; U+FEFF), line and paragraph separators.
+        G::Control | G::Format | G::LineSeparator | G::ParagraphSeparator
+    )
 }
 
 #[cfg(test)]
@@ -48,6 +51,17 @@ mod tests {
             "[31mred[0mREADY Truex"
         );
         assert_eq!(sanitize("a\u{202E}b\u{2066}c\u{2028}d", 100), "abcd");
+    }
+
+    #[test]
+    fn invisible_format_characters_are_removed() {
+        // Right-to-left and Arabic letter marks, zero-width space, joiner and non-joiner, word
+        // joiner, the byte-order mark, an invisible operator, a tag character, the soft hyphen,
+        // the paragraph separator: none of them shows, each can hide or reorder text.
+        let hidden = "a\u{200F}b\u{061C}c\u{200B}d\u{200D}e\u{200C}f\u{2060}g\u{FEFF}h\u{2062}i\u{E0041}j\u{00AD}k\u{2029}l";
+        assert_eq!(sanitize(hidden, 100), "abcdefghijkl");
+        // Letters of other scripts and emoji stay.
+        assert_eq!(sanitize("Zoë Ōtaki 東京 ✓", 100), "Zoë Ōtaki 東京 ✓");
     }
 
     #[test]

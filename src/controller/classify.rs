@@ -82,16 +82,18 @@ pub fn classify(
             until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
         ),
         ProtocolError::Timeout(_, why) => match rec {
-            Some(r) if r.retry_not_before.is_some() && r.failed_attempts > 0 => (
+            Some(r) if r.retry_not_before_as_of(now).is_some() && r.failed_attempts > 0 => (
                 State::XeroUnavailable(format!(
                     "{} refreshes in a row failed (Xero unavailable or unusable answers); \
                      the next attempt is not before {}",
                     r.failed_attempts,
-                    r.retry_not_before.map(f::format_time).unwrap_or_default()
+                    r.retry_not_before_as_of(now)
+                        .map(f::format_time)
+                        .unwrap_or_default()
                 )),
                 until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
             ),
-            Some(r) if r.retry_not_before.is_some() => (
+            Some(r) if r.retry_not_before_as_of(now).is_some() => (
                 State::RateLimited("Xero asked to wait (429)".into()),
                 until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
             ),
@@ -124,7 +126,7 @@ fn until_claim_ends(rec: &TokenRecord, now: SystemTime) -> Duration {
 
 /// How long until the Secret's `retry-not-before`, if it is set and ahead (at least 1 s).
 fn until_not_before(rec: Option<&TokenRecord>, now: SystemTime) -> Option<Duration> {
-    let t = rec?.retry_not_before?;
+    let t = rec?.retry_not_before_as_of(now)?;
     Some(
         t.duration_since(now)
             .unwrap_or_default()

@@ -13,10 +13,14 @@ use serde_json::json;
 
 use super::context::Context;
 use super::inputs::TokenSecretLookup;
-use super::{Error, checks, inputs, kube_err, ownership};
+use super::{Error, checks, consumers, inputs, kube_err, ownership};
+
+/// Attempts to release a kept token Secret that keeps changing before the cleanup fails (and is
+/// retried with the reconcile's backoff).
+const RELEASE_ATTEMPTS: usize = 5;
 use crate::crd::{XeroConnection, XeroConnectionSpec};
 use crate::protocol::format::{self as f, TokenRecord};
-use crate::xero::XeroClient;
+use crate::xero::{ClientCredentials, XeroClient};
 
 /// Whether deleting a connection with this spec needs the controller (and so the finalizer):
 /// to revoke at Xero, or to release a token Secret that must outlive it.
@@ -77,44 +81,76 @@ pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<
         return Ok(Action::await_change());
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = conn.token_secret_name();
     let TokenSecretLookup::Ours(secret) = inputs::find_token_secret(&conn, &secrets).await? else {
         return Ok(Action::await_change());
     };
     if conn.spec.revoke_on_delete {
-        revoke(&conn, &ctx, &secret).await;
+        // With the app's credentials from the client Secret, not the token Secret's copy.
+        match inputs::read_client_secret(&conn, &secrets).await? {
+            Ok(app) => revoke(&conn, &ctx, &app, &secret).await,
+            Err(state) => {
+                tracing::warn!(connection = %conn.name_any(), reason = state.reason(), "not revoking: the client Secret is not usable");
+            }
+        }
     }
     if conn.spec.keep_token_secret_on_delete {
-        // Released, not handed on: without our owner reference, label and uid mark, no other
-        // connection can take the kept Secret until someone who may write it labels it again.
-        let uid = conn.uid().unwrap_or_default();
-        let owners: Vec<_> = secret
-            .metadata
-            .owner_references
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|o| o.uid != uid)
-            .collect();
-        let patch = json!({"metadata": {
-            "uid": secret.metadata.uid,
-            "ownerReferences": owners,
-            "labels": {f::LABEL_CONNECTION: null},
-            "annotations": {ownership::ANN_CONNECTION_UID: null},
-        }});
-        secrets
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(kube_err("keeping the token Secret"))?;
-        tracing::info!(connection = %conn.name_any(), secret = %name, "kept and released the token Secret");
+        release(&conn, &ctx, &secrets, *secret).await?;
     }
     Ok(Action::await_change())
 }
 
+/// Releases a token Secret kept on delete: without our owner reference, label and uid mark, no
+/// other connection can take it until someone who may write it labels it again. The consumers'
+/// grant goes first (their Role and RoleBinding would otherwise outlive the release until the
+/// garbage collector takes them with the connection): a consumer that relabels the Secret while
+/// it is released must not hand it, and its tokens, to the next connection of that name. The
+/// release is pinned to the version read after the grant went, so a write that slipped in before
+/// (the API server's RBAC cache lags a moment) fails it with a conflict, and it is judged again.
+async fn release(
+    conn: &XeroConnection,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    mut secret: Secret,
+) -> Result<(), Error> {
+    consumers::withdraw(conn, ctx).await?;
+    let name = conn.token_secret_name();
+    for _ in 0..RELEASE_ATTEMPTS {
+        let patch = json!({"metadata": {
+            "uid": secret.metadata.uid,
+            "resourceVersion": secret.metadata.resource_version,
+            // The Secret carries no other owner or finalizer (the reconcile removes those).
+            "ownerReferences": [],
+            "finalizers": [],
+            "labels": {f::LABEL_CONNECTION: null},
+            "annotations": {ownership::ANN_CONNECTION_UID: null},
+        }});
+        match secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(connection = %conn.name_any(), secret = %name, "kept and released the token Secret");
+                return Ok(());
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Changed since it was read: judged again as it is now.
+                match inputs::find_token_secret(conn, secrets).await? {
+                    TokenSecretLookup::Ours(current) => secret = *current,
+                    _ => return Ok(()),
+                }
+            }
+            Err(e) => return Err(kube_err("keeping the token Secret")(e)),
+        }
+    }
+    Err(Error::Finalizer(format!(
+        "the token Secret {name:?} kept changing while it was being released; retrying"
+    )))
+}
+
 /// Revokes the refresh token of `secret` at Xero (best effort: deletion must not hang on Xero).
-async fn revoke(conn: &XeroConnection, ctx: &Context, secret: &Secret) {
+async fn revoke(conn: &XeroConnection, ctx: &Context, app: &ClientCredentials, secret: &Secret) {
     let rec = TokenRecord::from_secret(secret);
-    let (Some(app), Some(rt)) = (rec.client.clone(), rec.refresh_token.clone()) else {
+    let Some(rt) = rec.refresh_token.clone() else {
         return;
     };
     let endpoints = checks::endpoints(conn, &ctx.policy.default_endpoints);
@@ -123,7 +159,7 @@ async fn revoke(conn: &XeroConnection, ctx: &Context, secret: &Secret) {
         return;
     }
     let xero = XeroClient::with_http(ctx.http.clone(), endpoints, crate::xero::REQUEST_TIMEOUT);
-    match xero.revoke(&app, &rt).await {
+    match xero.revoke(app, &rt).await {
         Ok(()) => {
             tracing::info!(connection = %conn.name_any(), "revoked the refresh token at Xero")
         }

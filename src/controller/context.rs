@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use super::MANAGER;
 use super::checks::Policy;
 use super::metrics::Metrics;
+use super::wake::{OwnWrites, SecretOwners};
 use crate::crd::XeroConnection;
 
 /// Recheck interval for states that only a person or another object can change (missing client
@@ -25,7 +26,7 @@ pub const DEFAULT_CONCURRENCY: u16 = 32;
 pub(crate) const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -49,6 +50,10 @@ pub struct Context {
     /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
     /// when thousands of connections become due together.
     pub concurrency: u16,
+    /// The token Secret versions this controller wrote itself: their events do not wake it.
+    pub own_writes: Arc<OwnWrites>,
+    /// Which connections name which token Secret (a Secret's events wake those).
+    pub secret_owners: SecretOwners,
     /// Consecutive transient failures per connection uid (for the backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// The rotation last seen per connection uid (to count refreshes by actor).
@@ -110,6 +115,8 @@ impl Context {
             gate: None,
             http: crate::xero::new_http(),
             concurrency: DEFAULT_CONCURRENCY,
+            own_writes: Arc::new(OwnWrites::default()),
+            secret_owners: SecretOwners::default(),
             failures: Mutex::new(HashMap::new()),
             rotations: Mutex::new(HashMap::new()),
             rbac_synced: Mutex::new(HashMap::new()),

@@ -48,6 +48,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 
 use crate::crd::XeroConnection;
+use crate::xero::ClientCredentials;
 use conditions::State;
 use inputs::TokenSecretLookup;
 use metrics::ReasonLabels;
@@ -105,15 +106,15 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
     let ns = conn.namespace().unwrap_or_default();
     let uid = conn.uid().unwrap_or_default();
     let outcome = match prepare(&conn, &ctx).await? {
-        Err(state) => token::TokenOutcome {
+        Prepared::Refused(state) => token::TokenOutcome {
             state,
             requeue: ctx.recheck,
             due: None,
             record: None,
         },
-        Ok(token_secret) => {
-            status::announce_first_call(&conn, &ctx, token_secret.as_ref()).await?;
-            token::step(&conn, &ctx, token_secret).await?
+        Prepared::Ready { token_secret, app } => {
+            status::announce_first_call(&conn, &ctx, token_secret.as_deref()).await?;
+            token::step(&conn, &ctx, token_secret.map(|s| *s), app).await?
         }
     };
     if !matches!(
@@ -137,7 +138,8 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
             ctx.metrics
                 .set_time(&ctx.metrics.access_token_expiry, &ns, &name, at);
         }
-        if let Some(at) = rec.refreshed_at {
+        // A `refreshed-at` in the future (a hand edit) is no refresh: no metric from it.
+        if let Some(at) = rec.refreshed_at_as_of(std::time::SystemTime::now()) {
             ctx.metrics
                 .set_time(&ctx.metrics.last_refresh, &ns, &name, at);
         }
@@ -159,44 +161,56 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
     Ok(Action::requeue(requeue))
 }
 
+/// What steps 1–4 of the pipeline end on.
+enum Prepared {
+    /// Ready for the token step: the token Secret as just read or written (`None` if another
+    /// party created it meanwhile, so the token step reads it), and the app's credentials from
+    /// the client Secret (the controller calls Xero with these, never with the token Secret's
+    /// copy, which consumers may write).
+    Ready {
+        token_secret: Option<Box<Secret>>,
+        app: ClientCredentials,
+    },
+    /// A state a person must fix: nothing was read, written or granted for an object that is
+    /// not the operator's.
+    Refused(State),
+}
+
 /// Steps 1–4 of the pipeline: spec checks, the token and client Secrets, the token Secret's
-/// controller-owned fields, consumer RBAC. `Ok(Err(state))` is a state a person must fix (nothing
-/// was read, written or granted for an object that is not the operator's); `Ok(Ok(secret))`
-/// carries the token Secret as just read or written (`None` if another party created it
-/// meanwhile), so the token step need not read it again.
-async fn prepare(
-    conn: &XeroConnection,
-    ctx: &Context,
-) -> Result<Result<Option<Secret>, State>, Error> {
+/// controller-owned fields, consumer RBAC.
+async fn prepare(conn: &XeroConnection, ctx: &Context) -> Result<Prepared, Error> {
     if let Err(state) = checks::validate(conn, &ctx.policy) {
         if matches!(state, State::ConsumerNotAllowed(_)) {
             consumers::withdraw(conn, ctx).await?;
         }
-        return Ok(Err(state));
+        return Ok(Prepared::Refused(state));
     }
     let ns = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = match inputs::find_token_secret(conn, &secrets).await? {
         TokenSecretLookup::Refused(state) => {
             consumers::withdraw(conn, ctx).await?;
-            return Ok(Err(state));
+            return Ok(Prepared::Refused(state));
         }
         TokenSecretLookup::Ours(secret) => Some(*secret),
         TokenSecretLookup::Absent => None,
     };
     let app = match inputs::read_client_secret(conn, &secrets).await? {
         Ok(app) => app,
-        Err(state) => return Ok(Err(state)),
+        Err(state) => return Ok(Prepared::Refused(state)),
     };
     // 3. the token Secret's controller-owned fields
     let token_secret =
         match token_secret::bring_in_line(conn, ctx, &secrets, existing, &app).await? {
             Ok(secret) => secret,
-            Err(state) => return Ok(Err(state)),
+            Err(state) => return Ok(Prepared::Refused(state)),
         };
     // 4. the consumers' RBAC
     if let Err(state) = consumers::sync(conn, ctx).await? {
-        return Ok(Err(state));
+        return Ok(Prepared::Refused(state));
     }
-    Ok(Ok(token_secret))
+    Ok(Prepared::Ready {
+        token_secret: token_secret.map(Box::new),
+        app,
+    })
 }

@@ -16,6 +16,23 @@ use crate::xero::ClientCredentials;
 /// `app.kubernetes.io/managed-by` value on everything the controller creates.
 pub const MANAGED_BY: &str = "xero-operator";
 
+/// The protocol settings the connection's spec gives: what the settings annotations say, and
+/// what the controller itself uses whatever the annotations say meanwhile (a consumer may write
+/// them; every reconcile writes them back).
+pub fn protocol_settings(conn: &XeroConnection, token_url: &str) -> f::Settings {
+    let refresh = &conn.spec.refresh;
+    let seconds = |v: u32, range: std::ops::RangeInclusive<u64>| {
+        std::time::Duration::from_secs(u64::from(v).clamp(*range.start(), *range.end()))
+    };
+    f::Settings {
+        grant: conn.spec.grant,
+        token_url: Some(token_url.to_owned()),
+        scopes: conn.spec.scopes.clone(),
+        clock_skew: seconds(refresh.clock_skew_seconds, f::CLOCK_SKEW_RANGE),
+        lease_duration: seconds(refresh.lease_duration_seconds, f::LEASE_DURATION_RANGE),
+    }
+}
+
 /// The annotations the controller owns on the token Secret (protocol settings).
 pub fn settings_annotations(conn: &XeroConnection, token_url: &str) -> BTreeMap<String, String> {
     let spec = &conn.spec;
@@ -70,8 +87,8 @@ pub fn ahead_of_expiry(conn: &XeroConnection) -> std::time::Duration {
 }
 
 /// A merge patch bringing the token Secret's controller-owned fields to what the spec says:
-/// labels, settings annotations, the connection-uid mark, the app's credentials and (unless kept
-/// on delete) the owner. Returns `None` when nothing differs, so steady state costs no write
+/// labels, settings annotations, the connection-uid mark, the app's credentials, the owner
+/// references (the connection's alone; none when kept on delete) and no finalizers. Returns `None` when nothing differs, so steady state costs no write
 /// (every write would make concurrent claimers retry). The patch carries the Secret's uid, so it
 /// fails rather than land on a Secret that was deleted and re-created after it was checked.
 pub fn token_secret_patch(
@@ -129,24 +146,28 @@ pub fn token_secret_patch(
         patch["data"] = Value::Object(new_data);
         changed = true;
     }
+    // The owner references are the connection's alone (none when the Secret is kept on
+    // delete), and there are no finalizers: a consumer that adds an owner (a dangling one makes
+    // the garbage collector delete the Secret) or a finalizer (the Secret could never go) is
+    // undone here, and refused by the chart's admission policy before it lands.
     let owners = current
         .metadata
         .owner_references
         .clone()
         .unwrap_or_default();
-    match owner {
-        Some(o) if !owners.iter().any(|x| x.uid == o.uid) => {
-            let mut all = owners;
-            all.push(o);
-            patch["metadata"]["ownerReferences"] = json!(all);
-            changed = true;
-        }
-        None if owners.iter().any(|x| x.uid == uid) => {
-            let kept: Vec<_> = owners.into_iter().filter(|x| x.uid != uid).collect();
-            patch["metadata"]["ownerReferences"] = json!(kept);
-            changed = true;
-        }
-        _ => {}
+    let wanted: Vec<OwnerReference> = owner.into_iter().collect();
+    if owners != wanted {
+        patch["metadata"]["ownerReferences"] = json!(wanted);
+        changed = true;
+    }
+    if current
+        .metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| !f.is_empty())
+    {
+        patch["metadata"]["finalizers"] = json!([]);
+        changed = true;
     }
     // Pinned to the version that was judged: a Secret replaced or changed since (a consumer's
     // owner-reference edit, say) fails the write with a conflict instead of being overwritten.
@@ -308,13 +329,48 @@ mod tests {
         assert_eq!(p["metadata"]["ownerReferences"], json!([]));
         assert_eq!(p["metadata"]["uid"], "secret-uid");
         assert_eq!(p["metadata"]["resourceVersion"], "7");
-        // Another object's owner reference stays.
-        let mut foreign = owner();
-        foreign.uid = "other".into();
-        foreign.controller = Some(false);
-        s.metadata.owner_references = Some(vec![foreign.clone(), owner()]);
+    }
+
+    #[test]
+    fn owner_references_and_finalizers_a_consumer_added_are_removed() {
+        let c = conn(json!({"clientSecretRef": {"name": "app"}}));
+        let mut s = Secret::default();
+        s.metadata.labels = Some(token_secret_labels(&c));
+        let mut annotations = settings_annotations(&c, "http://x/token");
+        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
+        s.metadata.annotations = Some(annotations);
+        s.data = Some(BTreeMap::from([
+            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
+            (
+                f::CLIENT_SECRET.into(),
+                k8s_openapi::ByteString(b"s".to_vec()),
+            ),
+            (
+                f::CLOCK_SKEW_SECONDS.into(),
+                k8s_openapi::ByteString(b"5".to_vec()),
+            ),
+        ]));
+        // A dangling owner beside ours (the garbage collector would delete the Secret once ours
+        // goes), and ours replaced by it.
+        let mut dangling = owner();
+        dangling.uid = "gone".into();
+        dangling.controller = Some(false);
+        for owners in [vec![dangling.clone(), owner()], vec![dangling.clone()]] {
+            s.metadata.owner_references = Some(owners);
+            let p =
+                token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())).expect("patch");
+            assert_eq!(p["metadata"]["ownerReferences"], json!([owner()]));
+        }
+        // Kept on delete: no owner at all.
+        s.metadata.owner_references = Some(vec![dangling]);
         let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
-        assert_eq!(p["metadata"]["ownerReferences"], json!([foreign]));
+        assert_eq!(p["metadata"]["ownerReferences"], json!([]));
+        // A finalizer that would keep the Secret from ever going.
+        s.metadata.owner_references = None;
+        s.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
+        assert_eq!(p["metadata"]["finalizers"], json!([]));
+        assert!(p["metadata"].get("ownerReferences").is_none());
     }
 
     #[test]

@@ -124,7 +124,7 @@ async fn write_with(
         if let f::Expiry::At(at) = rec.expiry {
             status.access_token_expires_at = to_time(at);
         }
-        status.last_refresh_time = rec.refreshed_at.and_then(to_time);
+        status.last_refresh_time = rec.refreshed_at_as_of(now).and_then(to_time);
         status.last_refreshed_by = rec.refreshed_by.clone();
         status.refresh_count = rec.rotation;
     }

@@ -90,10 +90,10 @@ pub(super) async fn refresh(
     if let Some(status) = status.as_ref()
         && still_listed(Some(status), rec, SystemTime::now(), recheck)
     {
-        // A `tenant_id` someone changed in the Secret is put back from the status: an API
-        // write, no call to Xero.
+        // A `tenant_id` or `tenant_ids` someone changed in the Secret is put back from the
+        // status: an API write, no call to Xero.
         let ids: Vec<String> = status.tenants.iter().map(|t| t.tenant_id.clone()).collect();
-        if ids != rec.tenant_ids {
+        if !publishes(rec, &ids) {
             publish(conn, ctx, rec, &ids).await;
         }
         return None;
@@ -111,7 +111,7 @@ pub(super) async fn refresh(
         }
     };
     let ids: Vec<String> = list.iter().map(|t| t.tenant_id.clone()).collect();
-    if ids != rec.tenant_ids && !publish(conn, ctx, rec, &ids).await {
+    if !publishes(rec, &ids) && !publish(conn, ctx, rec, &ids).await {
         return None;
     }
     let tenants = list
@@ -130,6 +130,12 @@ pub(super) async fn refresh(
     })
 }
 
+/// Whether the token Secret `rec` says exactly `ids`: in `tenant_ids`, and the first in
+/// `tenant_id` (a reader of one tenant reads that key alone).
+fn publishes(rec: &TokenRecord, ids: &[String]) -> bool {
+    rec.tenant_ids == ids && rec.tenant_id.as_deref() == ids.first().map(String::as_str)
+}
+
 /// Publishes the tenant ids `ids` in the token Secret, pinned to the version the token came
 /// from (on a conflict the next reconcile, woken by that other write, tries again); false when
 /// that failed.
@@ -145,7 +151,7 @@ async fn publish(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, ids: &
             f::TENANT_IDS: b64(&ids.join(",")),
         },
     });
-    if let Err(e) = secrets
+    match secrets
         .patch(
             &conn.token_secret_name(),
             &PatchParams::default(),
@@ -153,10 +159,15 @@ async fn publish(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, ids: &
         )
         .await
     {
-        tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
-        return false;
+        Ok(written) => {
+            ctx.own_writes.note(&written);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
+            false
+        }
     }
-    true
 }
 
 #[cfg(test)]
@@ -189,6 +200,28 @@ mod tests {
             tenants_authentication_event: event.map(str::to_owned),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn either_tenant_key_edited_alone_is_put_back() {
+        let rec = |data: serde_json::Value| {
+            TokenRecord::from_secret(
+                &serde_json::from_value::<Secret>(json!({"metadata": {"name": "t"}, "data": data}))
+                    .expect("a Secret"),
+            )
+        };
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let ids = ["t1".to_owned(), "t2".to_owned()];
+        let good = rec(json!({f::TENANT_ID: b64("t1"), f::TENANT_IDS: b64("t1,t2")}));
+        assert!(publishes(&good, &ids));
+        // A forged `tenant_id` beside the right `tenant_ids` (file readers use tenant_id).
+        let forged_one = rec(json!({f::TENANT_ID: b64("evil"), f::TENANT_IDS: b64("t1,t2")}));
+        assert!(!publishes(&forged_one, &ids));
+        let forged_list = rec(json!({f::TENANT_ID: b64("t1"), f::TENANT_IDS: b64("t1,evil")}));
+        assert!(!publishes(&forged_list, &ids));
+        let missing_one = rec(json!({f::TENANT_IDS: b64("t1,t2")}));
+        assert!(!publishes(&missing_one, &ids));
+        assert!(publishes(&rec(json!({})), &[]));
     }
 
     #[test]

@@ -11,11 +11,12 @@ use kube::ResourceExt;
 use super::conditions::State;
 use super::context::Context;
 use super::metrics::RefreshLabels;
-use super::{Error, classify, resources};
+use super::{Error, checks, classify, resources};
 use crate::crd::XeroConnection;
 use crate::protocol::decide::{PRODUCER_CLAIM_LEAD, call_delay};
-use crate::protocol::format::TokenRecord;
+use crate::protocol::format::{TokenRecord, Trusted};
 use crate::protocol::{Refresher, Role as ProtocolRole};
+use crate::xero::ClientCredentials;
 
 /// How long the controller waits for a consumer that holds the refresh claim before it
 /// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
@@ -62,13 +63,22 @@ impl TokenOutcome {
 }
 
 /// The producer's part in the protocol, starting from the token Secret `prepare` saw.
+/// The controller decides and calls with what it trusts, `app` and the spec's settings, never
+/// with what the token Secret says of them (every consumer may write it).
 pub(super) async fn step(
     conn: &XeroConnection,
     ctx: &Context,
     token_secret: Option<Secret>,
+    app: ClientCredentials,
 ) -> Result<TokenOutcome, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let ahead = resources::ahead_of_expiry(conn);
+    let token_url = checks::endpoints(conn, &ctx.policy.default_endpoints).token_url;
+    let trusted = Trusted {
+        settings: Some(resources::protocol_settings(conn, &token_url)),
+        client: Some(app),
+    };
+    let own_writes = ctx.own_writes.clone();
     let refresher = Refresher::new(
         ctx.client.clone(),
         &ns,
@@ -78,6 +88,8 @@ pub(super) async fn step(
     )
     .with_default_endpoints(ctx.policy.default_endpoints.clone())
     .with_allowlist(ctx.policy.allowlist.clone())
+    .with_trusted(trusted.clone())
+    .with_on_write(move |written| own_writes.note(written))
     .with_max_wait(PRODUCER_MAX_WAIT)
     .with_http(ctx.http.clone());
     let refresher = match &ctx.gate {
@@ -87,7 +99,7 @@ pub(super) async fn step(
     // A refresh claimed ahead is timed from the due time, when its call goes out.
     let until_due = token_secret.as_ref().map_or(Duration::ZERO, |s| {
         call_delay(
-            &TokenRecord::from_secret(s),
+            &TokenRecord::from_secret(s).trusting(&trusted),
             SystemTime::now(),
             ProtocolRole::Producer { ahead },
         )

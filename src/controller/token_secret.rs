@@ -32,12 +32,14 @@ pub(super) async fn bring_in_line(
     let token_secret = match existing {
         Some(current) => {
             match resources::token_secret_patch(&current, conn, &token_url, app, owner) {
-                Some(patch) => Some(
-                    secrets
+                Some(patch) => {
+                    let written = secrets
                         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
-                        .map_err(kube_err("updating the token Secret"))?,
-                ),
+                        .map_err(kube_err("updating the token Secret"))?;
+                    ctx.own_writes.note(&written);
+                    Some(written)
+                }
                 None => Some(current),
             }
         }
@@ -68,6 +70,7 @@ pub(super) async fn bring_in_line(
                 serde_json::from_value(body).expect("a merged Secret deserializes");
             match secrets.create(&PostParams::default(), &secret).await {
                 Ok(created) => {
+                    ctx.own_writes.note(&created);
                     tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret");
                     Some(created)
                 }

@@ -1,122 +1,181 @@
-//! Which changes of a token Secret wake the controller. Every change does, except
-//! - one that only moves the refresh claim (`refresh-holder`, `refresh-lease-expires`): the
-//!   controller's own claim and release, or another party's claim, whose end the controller
-//!   already has a requeue for;
-//! - the controller's own store of a new token (`refreshed-by` is this controller): the
-//!   reconcile that made it has already acted on it.
+//! Which changes of a token Secret wake the controller, and which connection they wake.
 //!
-//! So the controller is not re-triggered by its own writes, while another party's store, a
-//! marker (`retry-not-before`, `stopped-for`, …), a data-only edit (a person storing a refresh
-//! token by hand), a label or owner change, or a deletion still wakes it at once.
+//! Every consumer may write its token Secret, so nothing a consumer can write decides either:
+//! - **which connection**: a Secret is mapped to the connection that names it, by its namespace
+//!   and name ([`SecretOwners`]), never by its `xero-operator.io/connection` label (a consumer
+//!   who relabels its Secret must not send its events elsewhere);
+//! - **whether to wake**: every change wakes, except a version the controller wrote itself
+//!   ([`OwnWrites`]: the controller notes the `resourceVersion` each of its own writes produced;
+//!   versions are compared for equality only, as the API allows). A claim, a store, a marker, a
+//!   label or owner change, a data edit, a deletion: whoever made it, the controller looks.
 //!
-//! The watch sees metadata only, so each Secret is remembered as three hashes (24 bytes): of its
-//! metadata without the claim and the store's annotations, of the claim, and of the store's.
+//! A version the controller wrote whose event comes before the write's answer wakes it once
+//! more: a reconcile too many, never one too few.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
-use crate::protocol::format as f;
+use super::context::lock;
+use crate::crd::{TOKEN_SECRET_SUFFIX, XeroConnection};
 
-/// The annotations of the refresh claim.
-const CLAIM: [&str; 2] = [f::ANN_HOLDER, f::ANN_LEASE_EXPIRES];
-/// The annotations a store of a new token writes.
-const STORE: [&str; 3] = [f::ANN_REFRESHED_BY, f::ANN_REFRESHED_AT, f::ANN_ROTATION];
+/// A Secret by namespace and name.
+type SecretKey = (String, String);
 
-/// What is remembered of a token Secret between two events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seen {
-    /// Labels, annotations other than the claim's and the store's, owners, finalizers,
-    /// deletion, uid.
-    rest: u64,
-    /// The claim annotations.
-    claim: u64,
-    /// The store's annotations.
-    store: u64,
+/// How long a version the controller wrote is remembered waiting for its watch event: the
+/// event comes within milliseconds; one that never comes (a watch restarted in between) is
+/// forgotten after this.
+const OWN_WRITE_MEMORY: Duration = Duration::from_secs(60);
+/// Versions remembered per Secret at most (the controller makes a few writes per reconcile).
+const OWN_WRITES_PER_SECRET: usize = 8;
+
+/// The versions of token Secrets that the controller's own writes produced, until their watch
+/// events arrive.
+#[derive(Default)]
+pub struct OwnWrites {
+    versions: Mutex<HashMap<SecretKey, Vec<(String, Instant)>>>,
 }
 
-fn seen(meta: &kube::api::ObjectMeta) -> Seen {
-    let mut rest = std::collections::hash_map::DefaultHasher::new();
-    let mut claim = std::collections::hash_map::DefaultHasher::new();
-    let mut store = std::collections::hash_map::DefaultHasher::new();
-    meta.uid.hash(&mut rest);
-    meta.labels.hash(&mut rest);
-    meta.finalizers.hash(&mut rest);
-    meta.deletion_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second())
-        .hash(&mut rest);
-    for o in meta.owner_references.iter().flatten() {
-        (&o.uid, o.controller).hash(&mut rest);
+impl OwnWrites {
+    /// Notes `secret`, as a write of the controller's returned it.
+    pub fn note(&self, secret: &Secret) {
+        let (Some(ns), Some(name), Some(rv)) = (
+            &secret.metadata.namespace,
+            &secret.metadata.name,
+            &secret.metadata.resource_version,
+        ) else {
+            return;
+        };
+        let mut versions = lock(&self.versions);
+        let seen = versions.entry((ns.clone(), name.clone())).or_default();
+        seen.retain(|(_, at)| at.elapsed() < OWN_WRITE_MEMORY);
+        if seen.len() >= OWN_WRITES_PER_SECRET {
+            seen.remove(0);
+        }
+        seen.push((rv.clone(), Instant::now()));
     }
-    for (k, v) in meta.annotations.iter().flatten() {
-        if CLAIM.contains(&k.as_str()) {
-            (k, v).hash(&mut claim);
-        } else if STORE.contains(&k.as_str()) {
-            (k, v).hash(&mut store);
-        } else {
-            (k, v).hash(&mut rest);
+
+    /// Whether the controller wrote version `rv` of the Secret `key` (forgetting it: each
+    /// version has one event).
+    fn take(&self, key: &SecretKey, rv: &str) -> bool {
+        let mut versions = lock(&self.versions);
+        let Some(seen) = versions.get_mut(key) else {
+            return false;
+        };
+        let mine = seen.iter().position(|(v, _)| v == rv);
+        if let Some(i) = mine {
+            seen.remove(i);
+        }
+        seen.retain(|(_, at)| at.elapsed() < OWN_WRITE_MEMORY);
+        if seen.is_empty() {
+            versions.remove(key);
+        }
+        mine.is_some()
+    }
+
+    fn forget(&self, key: &SecretKey) {
+        lock(&self.versions).remove(key);
+    }
+
+    /// Secrets with versions still waiting for their event (for tests).
+    pub fn pending(&self) -> usize {
+        lock(&self.versions).len()
+    }
+}
+
+/// Which connections name which token Secret. A Secret named `<connection>-xero-token` maps to
+/// that connection by its name alone; connections naming another `tokenSecretName` are kept
+/// in an index (few: Secrets opted in by hand).
+#[derive(Default)]
+pub struct SecretOwners {
+    chosen: Mutex<HashMap<SecretKey, BTreeSet<String>>>,
+}
+
+impl SecretOwners {
+    /// Notes what a connection event says: a connection seen (its chosen token Secret name, if
+    /// any) or deleted.
+    pub fn note(&self, event: &watcher::Event<XeroConnection>) {
+        match event {
+            watcher::Event::Apply(c) | watcher::Event::InitApply(c) => self.set(c, true),
+            watcher::Event::Delete(c) => self.set(c, false),
+            watcher::Event::Init | watcher::Event::InitDone => {}
         }
     }
-    Seen {
-        rest: rest.finish(),
-        claim: claim.finish(),
-        store: store.finish(),
+
+    fn set(&self, conn: &XeroConnection, present: bool) {
+        let secret = conn.token_secret_name();
+        if secret == conn.default_token_secret_name() {
+            return;
+        }
+        let (Some(ns), Some(name)) = (&conn.metadata.namespace, &conn.metadata.name) else {
+            return;
+        };
+        let key = (ns.clone(), secret);
+        let mut chosen = lock(&self.chosen);
+        if present {
+            chosen.entry(key).or_default().insert(name.clone());
+        } else if let Some(names) = chosen.get_mut(&key) {
+            names.remove(name);
+            if names.is_empty() {
+                chosen.remove(&key);
+            }
+        }
+    }
+
+    /// The connections that may name the Secret `ns/secret` as their token Secret.
+    pub fn of(&self, ns: &str, secret: &str) -> Vec<ObjectRef<XeroConnection>> {
+        let mut names: Vec<String> = lock(&self.chosen)
+            .get(&(ns.to_owned(), secret.to_owned()))
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default();
+        if let Some(conn) = secret.strip_suffix(TOKEN_SECRET_SUFFIX)
+            && !conn.is_empty()
+            && !names.iter().any(|n| n == conn)
+        {
+            names.push(conn.to_owned());
+        }
+        names
+            .into_iter()
+            .map(|n| ObjectRef::new(&n).within(ns))
+            .collect()
     }
 }
 
-/// Whether a change from `before` to `now` should wake the controller; `stored_by_me`: the
-/// Secret now says this controller made the last refresh.
-fn wakes(before: Option<Seen>, now: Seen, stored_by_me: bool) -> bool {
-    let Some(b) = before else { return true };
-    if b.rest != now.rest {
-        return true;
-    }
-    if b.store != now.store {
-        // A new token: another party's wakes the controller, its own does not.
-        return !stored_by_me;
-    }
-    // Only the claim moved: nothing to do before the requeue the controller already has.
-    // Nothing moved in the metadata at all: the data changed (a person's edit): look.
-    b.claim == now.claim
-}
-
-/// Keeps the events of a token-Secret watch that should wake the controller, as the objects
-/// they touched (deletions included).
+/// Keeps the events of a token-Secret watch that should wake the controller: all but the
+/// versions it wrote itself.
 pub struct WakeFilter {
-    /// The controller's identity in the protocol (`refreshed-by` of its own stores).
-    identity: String,
-    seen: HashMap<(Option<String>, Option<String>), Seen>,
+    own: Arc<OwnWrites>,
 }
 
 impl WakeFilter {
-    pub fn new(identity: &str) -> Self {
-        Self {
-            identity: identity.to_owned(),
-            seen: HashMap::new(),
-        }
+    pub fn new(own: Arc<OwnWrites>) -> Self {
+        Self { own }
     }
 
     /// The object to pass on for `event`, if it should wake the controller.
     pub fn pass(
-        &mut self,
+        &self,
         event: watcher::Event<PartialObjectMeta<Secret>>,
     ) -> Option<PartialObjectMeta<Secret>> {
+        let key = |s: &PartialObjectMeta<Secret>| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        };
         match event {
-            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
-                let key = (s.metadata.namespace.clone(), s.metadata.name.clone());
-                let now = seen(&s.metadata);
-                let before = self.seen.insert(key, now);
-                let stored_by_me = s.annotations().get(f::ANN_REFRESHED_BY) == Some(&self.identity);
-                wakes(before, now, stored_by_me).then_some(s)
+            watcher::Event::Apply(s) => {
+                let rv = s.metadata.resource_version.as_deref().unwrap_or_default();
+                (!self.own.take(&key(&s), rv)).then_some(s)
             }
-            watcher::Event::Delete(s) => {
-                self.seen
-                    .remove(&(s.metadata.namespace.clone(), s.metadata.name.clone()));
+            // A restarted watch: whatever was missed meanwhile, look at every Secret once.
+            watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                self.own.forget(&key(&s));
                 Some(s)
             }
             watcher::Event::Init | watcher::Event::InitDone => None,
@@ -127,10 +186,11 @@ impl WakeFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::format as f;
 
-    fn secret(annotations: &[(&str, &str)], rv: &str) -> PartialObjectMeta<Secret> {
+    fn meta(name: &str, rv: &str, annotations: &[(&str, &str)]) -> PartialObjectMeta<Secret> {
         let mut s = PartialObjectMeta::<Secret>::default();
-        s.metadata.name = Some("t".into());
+        s.metadata.name = Some(name.into());
         s.metadata.namespace = Some("n".into());
         s.metadata.resource_version = Some(rv.into());
         s.metadata.annotations = Some(
@@ -142,87 +202,131 @@ mod tests {
         s
     }
 
-    fn apply(f: &mut WakeFilter, s: PartialObjectMeta<Secret>) -> bool {
+    fn written(name: &str, rv: &str) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("n".into());
+        s.metadata.resource_version = Some(rv.into());
+        s
+    }
+
+    fn wakes(f: &WakeFilter, s: PartialObjectMeta<Secret>) -> bool {
         f.pass(watcher::Event::Apply(s)).is_some()
     }
 
-    const ME: &str = "controller/me";
-
     #[test]
-    fn a_claim_or_its_release_alone_does_not_wake() {
-        let mut f = WakeFilter::new(ME);
-        assert!(
-            apply(&mut f, secret(&[(f::ANN_ROTATION, "1")], "1")),
-            "first sight"
-        );
-        let claimed = [
-            (f::ANN_ROTATION, "1"),
-            (f::ANN_HOLDER, "controller/x"),
-            (f::ANN_LEASE_EXPIRES, "2030-01-01T00:00:00.000Z"),
-        ];
-        assert!(!apply(&mut f, secret(&claimed, "2")), "the claim");
-        assert!(
-            !apply(&mut f, secret(&[(f::ANN_ROTATION, "1")], "3")),
-            "its release"
-        );
-    }
-
-    #[test]
-    fn its_own_store_does_not_wake_the_controller_another_partys_does() {
-        let mut f = WakeFilter::new(ME);
-        apply(&mut f, secret(&[(f::ANN_ROTATION, "1")], "1"));
-        apply(
-            &mut f,
-            secret(&[(f::ANN_ROTATION, "1"), (f::ANN_HOLDER, ME)], "2"),
-        );
-        let mine = [(f::ANN_ROTATION, "2"), (f::ANN_REFRESHED_BY, ME)];
-        assert!(!apply(&mut f, secret(&mine, "3")), "its own store");
-        let theirs = [(f::ANN_ROTATION, "3"), (f::ANN_REFRESHED_BY, "consumer/1")];
-        assert!(apply(&mut f, secret(&theirs, "4")), "a consumer's store");
-    }
-
-    #[test]
-    fn a_store_a_marker_a_data_edit_and_a_deletion_wake() {
-        let mut f = WakeFilter::new(ME);
-        apply(&mut f, secret(&[(f::ANN_ROTATION, "1")], "1"));
-        // Another party's store: the claim goes and the rotation moves in one write.
-        apply(
-            &mut f,
-            secret(&[(f::ANN_ROTATION, "1"), (f::ANN_HOLDER, "c")], "2"),
-        );
-        assert!(
-            apply(&mut f, secret(&[(f::ANN_ROTATION, "2")], "3")),
-            "store"
-        );
-        // A release with a backoff marker.
-        assert!(apply(
-            &mut f,
-            secret(
-                &[(f::ANN_ROTATION, "2"), (f::ANN_RETRY_NOT_BEFORE, "x")],
-                "4"
-            )
+    fn the_controllers_own_writes_do_not_wake_it_everything_else_does() {
+        let own = Arc::new(OwnWrites::default());
+        let f = WakeFilter::new(own.clone());
+        // Its claim, and its store (which releases the claim), as the API server answered them.
+        own.note(&written("t", "11"));
+        own.note(&written("t", "12"));
+        assert!(!wakes(
+            &f,
+            meta("t", "11", &[(f::ANN_HOLDER, "controller/me")])
         ));
-        // Only the data changed (the metadata is the same but for its version).
-        assert!(apply(
-            &mut f,
-            secret(
-                &[(f::ANN_ROTATION, "2"), (f::ANN_RETRY_NOT_BEFORE, "x")],
-                "5"
-            )
+        assert!(!wakes(
+            &f,
+            meta("t", "12", &[(f::ANN_REFRESHED_BY, "controller/me")])
         ));
-        let gone = secret(&[], "6");
-        assert!(f.pass(watcher::Event::Delete(gone)).is_some(), "deletion");
-        assert!(f.seen.is_empty(), "forgotten when deleted");
+        assert_eq!(own.pending(), 0, "each version is forgotten once seen");
+        // A consumer's claim, one that also edits the data, one that names the controller as
+        // holder or refresher: whatever the metadata says, a version the controller did not
+        // write wakes it.
+        assert!(wakes(&f, meta("t", "13", &[(f::ANN_HOLDER, "consumer/1")])));
+        assert!(wakes(
+            &f,
+            meta("t", "14", &[(f::ANN_HOLDER, "controller/me")])
+        ));
+        assert!(wakes(
+            &f,
+            meta("t", "15", &[(f::ANN_REFRESHED_BY, "controller/me")])
+        ));
+        // The same version of another Secret is another write.
+        own.note(&written("u", "16"));
+        assert!(wakes(&f, meta("t", "16", &[])));
     }
 
     #[test]
-    fn a_restarted_watch_wakes_for_every_secret() {
-        let mut f = WakeFilter::new(ME);
+    fn a_deletion_and_a_restarted_watch_wake_and_forget() {
+        let own = Arc::new(OwnWrites::default());
+        let f = WakeFilter::new(own.clone());
+        own.note(&written("t", "7"));
         assert!(f.pass(watcher::Event::Init).is_none());
         assert!(
-            f.pass(watcher::Event::InitApply(secret(&[], "1")))
+            f.pass(watcher::Event::InitApply(meta("t", "7", &[])))
                 .is_some()
         );
         assert!(f.pass(watcher::Event::InitDone).is_none());
+        assert_eq!(own.pending(), 0);
+        own.note(&written("t", "8"));
+        assert!(
+            f.pass(watcher::Event::Delete(meta("t", "8", &[])))
+                .is_some()
+        );
+        assert_eq!(own.pending(), 0);
+    }
+
+    #[test]
+    fn a_write_whose_event_never_comes_is_not_kept_for_ever() {
+        let own = OwnWrites::default();
+        for rv in 0..100 {
+            own.note(&written("t", &rv.to_string()));
+        }
+        let kept = lock(&own.versions)
+            .get(&("n".to_owned(), "t".to_owned()))
+            .map(Vec::len);
+        assert_eq!(kept, Some(OWN_WRITES_PER_SECRET));
+    }
+
+    fn conn(name: &str, token_secret: Option<&str>) -> XeroConnection {
+        let mut spec = serde_json::json!({"clientSecretRef": {"name": "app"}});
+        if let Some(t) = token_secret {
+            spec["tokenSecretName"] = t.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+            "metadata": {"name": name, "namespace": "n"}, "spec": spec,
+        }))
+        .expect("connection")
+    }
+
+    fn names(refs: Vec<ObjectRef<XeroConnection>>) -> Vec<String> {
+        refs.into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn a_secret_maps_to_the_connections_naming_it_not_to_its_label() {
+        let owners = SecretOwners::default();
+        // By the derived name alone: nothing to remember.
+        owners.note(&watcher::Event::Apply(conn("acme", None)));
+        assert_eq!(names(owners.of("n", "acme-xero-token")), ["acme"]);
+        assert_eq!(lock(&owners.chosen).len(), 0);
+        // A chosen name.
+        owners.note(&watcher::Event::Apply(conn(
+            "payroll",
+            Some("shared-tokens"),
+        )));
+        assert_eq!(names(owners.of("n", "shared-tokens")), ["payroll"]);
+        assert_eq!(
+            names(owners.of("other-ns", "shared-tokens")),
+            Vec::<String>::new()
+        );
+        owners.note(&watcher::Event::Delete(conn(
+            "payroll",
+            Some("shared-tokens"),
+        )));
+        assert_eq!(names(owners.of("n", "shared-tokens")), Vec::<String>::new());
+        assert_eq!(
+            lock(&owners.chosen).len(),
+            0,
+            "forgotten with the connection"
+        );
+        // A Secret whose name ends in the suffix and is also chosen by name: both.
+        owners.note(&watcher::Event::Apply(conn("b", Some("a-xero-token"))));
+        let mut both = names(owners.of("n", "a-xero-token"));
+        both.sort();
+        assert_eq!(both, ["a", "b"]);
+        assert_eq!(names(owners.of("n", "-xero-token")), Vec::<String>::new());
     }
 }

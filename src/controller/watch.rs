@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::{
     Controller, Predicate, PredicateConfig, WatchStreamExt, controller, predicates, watcher,
 };
@@ -97,6 +97,7 @@ async fn run_scope(
         .default_backoff()
         // A deleted connection is never reconciled again: what was held for it goes now.
         .inspect_ok(move |event| {
+            forget_ctx.secret_owners.note(event);
             if let watcher::Event::Delete(conn) = event {
                 forget_ctx.forget(conn);
             }
@@ -112,10 +113,11 @@ async fn run_scope(
             PredicateConfig::default(),
         );
     // Token Secrets only, by label, and only their metadata: the data (tokens) of every Secret
-    // is neither sent to nor held by the controller until a reconcile reads one. A change that
-    // only moves the refresh claim (the controller's own claim and release among them) does
-    // not wake it ([`wake`]).
-    let mut wake_filter = wake::WakeFilter::new(&ctx.identity);
+    // is neither sent to nor held by the controller until a reconcile reads one. Every change
+    // but the controller's own writes wakes the connection naming the Secret ([`wake`]); a
+    // Secret that loses its label leaves the watch with a deletion, which wakes it too.
+    let wake_filter = wake::WakeFilter::new(ctx.own_writes.clone());
+    let owners_ctx = ctx.clone();
     let token_secrets = watcher(
         secrets,
         watcher::Config::default().labels(f::LABEL_CONNECTION),
@@ -129,11 +131,11 @@ async fn run_scope(
     });
     Controller::for_stream(connections, store)
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
-        .watches_stream(token_secrets, |s: PartialObjectMeta<Secret>| {
-            let ns = s.namespace();
-            s.labels().get(f::LABEL_CONNECTION).map(|name| {
-                ObjectRef::<XeroConnection>::new(name).within(ns.as_deref().unwrap_or_default())
-            })
+        // By the Secret's namespace and name, never by its label, which consumers may write.
+        .watches_stream(token_secrets, move |s: PartialObjectMeta<Secret>| {
+            owners_ctx
+                .secret_owners
+                .of(&s.namespace().unwrap_or_default(), &s.name_any())
         })
         .graceful_shutdown_on(shutdown)
         .run(super::reconcile, error_policy, ctx)

@@ -121,12 +121,15 @@ pub fn render(
             None
         }
     };
-    let last_refresh = rec.as_ref().and_then(|r| r.refreshed_at).or_else(|| {
-        status
-            .last_refresh_time
-            .as_ref()
-            .map(|t| SystemTime::from(t.0))
-    });
+    let last_refresh = rec
+        .as_ref()
+        .and_then(|r| r.refreshed_at_as_of(now))
+        .or_else(|| {
+            status
+                .last_refresh_time
+                .as_ref()
+                .map(|t| SystemTime::from(t.0))
+        });
     let grant_uses_refresh_token = conn.spec.grant == crate::crd::Grant::RefreshToken;
     if grant_uses_refresh_token {
         match last_refresh {
@@ -173,7 +176,7 @@ pub fn render(
             }
         };
         let _ = writeln!(out, "Claim:          {claim}");
-        if let Some(at) = r.retry_not_before.filter(|at| *at > now) {
+        if let Some(at) = r.retry_not_before_as_of(now).filter(|at| *at > now) {
             let _ = writeln!(
                 out,
                 "Waiting:        nobody calls Xero before {} ({} failed attempts in a row)",

@@ -191,7 +191,8 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
         }
         _ => {}
     }
-    if let Some(not_before) = rec.retry_not_before
+    // A marker further ahead than any party writes one is garbage: it must not freeze everyone.
+    if let Some(not_before) = rec.retry_not_before_as_of(now)
         && now < not_before
     {
         return Step::Wait {
@@ -232,6 +233,7 @@ mod tests {
             token_type: "Bearer".into(),
             scope: String::new(),
             tenant_ids: vec![],
+            tenant_id: None,
             client: Some(ClientCredentials {
                 client_id: "app".into(),
                 client_secret: Sensitive::new("s"),

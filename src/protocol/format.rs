@@ -68,6 +68,22 @@ pub const CLOCK_SKEW_RANGE: std::ops::RangeInclusive<u64> = 0..=300;
 /// The range of `lease-duration-seconds` (the CRD's `leaseDurationSeconds`).
 pub const LEASE_DURATION_RANGE: std::ops::RangeInclusive<u64> = 5..=600;
 
+/// How far after a reader's clock a `refreshed-at` may lie and still count: parties' clocks
+/// differ, by less than the largest clock skew a connection may set.
+pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(*CLOCK_SKEW_RANGE.end());
+/// The furthest ahead any party writes `retry-not-before`: a 429's `Retry-After` is clamped to
+/// 24 hours (the backoff after failures is at most 5 minutes).
+pub const MAX_RETRY_NOT_BEFORE: Duration = Duration::from_secs(24 * 3600);
+
+/// What a party knows from a better source than the token Secret, and uses instead of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trusted {
+    /// The protocol settings (the controller: from the connection's spec).
+    pub settings: Option<Settings>,
+    /// The app's credentials (the controller: from the connection's client Secret).
+    pub client: Option<ClientCredentials>,
+}
+
 /// When the access token expires, as far as the Secret says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expiry {
@@ -123,7 +139,11 @@ pub struct TokenRecord {
     pub expiry: Expiry,
     pub token_type: String,
     pub scope: String,
+    /// The tenant ids: `tenant_ids`, or `tenant_id` when that is the only key.
     pub tenant_ids: Vec<String>,
+    /// The `tenant_id` key as stored (readers of one tenant use it alone, so it is checked on
+    /// its own).
+    pub tenant_id: Option<String>,
     pub client: Option<ClientCredentials>,
     pub settings: Settings,
     pub lease: Lease,
@@ -256,10 +276,11 @@ impl TokenRecord {
                     .collect()
             })
             .unwrap_or_default();
+        let tenant_id = text(data, TENANT_ID);
         if tenant_ids.is_empty()
-            && let Some(t) = text(data, TENANT_ID)
+            && let Some(t) = &tenant_id
         {
-            tenant_ids.push(t);
+            tenant_ids.push(t.clone());
         }
         Self {
             resource_version,
@@ -270,6 +291,7 @@ impl TokenRecord {
             token_type: text(data, TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
             scope: text(data, SCOPE).unwrap_or_default(),
             tenant_ids,
+            tenant_id,
             client,
             settings,
             lease,
@@ -306,6 +328,38 @@ impl TokenRecord {
             ))
             .fingerprint(),
         )
+    }
+
+    /// `refreshed-at`, unless it lies more than [`FUTURE_TOLERANCE`] after `now`: a time no
+    /// refresh can have written yet (a hand edit, a clock far ahead) is not shown, and does not
+    /// start the refresh token's idle countdown or the last-refresh metric.
+    pub fn refreshed_at_as_of(&self, now: SystemTime) -> Option<SystemTime> {
+        self.refreshed_at.filter(|at| {
+            now.checked_add(FUTURE_TOLERANCE)
+                .is_none_or(|limit| *at <= limit)
+        })
+    }
+
+    /// `retry-not-before`, unless it lies further ahead of `now` than any party writes one
+    /// ([`MAX_RETRY_NOT_BEFORE`] plus the clock skew): such a marker (a hand edit of `2099-…`)
+    /// counts as absent instead of freezing every party's refreshes.
+    pub fn retry_not_before_as_of(&self, now: SystemTime) -> Option<SystemTime> {
+        let limit = now.checked_add(MAX_RETRY_NOT_BEFORE + self.settings.clock_skew);
+        self.retry_not_before
+            .filter(|at| limit.is_none_or(|limit| *at <= limit))
+    }
+
+    /// This record with what `trusted` knows better put in place of what the Secret says: the
+    /// controller reads its settings and the app's credentials from the connection and its
+    /// client Secret, never from the token Secret, which every consumer may write.
+    pub fn trusting(mut self, trusted: &Trusted) -> Self {
+        if let Some(settings) = &trusted.settings {
+            self.settings = settings.clone();
+        }
+        if let Some(client) = &trusted.client {
+            self.client = Some(client.clone());
+        }
+        self
     }
 
     /// Reads the kubelet's projection of a token Secret mounted as a directory: one file per key
@@ -490,6 +544,71 @@ mod tests {
             cc.credentials_fingerprint().as_deref(),
             Some("32b28f6337ecd872")
         );
+    }
+
+    #[test]
+    fn a_future_refreshed_at_and_a_far_retry_not_before_count_as_absent() {
+        let now = parse_time("2030-01-01T00:00:00Z").expect("time");
+        let rec = |refreshed: &str, not_before: &str| {
+            TokenRecord::from_secret(&secret(
+                &[],
+                &[
+                    (ANN_REFRESHED_AT, refreshed),
+                    (ANN_RETRY_NOT_BEFORE, not_before),
+                    (ANN_CLOCK_SKEW, "5"),
+                ],
+            ))
+        };
+        // Within a clock's difference: as written.
+        let near = rec("2030-01-01T00:04:59Z", "2030-01-02T00:00:05Z");
+        assert!(near.refreshed_at_as_of(now).is_some());
+        assert!(near.retry_not_before_as_of(now).is_some());
+        // Further than any party writes: a hand edit, ignored.
+        let far = rec("2030-01-01T00:05:01Z", "2030-01-02T00:00:06Z");
+        assert_eq!(far.refreshed_at_as_of(now), None);
+        assert_eq!(far.retry_not_before_as_of(now), None);
+        let absurd = rec("2099-01-01T00:00:00Z", "2099-01-01T00:00:00Z");
+        assert_eq!(absurd.refreshed_at_as_of(now), None);
+        assert_eq!(absurd.retry_not_before_as_of(now), None);
+        // The past is always plausible.
+        let past = rec("2029-01-01T00:00:00Z", "2029-01-01T00:00:00Z");
+        assert!(past.refreshed_at_as_of(now).is_some());
+        assert!(past.retry_not_before_as_of(now).is_some());
+    }
+
+    #[test]
+    fn trusted_settings_and_credentials_replace_what_the_secret_says() {
+        let forged = TokenRecord::from_secret(&secret(
+            &[
+                (CLIENT_ID, "rogue-app"),
+                (CLIENT_SECRET, "rogue"),
+                (REFRESH_TOKEN, "rt"),
+            ],
+            &[
+                (ANN_TOKEN_URL, "http://attacker.example/token"),
+                (ANN_CLOCK_SKEW, "300"),
+                (ANN_GRANT, "ClientCredentials"),
+            ],
+        ));
+        let app = ClientCredentials {
+            client_id: "real-app".into(),
+            client_secret: Sensitive::new("real"),
+        };
+        let settings = Settings {
+            token_url: Some("https://identity.xero.com/connect/token".into()),
+            ..Settings::default()
+        };
+        let trusted = Trusted {
+            settings: Some(settings.clone()),
+            client: Some(app.clone()),
+        };
+        let rec = forged.clone().trusting(&trusted);
+        assert_eq!(rec.client, Some(app));
+        assert_eq!(rec.settings, settings);
+        // The protocol's own fields stay as the Secret says.
+        assert_eq!(rec.refresh_token, forged.refresh_token);
+        // Nothing trusted: nothing replaced.
+        assert_eq!(forged.clone().trusting(&Trusted::default()), forged);
     }
 
     #[test]

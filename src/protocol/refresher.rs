@@ -146,9 +146,16 @@ pub struct Inner {
     xero_timeout: Duration,
     /// The per-app token bucket every call waits on, if any.
     gate: Option<super::gate::AppGate>,
-    /// Hosts this party may send credentials to (the controller's `--allowed-endpoint-hosts`);
-    /// `None`: any (a consumer, which can read the Secret's credentials anyway).
-    allowlist: Option<crate::allowlist::EndpointAllowlist>,
+    /// Hosts this party may send credentials to (the controller's `--allowed-endpoint-hosts`;
+    /// by default Xero's own): every consumer may write the Secret's `token-url`, so no party
+    /// sends the refresh token and the client credentials wherever it says.
+    allowlist: crate::allowlist::EndpointAllowlist,
+    /// What this party knows better than the Secret (the controller: its settings and the
+    /// app's credentials, from the connection and its client Secret).
+    trusted: super::format::Trusted,
+    /// Told each version of the Secret this party's writes produced (the controller: so that
+    /// their events do not wake it).
+    on_write: Option<WriteHook>,
     cache: Mutex<Option<AccessToken>>,
     /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
     http: std::sync::OnceLock<reqwest::Client>,
@@ -180,6 +187,9 @@ pub struct Inner {
     /// When the API server last refused the follower's watch ([`FOLLOW_REFUSED_PAUSE`]).
     follow_refused: Mutex<Option<std::time::Instant>>,
 }
+
+/// Told each version of the Secret a write produced.
+type WriteHook = Arc<dyn Fn(&Secret) + Send + Sync>;
 
 /// A Secret's `resourceVersion` as a number (what the API server gives: etcd's revision), to
 /// tell which of two versions is later.
@@ -213,7 +223,9 @@ impl Refresher {
             max_wait: Duration::from_secs(60),
             xero_timeout: crate::xero::REQUEST_TIMEOUT,
             gate: None,
-            allowlist: None,
+            allowlist: crate::allowlist::EndpointAllowlist::default(),
+            trusted: super::format::Trusted::default(),
+            on_write: None,
             cache: Mutex::new(None),
             http: std::sync::OnceLock::new(),
             snapshot: Mutex::new(None),
@@ -285,11 +297,24 @@ impl Refresher {
         self
     }
 
-    /// Calls Xero only at hosts `allowlist` holds: a token URL from the Secret's annotation (a
-    /// consumer can edit it) that names another host ends the `get` with
+    /// Calls Xero only at hosts `allowlist` holds (by default Xero's own): a token URL from the
+    /// Secret's annotation (a consumer can edit it) that names another host ends the `get` with
     /// [`Error::EndpointNotAllowed`] before any claim or request.
     pub fn with_allowlist(mut self, allowlist: crate::allowlist::EndpointAllowlist) -> Self {
-        self.inner_mut().allowlist = Some(allowlist);
+        self.inner_mut().allowlist = allowlist;
+        self
+    }
+
+    /// Tells `hook` each version of the Secret this party's writes produce.
+    pub fn with_on_write(mut self, hook: impl Fn(&Secret) + Send + Sync + 'static) -> Self {
+        self.inner_mut().on_write = Some(Arc::new(hook));
+        self
+    }
+
+    /// Uses `trusted` settings and credentials instead of what the Secret says (the controller:
+    /// the connection's spec and its client Secret), in every decision and every call.
+    pub fn with_trusted(mut self, trusted: super::format::Trusted) -> Self {
+        self.inner_mut().trusted = trusted;
         self
     }
 
@@ -447,7 +472,7 @@ impl Inner {
     fn adopt(&self, secret: Secret) {
         // Only the cache: not the snapshot a refresh round reads, which must never be older
         // than this party's own last write (a watch event can arrive after it).
-        let rec = TokenRecord::from_secret(&secret);
+        let rec = self.record(&secret);
         if let Some(rv) = &rec.resource_version {
             *lock(&self.followed) = Some(rv.clone());
         }
@@ -527,7 +552,7 @@ impl Inner {
 
     /// Notes `secret` as the latest state seen.
     fn remember(&self, secret: &Secret) -> TokenRecord {
-        let rec = TokenRecord::from_secret(secret);
+        let rec = self.record(secret);
         let labelled = secret
             .metadata
             .labels
@@ -558,12 +583,14 @@ impl Inner {
     }
 
     fn check_endpoint(&self, rec: &TokenRecord) -> Result<(), Error> {
-        match &self.allowlist {
-            Some(list) => list
-                .check(self.token_url(rec))
-                .map_err(|why| Error::EndpointNotAllowed(format!("token endpoint: {why}"))),
-            None => Ok(()),
-        }
+        self.allowlist
+            .check(self.token_url(rec))
+            .map_err(|why| Error::EndpointNotAllowed(format!("token endpoint: {why}")))
+    }
+
+    /// The Secret as this party reads it: parsed, with what it trusts more put in place.
+    fn record(&self, secret: &Secret) -> TokenRecord {
+        TokenRecord::from_secret(secret).trusting(&self.trusted)
     }
 
     /// The Secret's current state: a copy just seen, the follower's latest version, or a read
@@ -586,7 +613,7 @@ impl Inner {
         let mut attempt = 0;
         loop {
             match self.fetch().await {
-                Ok(secret) => return Ok(TokenRecord::from_secret(&secret)),
+                Ok(secret) => return Ok(self.record(&secret)),
                 Err(e) if is_not_found(&e) => {
                     return Err(Error::SecretNotFound {
                         namespace: self.namespace.clone(),
@@ -631,6 +658,9 @@ impl Inner {
                 return Err(e);
             }
         };
+        if let Some(hook) = &self.on_write {
+            hook(&secret);
+        }
         self.remember(&secret);
         Ok(secret)
     }
@@ -753,7 +783,7 @@ impl Inner {
                                 );
                                 tracing::info!(secret = %self.name, previous, "took over an expired refresh claim");
                             }
-                            let claimed = TokenRecord::from_secret(&secret);
+                            let claimed = self.record(&secret);
                             if wait_until_due(&claimed, self.role).await {
                                 if let Some(token) = self.refresh(claimed, lease_end).await? {
                                     return Ok(token);
@@ -1114,7 +1144,7 @@ impl Inner {
                 token_patch(rv, &set, expires_at, &identity, now, rotation)
             })
             .await?;
-        let stored = TokenRecord::from_secret(&written);
+        let stored = self.record(&written);
         tracing::info!(
             secret = %self.name,
             refreshed_by = %identity,
@@ -1142,7 +1172,7 @@ impl Inner {
                 Ok(secret) => return Ok(secret),
                 Err(e) if is_conflict(&e) => match self.fetch().await {
                     Ok(secret) => {
-                        let fresh = TokenRecord::from_secret(&secret);
+                        let fresh = self.record(&secret);
                         if fresh.refresh_token != rec.refresh_token
                             || fresh.access_token != rec.access_token
                         {
@@ -1188,7 +1218,7 @@ impl Inner {
                 Ok(_) => return,
                 Err(e) if is_conflict(&e) => match self.fetch().await {
                     Ok(secret) => {
-                        let fresh = TokenRecord::from_secret(&secret);
+                        let fresh = self.record(&secret);
                         mine = matches!(&fresh.lease, Lease::Held { holder, .. } if *holder == self.identity);
                         if !mine && extra.is_empty() {
                             return;
