@@ -224,6 +224,7 @@ async fn a_waiter_whose_watch_version_is_gone_does_not_spin() {
         "waiter",
         xero_operator::protocol::Role::Consumer,
     )
+    .with_allowlist(fx.emulator.allowlist())
     .with_max_wait(Duration::from_secs(5))
     .get()
     .await;

@@ -706,6 +706,7 @@ async fn a_consumer_service_account_can_use_exactly_its_token_secret() {
         "worker-pod",
         xero_operator::protocol::Role::Consumer,
     )
+    .with_allowlist(fx.emulator.allowlist())
     .get()
     .await
     .expect("the ServiceAccount gets a token");

@@ -370,6 +370,8 @@ fn consumer_manifest(fx: &TokenFixture, replicas: u32) -> serde_json::Value {
                              "env": [
                                 {"name": "XERO_TOKEN_SECRET", "value": fx.secret},
                                 {"name": "XERO_TOKEN_IDENTITY", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                // The emulator stands in for Xero's hosts, which consumers call by default.
+                                {"name": xero_operator::cli::ALLOW_HOSTS_ENV, "value": fx.emulator.allowed_host()},
                              ],
                              "volumeMounts": mount, "securityContext": hardened},
                         ],

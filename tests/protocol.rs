@@ -143,7 +143,8 @@ async fn a_consumer_in_use_gets_a_token_stored_ahead_of_expiry_at_once() {
         &fx.secret,
         "producer",
         xero_operator::protocol::Role::Renew { seen: stored_at },
-    );
+    )
+    .with_allowlist(fx.emulator.allowlist());
     let second = other.get().await.expect("renewed");
     assert_ne!(second.token, first.token);
 
@@ -490,6 +491,7 @@ async fn a_slow_answer_is_cut_at_the_claim_and_recovered(grace_reuse: GraceReuse
             ahead: Duration::from_secs(3600),
         },
     )
+    .with_allowlist(fx.emulator.allowlist())
     .get()
     .await
     .expect("the stored refresh token still works");

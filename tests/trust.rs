@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Timings, TokenFixture, token_fixture};
-use k8s_openapi::api::authentication::v1::TokenRequest;
+use common::{Timings, TokenFixture, chart, token_fixture};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -170,96 +169,6 @@ impl Scene {
     }
 }
 
-/// Runs `helm` (installed by scripts/helm.sh) and returns its stdout.
-fn helm(args: &[&str]) -> String {
-    let path = std::process::Command::new("bash")
-        .arg(common::repo_path("scripts/helm.sh"))
-        .output()
-        .expect("scripts/helm.sh");
-    assert!(path.status.success(), "scripts/helm.sh failed");
-    let helm = String::from_utf8(path.stdout).expect("utf-8");
-    let out = std::process::Command::new(helm.trim())
-        .args(args)
-        .env("KUBECONFIG", common::NO_CLUSTER)
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
-/// Applies YAML as the admin.
-fn kubectl_apply(yaml: &str) {
-    let out = common::kubectl_with_input(&["apply", "-f", "-"], yaml);
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A client authenticated with a bearer `token` against the test API server.
-async fn client_with_token(token: &str) -> Client {
-    let mut kubeconfig = kube::config::Kubeconfig::read_from(&common::env().admin_kubeconfig)
-        .expect("admin kubeconfig");
-    for user in &mut kubeconfig.auth_infos {
-        user.auth_info = Some(kube::config::AuthInfo {
-            token: Some(token.to_owned().into()),
-            ..kube::config::AuthInfo::default()
-        });
-    }
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("config");
-    Client::try_from(config).expect("client")
-}
-
-/// A token for ServiceAccount `ns/name`, requested through `client` (whose rights must allow
-/// `serviceaccounts/token` create).
-async fn sa_token(client: &Client, ns: &str, name: &str) -> String {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let request: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": [], "expirationSeconds": 3600}
-    }))
-    .expect("token request");
-    sas.create_token_request(name, &PostParams::default(), &request)
-        .await
-        .expect("token request")
-        .status
-        .expect("token status")
-        .token
-}
-
-/// The chart's RBAC and ServiceAccount, installed for release `release` in `ns`; returns a
-/// client that is that ServiceAccount.
-async fn chart_operator_client(admin: &Client, ns: &str, release: &str) -> Client {
-    let rendered = helm(&[
-        "template",
-        release,
-        &common::repo_path("charts/xero-operator")
-            .display()
-            .to_string(),
-        "--namespace",
-        ns,
-        "--kube-version",
-        "1.35.4",
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
-    ]);
-    assert!(rendered.contains("kind: ClusterRole"), "{rendered}");
-    kubectl_apply(&rendered);
-    let token = sa_token(admin, ns, &format!("{release}-xero-operator")).await;
-    client_with_token(&token).await
-}
-
 /// Alice's rights in `ns`: XeroConnections, ServiceAccounts and their tokens; no Secrets.
 async fn grant_alice(admin: &Client, ns: &str) {
     let role: Role = serde_json::from_value(json!({
@@ -307,7 +216,7 @@ async fn scene(hint: &str, timings: Timings) -> Scene {
         .await
         .expect("client Secret");
     let release = format!("xo-{}", &ns[ns.len() - 5..]);
-    let operator = chart_operator_client(&fx.client, &ns, &release).await;
+    let operator = chart::operator_client(&fx.client, &ns, &release, chart::Policies::Off).await;
     grant_alice(&fx.client, &ns).await;
     let alice = common::user_client().await;
     // Alice cannot read Secrets herself: the baseline every attack is measured against.
@@ -321,7 +230,7 @@ async fn scene(hint: &str, timings: Timings) -> Scene {
         .create(&PostParams::default(), &sa)
         .await
         .expect("alice creates her ServiceAccount");
-    let spy = client_with_token(&sa_token(&alice, &ns, "spy").await).await;
+    let spy = chart::client_with_token(&chart::sa_token(&alice, &ns, "spy").await).await;
     let controller =
         common::connection::start_controller_as(&operator, &ns, fx.emulator.allowlist(), |_| {});
     Scene {
@@ -1010,6 +919,7 @@ async fn names_and_consumer_text_cannot_break_the_operator_s_output() {
         "worker/edge",
         xero_operator::protocol::Role::Consumer,
     )
+    .with_allowlist(s.fx.emulator.allowlist())
     .with_max_wait(Duration::from_secs(3));
     let outcome = tokio::spawn(async move { edge.get().await.map(drop) }).await;
     assert!(outcome.is_ok(), "the refresher panicked: {outcome:?}");

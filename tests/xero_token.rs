@@ -19,6 +19,10 @@ fn xero_token(fx: &common::TokenFixture, args: &[&str]) -> Command {
     cmd.args(["--secret", &fx.secret, "--namespace", &fx.namespace])
         .args(args)
         .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .env(
+            xero_operator::cli::ALLOW_HOSTS_ENV,
+            fx.emulator.allowed_host(),
+        )
         .env_remove("XERO_TOKEN_SECRET");
     cmd
 }
@@ -277,20 +281,35 @@ async fn exit_codes_say_what_went_wrong() {
 }
 
 /// `xero-token authorize` against the fixture's emulator, as the user `login_hint`, on a free
-/// callback port.
-fn authorize(fx: &common::TokenFixture, login_hint: &str) -> Command {
-    xero_token(
+/// callback port, naming the app by flags (the person's own input: the token Secret's copy is
+/// never used). The returned file holds the client secret; keep it until the command ends.
+fn authorize(fx: &common::TokenFixture, login_hint: &str) -> (Command, tempfile::TempPath) {
+    let secret = tempfile::NamedTempFile::new().expect("client secret file");
+    std::fs::write(
+        secret.path(),
+        xero_proving_ground::emulator::DEFAULT_CLIENT_SECRET,
+    )
+    .expect("write the client secret");
+    let secret = secret.into_temp_path();
+    let cmd = xero_token(
         fx,
         &[
             "authorize",
             "--authorize-url",
             &format!("{}/identity/connect/authorize", fx.emulator.base_url()),
+            "--token-url",
+            &fx.emulator.token_url(),
+            "--client-id",
+            xero_proving_ground::emulator::DEFAULT_CLIENT_ID,
+            "--client-secret-file",
+            secret.to_str().expect("utf-8"),
             "--port",
             "0",
             "--login-hint",
             login_hint,
         ],
-    )
+    );
+    (cmd, secret)
 }
 
 /// `xero-token get --from-dir DIR` with no way to reach any cluster.
@@ -385,8 +404,9 @@ async fn authorize_runs_the_pkce_flow_and_stores_the_first_pair() {
         Some(3)
     );
 
+    let (mut authorize, _client_secret) = authorize(&fx, &fx.user.user_id);
     let mut child = common::Procs(vec![
-        authorize(&fx, &fx.user.user_id)
+        authorize
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -444,8 +464,9 @@ async fn a_refused_authorisation_says_why() {
     let fx = token_fixture("cli-refused", Timings::default()).await;
     let before = fx.record().await;
     let log = tempfile::NamedTempFile::new().expect("log");
+    let (mut authorize, _client_secret) = authorize(&fx, "nobody-of-this-app");
     let mut child = common::Procs(vec![
-        authorize(&fx, "nobody-of-this-app")
+        authorize
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("log"))
             .spawn()

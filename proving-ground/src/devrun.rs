@@ -116,7 +116,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "demo-xero-token",
         "consumer/demo-worker",
         Role::Consumer,
-    );
+    )
+    .with_allowlist(emu.allowlist());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let conns: Api<XeroConnection> = Api::namespaced(client.clone(), NS);
     // The consumer starts once the controller has set the token Secret up (its first read

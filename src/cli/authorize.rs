@@ -2,6 +2,13 @@
 //! connection. It prints the authorize URL, receives the redirect on 127.0.0.1, exchanges the code
 //! and stores the first token pair in the token Secret (creating it if needed), so nobody copies
 //! refresh tokens by hand. Also the way back from `ReauthorizationRequired`.
+//!
+//! The app's identity (client id and secret) and the token endpoint come from the person's own
+//! flags, else from the XeroConnection and its client Secret (read with the person's rights),
+//! else Xero's endpoint: never from the token Secret, which every consumer may write (a consumer
+//! could otherwise have the code, the verifier and the credentials posted to its own listener,
+//! or the person approve another app). The token endpoint must be on Xero's hosts or one the
+//! person allowed (`--allow-endpoint-host`), and both are shown before the browser opens.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,6 +24,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use ring::rand::SecureRandom;
 
 use super::{Args, EXIT_OTHER, secret_target};
+use crate::crd::XeroConnection;
 use crate::protocol::format::{self, TokenRecord, format_time, token_patch};
 use crate::protocol::refresher::{default_identity, process_identity};
 use crate::redact::Sensitive;
@@ -34,15 +42,17 @@ pub struct AuthorizeArgs {
     )]
     authorize_url: String,
 
-    /// Token endpoint. Default: the token Secret's token-url annotation, else Xero's.
+    /// Token endpoint. Default: the XeroConnection's (`--connection`, or the one `kubectl xero
+    /// authorize` names), else Xero's. Its host must be Xero's or one `--allow-endpoint-host`
+    /// names.
     #[arg(long)]
     token_url: Option<String>,
 
-    /// The app's client id. Default: the token Secret's client_id.
+    /// The app's client id. Default: the XeroConnection's client Secret.
     #[arg(long, env = "XERO_CLIENT_ID")]
     client_id: Option<String>,
 
-    /// A file holding the app's client secret. Default: the token Secret's client_secret.
+    /// A file holding the app's client secret. Default: the XeroConnection's client Secret.
     #[arg(long)]
     client_secret_file: Option<PathBuf>,
 
@@ -61,10 +71,10 @@ pub struct AuthorizeArgs {
     #[arg(long)]
     login_hint: Option<String>,
 
-    /// When the token Secret does not exist yet and this command creates it: label it
-    /// `xero-operator.io/connection=<NAME>`, which opts it in for the XeroConnection NAME (the
-    /// operator uses an existing Secret only with that label). Not needed when the connection was
-    /// created first: the operator then created the Secret itself.
+    /// The XeroConnection NAME this authorisation is for: the app's client id and secret come
+    /// from its client Secret and the token endpoint from its spec (unless the flags above give
+    /// them). When the token Secret does not exist yet and this command creates it, it is
+    /// labelled `xero-operator.io/connection=<NAME>`, which opts it in for that connection.
     #[arg(long, value_name = "NAME")]
     pub connection: Option<String>,
 }
@@ -79,22 +89,86 @@ fn random_urlsafe(bytes: usize) -> anyhow::Result<String> {
 
 pub async fn run(args: &Args, a: &AuthorizeArgs) -> anyhow::Result<ExitCode> {
     let (secret, client, namespace) = secret_target(args).await?;
+    // The connection named, if it exists and the person may read it.
+    let connection = match &a.connection {
+        Some(name) => {
+            let api: Api<XeroConnection> = Api::namespaced(client.clone(), &namespace);
+            match api.get_opt(name).await {
+                Ok(found) => found,
+                Err(e) => {
+                    eprintln!("xero-token: cannot read XeroConnection {namespace}/{name}: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let target = Target {
         secret,
         client,
         namespace,
         identity: args.identity.clone(),
+        connection,
+        allowlist: super::allowlist(&args.allow_endpoint_hosts)?,
     };
     run_for(target, a).await
 }
 
-/// The token Secret an authorisation stores its pair in, and who stores it.
+/// The token Secret an authorisation stores its pair in, who stores it, and for what.
 pub struct Target {
     pub secret: String,
     pub client: kube::Client,
     pub namespace: String,
     /// Identity prefix (`--identity`); default: the hostname.
     pub identity: Option<String>,
+    /// The connection authorised: its client Secret and token endpoint are used unless the
+    /// flags give them.
+    pub connection: Option<XeroConnection>,
+    /// Where the code, the verifier and the credentials may be sent.
+    pub allowlist: crate::allowlist::EndpointAllowlist,
+}
+
+/// The app's credentials from `conn`'s client Secret, read with the caller's own rights.
+pub async fn client_credentials_of(
+    client: &kube::Client,
+    conn: &XeroConnection,
+) -> anyhow::Result<ClientCredentials> {
+    let ns = conn.metadata.namespace.clone().unwrap_or_default();
+    let r = &conn.spec.client_secret_ref;
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = api.get(&r.name).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the client Secret {ns}/{} of XeroConnection {:?} ({e}): pass \
+             --client-id and --client-secret-file (the token Secret's copy is not used: every \
+             consumer of the connection may write it)",
+            r.name,
+            conn.metadata.name.as_deref().unwrap_or_default()
+        )
+    })?;
+    let data = secret.data.unwrap_or_default();
+    let value = |key: &str| {
+        data.get(key)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the client Secret {ns}/{} has no non-empty key {key:?}",
+                    r.name
+                )
+            })
+    };
+    Ok(ClientCredentials {
+        client_id: value(&r.client_id_key)?,
+        client_secret: Sensitive::new(value(&r.client_secret_key)?),
+    })
+}
+
+/// The token endpoint `conn` names, else Xero's.
+pub fn token_url_of(conn: Option<&XeroConnection>) -> String {
+    conn.and_then(|c| c.spec.endpoints.as_ref())
+        .and_then(|e| e.token_url.clone())
+        .unwrap_or_else(|| crate::crd::XERO_TOKEN_URL.to_owned())
 }
 
 /// Authorises the app and stores the first pair in `target` (`xero-token authorize` and
@@ -105,33 +179,33 @@ pub async fn run_for(target: Target, a: &AuthorizeArgs) -> anyhow::Result<ExitCo
         client,
         namespace: ns,
         identity,
+        connection,
+        allowlist,
     } = target;
-    let api: Api<Secret> = Api::namespaced(client, &ns);
-    let existing = api.get_opt(&secret_name).await?;
-    let rec = existing.as_ref().map(TokenRecord::from_secret);
-
-    let client_id = a
-        .client_id
-        .clone()
-        .or_else(|| {
-            rec.as_ref()
-                .and_then(|r| r.client.as_ref().map(|c| c.client_id.clone()))
-        })
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no client id: pass --client-id or let the controller create the Secret"
-            )
-        })?;
-    let client_secret = match &a.client_secret_file {
-        Some(path) => Sensitive::new(
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    // The person's flags, else the connection and its client Secret: never the token Secret.
+    let from_connection = match (&a.client_id, &a.client_secret_file, &connection) {
+        (Some(_), Some(_), _) => None,
+        (_, _, Some(conn)) => Some(client_credentials_of(&client, conn).await?),
+        _ => anyhow::bail!(
+            "name the app: --connection NAME (its client Secret, read with your rights), or \
+             --client-id and --client-secret-file; the token Secret's copy is not used, since \
+             every consumer of the connection may write it"
+        ),
+    };
+    let client_id = match (&a.client_id, &from_connection) {
+        (Some(id), _) => id.clone(),
+        (None, Some(app)) => app.client_id.clone(),
+        (None, None) => unreachable!("checked above"),
+    };
+    let client_secret = match (&a.client_secret_file, &from_connection) {
+        (Some(path), _) => Sensitive::new(
             std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
                 .trim(),
         ),
-        None => rec
-            .as_ref()
-            .and_then(|r| r.client.as_ref().map(|c| c.client_secret.clone()))
-            .ok_or_else(|| anyhow::anyhow!("no client secret: pass --client-secret-file"))?,
+        (None, Some(app)) => app.client_secret.clone(),
+        (None, None) => unreachable!("checked above"),
     };
     let app = ClientCredentials {
         client_id: client_id.clone(),
@@ -140,8 +214,20 @@ pub async fn run_for(target: Target, a: &AuthorizeArgs) -> anyhow::Result<ExitCo
     let token_url = a
         .token_url
         .clone()
-        .or_else(|| rec.as_ref().and_then(|r| r.settings.token_url.clone()))
-        .unwrap_or_else(|| crate::crd::XERO_TOKEN_URL.to_owned());
+        .unwrap_or_else(|| token_url_of(connection.as_ref()));
+    if let Err(why) = allowlist.check(&token_url) {
+        anyhow::bail!(
+            "the token endpoint {why}; if it is yours, allow its host with --allow-endpoint-host"
+        );
+    }
+    let token_host = reqwest::Url::parse(&token_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    eprintln!(
+        "Authorising the Xero app with client id {client_id} for {ns}/{secret_name}; the code \
+         goes to the token endpoint at {token_host}."
+    );
     let endpoints = Endpoints {
         token_url: token_url.clone(),
         ..Endpoints::default()

@@ -25,6 +25,21 @@ use crate::protocol::{AccessToken, Error, Refresher, Role};
 /// Exit code for errors outside the protocol (bad configuration, I/O).
 pub const EXIT_OTHER: u8 = 1;
 
+/// The environment variable of `--allow-endpoint-host` (comma-separated), shared by both CLIs.
+pub const ALLOW_HOSTS_ENV: &str = "XERO_ALLOW_ENDPOINT_HOSTS";
+
+/// Xero's own hosts and the `extra` ones a person or a pod spec added: where a CLI may send
+/// credentials.
+pub fn allowlist(extra: &[String]) -> anyhow::Result<crate::allowlist::EndpointAllowlist> {
+    crate::allowlist::EndpointAllowlist::parse(
+        crate::allowlist::XERO_HOSTS
+            .iter()
+            .map(|h| (*h).to_owned())
+            .chain(extra.iter().cloned()),
+    )
+    .map_err(|e| anyhow::anyhow!("--allow-endpoint-host: {e}"))
+}
+
 /// Get a valid Xero access token from the token Secret an xero-operator connection manages,
 /// taking over the refresh when it has expired.
 #[derive(Parser, Debug)]
@@ -58,6 +73,19 @@ pub struct Args {
     /// How long to wait at most for another party's refresh or a rate limit.
     #[arg(long, global = true, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// A host besides Xero's own (identity.xero.com, api.xero.com) that this process may send
+    /// the refresh token and the app's credentials to: `host` (HTTPS on 443) or `host:port`
+    /// (an emulator, an egress proxy). The token Secret's `token-url` annotation is never
+    /// followed to any other host: every consumer of the Secret may write it.
+    #[arg(
+        long = "allow-endpoint-host",
+        value_name = "HOST",
+        global = true,
+        env = ALLOW_HOSTS_ENV,
+        value_delimiter = ','
+    )]
+    pub allow_endpoint_hosts: Vec<String>,
 
     /// How long one call to Xero may take before it counts as lost (and is retried).
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -114,6 +142,7 @@ async fn refresher(args: &Args) -> anyhow::Result<Refresher> {
         .map_or_else(default_identity, process_identity);
     Ok(
         Refresher::new(client, &namespace, &secret, &identity, Role::Consumer)
+            .with_allowlist(allowlist(&args.allow_endpoint_hosts)?)
             .with_max_wait(args.timeout)
             .with_xero_timeout(args.xero_timeout),
     )

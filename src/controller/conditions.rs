@@ -10,11 +10,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub enum State {
     /// The token Secret holds a usable access token.
     TokenValid,
-    /// No refresh token yet: someone must run `xero-token authorize`. Holds the flags that name
-    /// the token Secret (`--namespace NS --secret NAME`), empty when unknown.
+    /// No refresh token yet: someone must authorise the app. Holds the commands that do it
+    /// ([`authorize_hint`]), empty when unknown.
     WaitingForAuthorization(String),
     /// The stored refresh token cannot be used (Xero refused it, or it is not text); a person
-    /// must authorise again. Holds what happened, and the flags naming the token Secret as in
+    /// must authorise again. Holds what happened, and the commands as in
     /// [`Self::WaitingForAuthorization`].
     ReauthorizationRequired(String, String),
     /// Xero answered 429; waiting it out.
@@ -81,13 +81,13 @@ impl State {
     pub fn message(&self) -> String {
         let text = match self {
             Self::TokenValid => "the token Secret holds a valid access token".to_owned(),
-            Self::WaitingForAuthorization(flags) => format!(
+            Self::WaitingForAuthorization(hint) => format!(
                 "no refresh token yet: run `{}` to authorise the app",
-                authorize_command(flags)
+                authorize_command(hint)
             ),
-            Self::ReauthorizationRequired(what, flags) => format!(
+            Self::ReauthorizationRequired(what, hint) => format!(
                 "{what}; run `{}` to authorise the app again",
-                authorize_command(flags)
+                authorize_command(hint)
             ),
             Self::RateLimited(why)
             | Self::XeroUnavailable(why)
@@ -114,15 +114,25 @@ impl State {
     }
 }
 
-/// The `xero-token … authorize` command line for a token Secret named by `flags`
-/// (`--namespace NS --secret NAME`), or with a placeholder when they are unknown.
-fn authorize_command(flags: &str) -> String {
-    let flags = if flags.is_empty() {
-        "--secret <token secret>"
+/// The command that authorises the app for a connection, as [`authorize_hint`] wrote it, or
+/// with a placeholder when the connection is unknown.
+fn authorize_command(hint: &str) -> String {
+    if hint.is_empty() {
+        "kubectl xero authorize <connection>".to_owned()
     } else {
-        flags
-    };
-    format!("xero-token {flags} authorize")
+        hint.to_owned()
+    }
+}
+
+/// The commands a person runs to authorise the app for connection `conn` in `ns`, whose token
+/// Secret is `secret`: the plugin by the connection's name, or `xero-token` by the Secret's,
+/// naming the connection so that it reads the app's identity from the connection's client
+/// Secret (never from the token Secret, which consumers may write).
+pub fn authorize_hint(ns: &str, conn: &str, secret: &str) -> String {
+    format!(
+        "kubectl xero authorize {conn} -n {ns}` (or `xero-token --namespace {ns} --secret {secret} \
+         authorize --connection {conn}"
+    )
 }
 
 /// The `Ready` condition for `state`, keeping `lastTransitionTime` when the status and reason
@@ -272,13 +282,19 @@ mod tests {
 
     #[test]
     fn the_reauthorization_message_says_what_to_do() {
-        let flags = "--namespace team-a --secret acme-xero-token";
-        let m = State::ReauthorizationRequired("Xero refused".into(), flags.into()).message();
-        assert!(m.contains(&format!("xero-token {flags} authorize")), "{m}");
-        let m = State::WaitingForAuthorization(String::new()).message();
+        let hint = authorize_hint("team-a", "acme", "acme-xero-token");
+        let m = State::ReauthorizationRequired("Xero refused".into(), hint).message();
         assert!(
-            m.contains("xero-token --secret <token secret> authorize"),
+            m.contains("run `kubectl xero authorize acme -n team-a`"),
             "{m}"
         );
+        assert!(
+            m.contains(
+                "`xero-token --namespace team-a --secret acme-xero-token authorize --connection acme`"
+            ),
+            "{m}"
+        );
+        let m = State::WaitingForAuthorization(String::new()).message();
+        assert!(m.contains("kubectl xero authorize <connection>"), "{m}");
     }
 }

@@ -151,18 +151,20 @@ async fn publish(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, ids: &
             f::TENANT_IDS: b64(&ids.join(",")),
         },
     });
-    match secrets
-        .patch(
-            &conn.token_secret_name(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
+    let (ns, name) = (
+        conn.namespace().unwrap_or_default(),
+        conn.token_secret_name(),
+    );
+    let written = ctx
+        .own_writes
+        .write(
+            &ns,
+            &name,
+            secrets.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
-        .await
-    {
-        Ok(written) => {
-            ctx.own_writes.note(&written);
-            true
-        }
+        .await;
+    match written {
+        Ok(_) => true,
         Err(e) => {
             tracing::warn!(connection = %conn.name_any(), error = %e, "could not publish the tenants in the token Secret");
             false

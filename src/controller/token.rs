@@ -78,7 +78,6 @@ pub(super) async fn step(
         settings: Some(resources::protocol_settings(conn, &token_url)),
         client: Some(app),
     };
-    let own_writes = ctx.own_writes.clone();
     let refresher = Refresher::new(
         ctx.client.clone(),
         &ns,
@@ -89,7 +88,7 @@ pub(super) async fn step(
     .with_default_endpoints(ctx.policy.default_endpoints.clone())
     .with_allowlist(ctx.policy.allowlist.clone())
     .with_trusted(trusted.clone())
-    .with_on_write(move |written| own_writes.note(written))
+    .with_write_watch(ctx.own_writes.clone())
     .with_max_wait(PRODUCER_MAX_WAIT)
     .with_http(ctx.http.clone());
     let refresher = match &ctx.gate {
@@ -142,11 +141,13 @@ pub(super) async fn step(
         Err(e) => {
             let (state, requeue) =
                 classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
-            let flags = || format!("--namespace {ns} --secret {}", conn.token_secret_name());
+            let hint = || {
+                super::conditions::authorize_hint(&ns, &conn.name_any(), &conn.token_secret_name())
+            };
             let state = match state {
-                State::WaitingForAuthorization(_) => State::WaitingForAuthorization(flags()),
+                State::WaitingForAuthorization(_) => State::WaitingForAuthorization(hint()),
                 State::ReauthorizationRequired(what, _) => {
-                    State::ReauthorizationRequired(what, flags())
+                    State::ReauthorizationRequired(what, hint())
                 }
                 other => other,
             };

@@ -32,14 +32,16 @@ pub(super) async fn bring_in_line(
     let token_secret = match existing {
         Some(current) => {
             match resources::token_secret_patch(&current, conn, &token_url, app, owner) {
-                Some(patch) => {
-                    let written = secrets
-                        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                Some(patch) => Some(
+                    ctx.own_writes
+                        .write(
+                            &ns,
+                            &name,
+                            secrets.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+                        )
                         .await
-                        .map_err(kube_err("updating the token Secret"))?;
-                    ctx.own_writes.note(&written);
-                    Some(written)
-                }
+                        .map_err(kube_err("updating the token Secret"))?,
+                ),
                 None => Some(current),
             }
         }
@@ -68,9 +70,12 @@ pub(super) async fn bring_in_line(
             json_merge(&mut body, patch);
             let secret: Secret =
                 serde_json::from_value(body).expect("a merged Secret deserializes");
-            match secrets.create(&PostParams::default(), &secret).await {
+            match ctx
+                .own_writes
+                .write(&ns, &name, secrets.create(&PostParams::default(), &secret))
+                .await
+            {
                 Ok(created) => {
-                    ctx.own_writes.note(&created);
                     tracing::info!(connection = %conn.name_any(), secret = %name, "created the token Secret");
                     Some(created)
                 }

@@ -9,8 +9,10 @@
 //!   versions are compared for equality only, as the API allows). A claim, a store, a marker, a
 //!   label or owner change, a data edit, a deletion: whoever made it, the controller looks.
 //!
-//! A version the controller wrote whose event comes before the write's answer wakes it once
-//! more: a reconcile too many, never one too few.
+//! The event of a write often arrives before the write's own answer: an event of a Secret with a
+//! write of the controller's in flight is judged once that write has ended (within
+//! [`IN_FLIGHT_WAIT`]), so it is recognised as the controller's own. A write whose answer is lost
+//! wakes it once more: a reconcile too many, never one too few.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -33,17 +35,65 @@ type SecretKey = (String, String);
 const OWN_WRITE_MEMORY: Duration = Duration::from_secs(60);
 /// Versions remembered per Secret at most (the controller makes a few writes per reconcile).
 const OWN_WRITES_PER_SECRET: usize = 8;
+/// The longest an event waits for a write of the controller's to the same Secret to end (a
+/// write's answer takes milliseconds; an API request's timeout is longer, and such an event
+/// then wakes the controller).
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 
 /// The versions of token Secrets that the controller's own writes produced, until their watch
-/// events arrive.
+/// events arrive, and the writes still waiting for their answer.
 #[derive(Default)]
 pub struct OwnWrites {
     versions: Mutex<HashMap<SecretKey, Vec<(String, Instant)>>>,
+    in_flight: Mutex<HashMap<SecretKey, usize>>,
+    /// Told each time a write ends.
+    ended: tokio::sync::Notify,
+}
+
+impl crate::protocol::refresher::WriteWatch for OwnWrites {
+    fn sending(&self, namespace: &str, name: &str) {
+        *lock(&self.in_flight)
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_default() += 1;
+    }
+
+    fn ended(&self, namespace: &str, name: &str, written: Option<&Secret>) {
+        if let Some(secret) = written {
+            self.note(secret);
+        }
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(n) = in_flight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&key);
+            }
+        }
+        drop(in_flight);
+        self.ended.notify_waiters();
+    }
 }
 
 impl OwnWrites {
+    /// Runs the write `write` of the Secret `namespace/name`, noting the version it produced.
+    pub async fn write<F>(
+        &self,
+        namespace: &str,
+        name: &str,
+        write: F,
+    ) -> Result<Secret, kube::Error>
+    where
+        F: std::future::Future<Output = Result<Secret, kube::Error>>,
+    {
+        use crate::protocol::refresher::WriteWatch;
+        self.sending(namespace, name);
+        let result = write.await;
+        self.ended(namespace, name, result.as_ref().ok());
+        result
+    }
+
     /// Notes `secret`, as a write of the controller's returned it.
-    pub fn note(&self, secret: &Secret) {
+    fn note(&self, secret: &Secret) {
         let (Some(ns), Some(name), Some(rv)) = (
             &secret.metadata.namespace,
             &secret.metadata.name,
@@ -80,6 +130,26 @@ impl OwnWrites {
 
     fn forget(&self, key: &SecretKey) {
         lock(&self.versions).remove(key);
+    }
+
+    fn writing(&self, key: &SecretKey) -> bool {
+        lock(&self.in_flight).contains_key(key)
+    }
+
+    /// Whether version `rv` of `key` is the controller's own, waiting up to `wait` for writes
+    /// of it in flight to end first.
+    async fn own_after_writes(&self, key: &SecretKey, rv: &str, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let ended = self.ended.notified();
+            if !self.writing(key) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                break;
+            }
+        }
+        self.take(key, rv)
     }
 
     /// Secrets with versions still waiting for their event (for tests).
@@ -146,10 +216,28 @@ impl SecretOwners {
     }
 }
 
+/// What to do with one event of the token-Secret watch.
+pub enum Judged {
+    /// Wake the connections naming this Secret.
+    Wake(PartialObjectMeta<Secret>),
+    /// The controller's own write, or nothing to act on.
+    Skip,
+    /// A write of the controller's to this Secret is in flight: decide once it has ended
+    /// ([`WakeFilter::settle`]).
+    Later(PartialObjectMeta<Secret>),
+}
+
 /// Keeps the events of a token-Secret watch that should wake the controller: all but the
 /// versions it wrote itself.
 pub struct WakeFilter {
     own: Arc<OwnWrites>,
+}
+
+fn key_of(s: &PartialObjectMeta<Secret>) -> SecretKey {
+    (
+        s.metadata.namespace.clone().unwrap_or_default(),
+        s.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 impl WakeFilter {
@@ -157,28 +245,52 @@ impl WakeFilter {
         Self { own }
     }
 
-    /// The object to pass on for `event`, if it should wake the controller.
+    /// What to do with `event`.
+    pub fn judge(&self, event: watcher::Event<PartialObjectMeta<Secret>>) -> Judged {
+        match event {
+            watcher::Event::Apply(s) => {
+                let key = key_of(&s);
+                let rv = s.metadata.resource_version.as_deref().unwrap_or_default();
+                if self.own.take(&key, rv) {
+                    Judged::Skip
+                } else if self.own.writing(&key) {
+                    Judged::Later(s)
+                } else {
+                    Judged::Wake(s)
+                }
+            }
+            // A restarted watch: whatever was missed meanwhile, look at every Secret once.
+            watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                self.own.forget(&key_of(&s));
+                Judged::Wake(s)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => Judged::Skip,
+        }
+    }
+
+    /// The object to wake for, once the controller's writes in flight to it have ended: `None`
+    /// when the event was of one of them.
+    pub fn settle(
+        &self,
+        s: PartialObjectMeta<Secret>,
+    ) -> impl std::future::Future<Output = Option<PartialObjectMeta<Secret>>> + Send + 'static {
+        let own = self.own.clone();
+        async move {
+            let key = key_of(&s);
+            let rv = s.metadata.resource_version.clone().unwrap_or_default();
+            (!own.own_after_writes(&key, &rv, IN_FLIGHT_WAIT).await).then_some(s)
+        }
+    }
+
+    /// The object to pass on for `event` at once, if it should wake the controller (an event
+    /// to be judged later counts as waking).
     pub fn pass(
         &self,
         event: watcher::Event<PartialObjectMeta<Secret>>,
     ) -> Option<PartialObjectMeta<Secret>> {
-        let key = |s: &PartialObjectMeta<Secret>| {
-            (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            )
-        };
-        match event {
-            watcher::Event::Apply(s) => {
-                let rv = s.metadata.resource_version.as_deref().unwrap_or_default();
-                (!self.own.take(&key(&s), rv)).then_some(s)
-            }
-            // A restarted watch: whatever was missed meanwhile, look at every Secret once.
-            watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
-                self.own.forget(&key(&s));
-                Some(s)
-            }
-            watcher::Event::Init | watcher::Event::InitDone => None,
+        match self.judge(event) {
+            Judged::Wake(s) | Judged::Later(s) => Some(s),
+            Judged::Skip => None,
         }
     }
 }
@@ -265,6 +377,42 @@ mod tests {
                 .is_some()
         );
         assert_eq!(own.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_event_that_comes_before_the_writes_answer_is_judged_after_it() {
+        use crate::protocol::refresher::WriteWatch;
+        let own = Arc::new(OwnWrites::default());
+        let f = WakeFilter::new(own.clone());
+        own.sending("n", "t");
+        // The event of the write arrives first: judged once the write has ended.
+        let Judged::Later(event) = f.judge(watcher::Event::Apply(meta("t", "21", &[]))) else {
+            panic!("an event during a write of the controller's waits for it")
+        };
+        let later = tokio::spawn(f.settle(event));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        own.ended("n", "t", Some(&written("t", "21")));
+        assert!(later.await.expect("settled").is_none(), "its own write");
+        // Another party's write that lands while the controller's is in flight (which then
+        // fails): it wakes once the controller's write has ended.
+        own.sending("n", "t");
+        let Judged::Later(event) = f.judge(watcher::Event::Apply(meta("t", "22", &[]))) else {
+            panic!("judged later")
+        };
+        let later = tokio::spawn(f.settle(event));
+        own.ended("n", "t", None);
+        assert!(
+            later.await.expect("settled").is_some(),
+            "another party's write"
+        );
+        // A write that never answers does not hold an event for ever.
+        own.sending("n", "t");
+        let Judged::Later(event) = f.judge(watcher::Event::Apply(meta("t", "23", &[]))) else {
+            panic!("judged later")
+        };
+        let started = tokio::time::Instant::now();
+        assert!(f.settle(event).await.is_some());
+        assert!(started.elapsed() >= IN_FLIGHT_WAIT);
     }
 
     #[test]

@@ -118,17 +118,38 @@ async fn run_scope(
     // Secret that loses its label leaves the watch with a deletion, which wakes it too.
     let wake_filter = wake::WakeFilter::new(ctx.own_writes.clone());
     let owners_ctx = ctx.clone();
-    let token_secrets = watcher(
+    let events = watcher(
         secrets,
         watcher::Config::default().labels(f::LABEL_CONNECTION),
     )
-    .default_backoff()
-    .filter_map(move |event| {
+    .default_backoff();
+    // An event that came while a write of the controller's to that Secret was in flight is
+    // judged once the write has ended (its answer names the version it produced), off the
+    // stream, so no other Secret's event waits for it.
+    let (later_tx, later_rx) = tokio::sync::mpsc::unbounded_channel();
+    let judged = events.filter_map(move |event| {
         std::future::ready(match event {
-            Ok(event) => wake_filter.pass(event).map(Ok),
+            Ok(event) => match wake_filter.judge(event) {
+                wake::Judged::Wake(s) => Some(Ok(s)),
+                wake::Judged::Skip => None,
+                wake::Judged::Later(s) => {
+                    let settle = wake_filter.settle(s);
+                    let tx = later_tx.clone();
+                    tokio::spawn(async move {
+                        if let Some(s) = settle.await {
+                            let _ = tx.send(s);
+                        }
+                    });
+                    None
+                }
+            },
             Err(e) => Some(Err(e)),
         })
     });
+    let settled = futures_util::stream::unfold(later_rx, |mut rx| async move {
+        rx.recv().await.map(|s| (Ok(s), rx))
+    });
+    let token_secrets = futures_util::stream::select(judged, settled);
     Controller::for_stream(connections, store)
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
         // By the Secret's namespace and name, never by its label, which consumers may write.

@@ -15,9 +15,10 @@ use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
 use crate::cli::EXIT_OTHER;
-use crate::cli::authorize::{AuthorizeArgs, Target, run_for};
+use crate::cli::authorize::{AuthorizeArgs, Target, client_credentials_of, run_for, token_url_of};
+use crate::controller::resources::protocol_settings;
 use crate::crd::XeroConnection;
-use crate::protocol::format::{TokenRecord, format_time};
+use crate::protocol::format::{TokenRecord, Trusted, format_time};
 use crate::protocol::refresher::process_identity;
 use crate::protocol::{Refresher, Role};
 
@@ -28,6 +29,19 @@ pub struct Args {
     /// Namespace of the XeroConnection. Default: the kubeconfig's.
     #[arg(short, long, global = true)]
     namespace: Option<String>,
+
+    /// A host besides Xero's own (identity.xero.com, api.xero.com) that `renew` and `authorize`
+    /// may send the refresh token, the code and the app's credentials to: `host` (HTTPS on
+    /// 443) or `host:port`. Endpoints come from the XeroConnection, never from its token
+    /// Secret (which every consumer may write).
+    #[arg(
+        long = "allow-endpoint-host",
+        value_name = "HOST",
+        global = true,
+        env = crate::cli::ALLOW_HOSTS_ENV,
+        value_delimiter = ','
+    )]
+    allow_endpoint_hosts: Vec<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -142,8 +156,23 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(None) => anyhow::bail!("token Secret {namespace}/{secret} not found"),
                 Err(e) => anyhow::bail!("cannot read token Secret {namespace}/{secret}: {e}"),
             };
+            // The connection's endpoint and its client Secret's credentials (read with the
+            // caller's rights), not what the token Secret says of them.
+            let allowlist = crate::cli::allowlist(&args.allow_endpoint_hosts)?;
+            let token_url = token_url_of(Some(&conn));
+            if let Err(why) = allowlist.check(&token_url) {
+                anyhow::bail!(
+                    "the connection's token endpoint {why}; if it is yours, allow its host with --allow-endpoint-host"
+                );
+            }
+            let trusted = Trusted {
+                settings: Some(protocol_settings(&conn, &token_url)),
+                client: Some(client_credentials_of(&client, &conn).await?),
+            };
             let refresher =
                 Refresher::new(client, &namespace, &secret, &identity, Role::Renew { seen })
+                    .with_allowlist(allowlist)
+                    .with_trusted(trusted)
                     .with_max_wait(*timeout);
             match refresher.get().await {
                 Ok(token) => {
@@ -174,6 +203,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 client,
                 namespace,
                 identity: None,
+                allowlist: crate::cli::allowlist(&args.allow_endpoint_hosts)?,
+                connection: Some(conn),
             };
             run_for(target, &authorize).await
         }

@@ -153,9 +153,9 @@ pub struct Inner {
     /// What this party knows better than the Secret (the controller: its settings and the
     /// app's credentials, from the connection and its client Secret).
     trusted: super::format::Trusted,
-    /// Told each version of the Secret this party's writes produced (the controller: so that
-    /// their events do not wake it).
-    on_write: Option<WriteHook>,
+    /// Told of each write this party makes (the controller: so that their events do not wake
+    /// it).
+    write_watch: Option<Arc<dyn WriteWatch>>,
     cache: Mutex<Option<AccessToken>>,
     /// The HTTP client for Xero: given by the owner (a controller shares one) or built on first use.
     http: std::sync::OnceLock<reqwest::Client>,
@@ -188,8 +188,15 @@ pub struct Inner {
     follow_refused: Mutex<Option<std::time::Instant>>,
 }
 
-/// Told each version of the Secret a write produced.
-type WriteHook = Arc<dyn Fn(&Secret) + Send + Sync>;
+/// Told of every write a party makes to its Secret (the controller: so that the events of its
+/// own writes do not wake it).
+pub trait WriteWatch: Send + Sync {
+    /// A write of the Secret `namespace/name` is about to be sent.
+    fn sending(&self, namespace: &str, name: &str);
+    /// That write ended: the Secret as the API server stored it, or `None` (it failed, or its
+    /// answer was lost).
+    fn ended(&self, namespace: &str, name: &str, written: Option<&Secret>);
+}
 
 /// A Secret's `resourceVersion` as a number (what the API server gives: etcd's revision), to
 /// tell which of two versions is later.
@@ -225,7 +232,7 @@ impl Refresher {
             gate: None,
             allowlist: crate::allowlist::EndpointAllowlist::default(),
             trusted: super::format::Trusted::default(),
-            on_write: None,
+            write_watch: None,
             cache: Mutex::new(None),
             http: std::sync::OnceLock::new(),
             snapshot: Mutex::new(None),
@@ -305,9 +312,9 @@ impl Refresher {
         self
     }
 
-    /// Tells `hook` each version of the Secret this party's writes produce.
-    pub fn with_on_write(mut self, hook: impl Fn(&Secret) + Send + Sync + 'static) -> Self {
-        self.inner_mut().on_write = Some(Arc::new(hook));
+    /// Tells `watch` of each write this party makes to the Secret.
+    pub fn with_write_watch(mut self, watch: Arc<dyn WriteWatch>) -> Self {
+        self.inner_mut().write_watch = Some(watch);
         self
     }
 
@@ -643,11 +650,17 @@ impl Inner {
 
     async fn patch(&self, body: &serde_json::Value) -> Result<Secret, kube::Error> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let secret = match self
+        if let Some(watch) = &self.write_watch {
+            watch.sending(&self.namespace, &self.name);
+        }
+        let result = self
             .api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
-            .await
-        {
+            .await;
+        if let Some(watch) = &self.write_watch {
+            watch.ended(&self.namespace, &self.name, result.as_ref().ok());
+        }
+        let secret = match result {
             Ok(secret) => secret,
             Err(e) => {
                 // A write whose outcome is unknown (a lost answer) may have landed: the next
@@ -658,9 +671,6 @@ impl Inner {
                 return Err(e);
             }
         };
-        if let Some(hook) = &self.on_write {
-            hook(&secret);
-        }
         self.remember(&secret);
         Ok(secret)
     }

@@ -6,6 +6,7 @@
 //! works in a namespace of its own, so tests run in parallel.
 #![allow(dead_code)] // each test binary uses a different part of this helper
 
+pub mod chart;
 pub mod connection;
 
 use std::io::{BufRead, BufReader};
@@ -388,6 +389,7 @@ impl TokenFixture {
             identity,
             xero_operator::protocol::Role::Consumer,
         )
+        .with_allowlist(self.emulator.allowlist())
         .with_max_wait(Duration::from_secs(60))
     }
 

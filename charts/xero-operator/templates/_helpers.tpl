@@ -69,3 +69,18 @@ true
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A policy binding's scope: the watched namespaces, or every namespace. */}}
+{{- define "xero-operator.policyNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+matchResources:
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values:
+          {{- range .Values.watchNamespaces }}
+          - {{ . | quote }}
+          {{- end }}
+{{- end }}
+{{- end -}}

@@ -97,10 +97,16 @@ impl Progress {
 
 /// Runs `threads` workers for `duration` and returns what they saw. With `progress`, running
 /// totals are printed every `progress` and at once whenever an expired token is handed out.
+/// The token Secret a consumer process uses, and where it may send credentials.
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub secret: &'a str,
+    pub allowlist: xero_operator::allowlist::EndpointAllowlist,
+}
+
 pub async fn run(
     client: kube::Client,
-    namespace: &str,
-    secret: &str,
+    target: Target<'_>,
     mode: Mode,
     threads: usize,
     duration: Duration,
@@ -117,13 +123,15 @@ pub async fn run(
         })
     });
     let identity = xero_operator::protocol::refresher::default_identity();
-    let refresher = Arc::new(Refresher::new(
-        client.clone(),
+    let Target {
         namespace,
         secret,
-        &identity,
-        Role::Consumer,
-    ));
+        allowlist,
+    } = target;
+    let refresher = Arc::new(
+        Refresher::new(client.clone(), namespace, secret, &identity, Role::Consumer)
+            .with_allowlist(allowlist),
+    );
     let shared_cache: Arc<tokio::sync::Mutex<Option<(Sensitive, SystemTime)>>> = Arc::default();
     // The tokens this process saw, in order, and its request count when it first saw a new one.
     let rotations = Arc::new(std::sync::Mutex::new(SeenTokens::default()));

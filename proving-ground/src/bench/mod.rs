@@ -229,6 +229,7 @@ async fn run_one(
                     &format!("{}ms", duration.as_millis()),
                 ])
                 .env("KUBECONFIG", &cfg.kubeconfig)
+                .env(xero_operator::cli::ALLOW_HOSTS_ENV, emu.allowed_host())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)

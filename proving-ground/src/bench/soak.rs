@@ -124,6 +124,7 @@ impl Fleet {
             .args(["--mode", "protocol", "--threads", "2", "--progress", "1s"])
             .arg(format!("--duration={}ms", left.as_millis()))
             .env("KUBECONFIG", &self.cfg.kubeconfig)
+            .env(xero_operator::cli::ALLOW_HOSTS_ENV, &self.emulator_host)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -116,6 +116,9 @@ enum Command {
         /// full report at the end (used by `soak`, which kills consumers).
         #[arg(long, value_parser = humantime::parse_duration)]
         progress: Option<Duration>,
+        /// Hosts besides Xero's this consumer may call (the emulator), as `xero-token` takes them.
+        #[arg(long = "allow-endpoint-host", env = xero_operator::cli::ALLOW_HOSTS_ENV, value_delimiter = ',')]
+        allow_endpoint_hosts: Vec<String>,
     },
 }
 
@@ -151,10 +154,21 @@ async fn main() -> anyhow::Result<()> {
             threads,
             duration,
             progress,
+            allow_endpoint_hosts,
         } => {
             let client = kube::Client::try_default().await?;
+            let allowlist = xero_operator::cli::allowlist(&allow_endpoint_hosts)?;
             let report = consumer::run(
-                client, &namespace, &secret, mode, threads, duration, progress,
+                client,
+                consumer::Target {
+                    namespace: &namespace,
+                    secret: &secret,
+                    allowlist,
+                },
+                mode,
+                threads,
+                duration,
+                progress,
             )
             .await;
             if progress.is_none() {
