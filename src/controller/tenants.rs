@@ -133,7 +133,9 @@ pub(super) async fn refresh(
 /// Whether the token Secret `rec` says exactly `ids`: in `tenant_ids`, and the first in
 /// `tenant_id` (a reader of one tenant reads that key alone).
 fn publishes(rec: &TokenRecord, ids: &[String]) -> bool {
-    rec.tenant_ids == ids && rec.tenant_id.as_deref() == ids.first().map(String::as_str)
+    rec.tenant_ids == ids
+        && rec.tenant_list_stored == !ids.is_empty()
+        && rec.tenant_id.as_deref() == ids.first().map(String::as_str)
 }
 
 /// Publishes the tenant ids `ids` in the token Secret, pinned to the version the token came
@@ -223,6 +225,8 @@ mod tests {
         assert!(!publishes(&forged_list, &ids));
         let missing_one = rec(json!({f::TENANT_IDS: b64("t1,t2")}));
         assert!(!publishes(&missing_one, &ids));
+        let missing_list = rec(json!({f::TENANT_ID: b64("t1")}));
+        assert!(!publishes(&missing_list, &ids[..1]));
         assert!(publishes(&rec(json!({})), &[]));
     }
 

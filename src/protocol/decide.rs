@@ -234,6 +234,7 @@ mod tests {
             scope: String::new(),
             tenant_ids: vec![],
             tenant_id: None,
+            tenant_list_stored: false,
             client: Some(ClientCredentials {
                 client_id: "app".into(),
                 client_secret: Sensitive::new("s"),

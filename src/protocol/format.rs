@@ -144,6 +144,9 @@ pub struct TokenRecord {
     /// The `tenant_id` key as stored (readers of one tenant use it alone, so it is checked on
     /// its own).
     pub tenant_id: Option<String>,
+    /// Whether the `tenant_ids` key holds any tenant (`tenant_ids` above may come from
+    /// `tenant_id` alone).
+    pub tenant_list_stored: bool,
     pub client: Option<ClientCredentials>,
     pub settings: Settings,
     pub lease: Lease,
@@ -277,6 +280,7 @@ impl TokenRecord {
             })
             .unwrap_or_default();
         let tenant_id = text(data, TENANT_ID);
+        let tenant_list_stored = !tenant_ids.is_empty();
         if tenant_ids.is_empty()
             && let Some(t) = &tenant_id
         {
@@ -292,6 +296,7 @@ impl TokenRecord {
             scope: text(data, SCOPE).unwrap_or_default(),
             tenant_ids,
             tenant_id,
+            tenant_list_stored,
             client,
             settings,
             lease,

@@ -139,5 +139,82 @@ pub async fn operator_client(
         kubectl_apply(&rendered);
     }
     let token = sa_token(admin, ns, &format!("{release}-xero-operator")).await;
-    client_with_token(&token).await
+    let operator = client_with_token(&token).await;
+    if policies == Policies::On {
+        wait_for_policies(admin, &operator, ns).await;
+    }
+    operator
+}
+
+/// Waits until the API server enforces both of the chart's policies in `ns` (a new policy takes
+/// a moment to reach the admission plugin): dry-run writes that each must refuse.
+async fn wait_for_policies(admin: &Client, operator: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{Patch, PatchParams};
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let probe: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "policy-probe",
+            "labels": {"xero-operator.io/connection": "policy-probe"}}}))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &probe)
+        .await
+        .expect("the probe Secret");
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "policy-probe"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "patch"],
+            "resourceNames": ["policy-probe"]}]}))
+    .expect("role");
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("the probe Role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "policy-probe"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "policy-probe"},
+        "subjects": [{"kind": "ServiceAccount", "name": "policy-probe", "namespace": ns}]}))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("the probe RoleBinding");
+    let patcher = service_account_client(admin, ns, "policy-probe").await;
+    let as_patcher: Api<Secret> = Api::namespaced(patcher, ns);
+    let as_operator: Api<Secret> = Api::namespaced(operator.clone(), ns);
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let relabel = json!({"metadata": {"labels": {"probe": "x"}}});
+    let plain: Secret = serde_json::from_value(json!({"metadata": {"name": "policy-probe-plain"}}))
+        .expect("secret");
+    let refused = |r: &Result<Secret, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let consumer_refused = refused(
+            &as_patcher
+                .patch("policy-probe", &dry, &Patch::Merge(&relabel))
+                .await,
+        );
+        let operator_refused = refused(
+            &as_operator
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    },
+                    &plain,
+                )
+                .await,
+        );
+        if consumer_refused && operator_refused {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the chart's admission policies were not enforced within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
