@@ -134,7 +134,7 @@ pub(super) async fn refresh(
 /// `tenant_id` (a reader of one tenant reads that key alone).
 fn publishes(rec: &TokenRecord, ids: &[String]) -> bool {
     rec.tenant_ids == ids
-        && rec.tenant_list_stored == !ids.is_empty()
+        && rec.tenant_list_stored != ids.is_empty()
         && rec.tenant_id.as_deref() == ids.first().map(String::as_str)
 }
 
