@@ -39,10 +39,21 @@ impl fmt::Display for Entry {
     }
 }
 
-/// The hosts the controller may call.
+/// Who set an allowlist, which says how to extend it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Owner {
+    /// The operator's admin (`--allowed-endpoint-hosts`, the chart's `allowedEndpointHosts`).
+    #[default]
+    Operator,
+    /// The person or pod running a CLI or a consumer (`--allow-endpoint-host`).
+    Caller,
+}
+
+/// The hosts the controller (or a CLI, or a consumer) may call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointAllowlist {
     entries: Vec<Entry>,
+    owner: Owner,
 }
 
 impl Default for EndpointAllowlist {
@@ -77,7 +88,23 @@ impl EndpointAllowlist {
         if parsed.is_empty() {
             return Err("the endpoint allowlist is empty: name at least one host".to_owned());
         }
-        Ok(Self { entries: parsed })
+        Ok(Self {
+            entries: parsed,
+            owner: Owner::Operator,
+        })
+    }
+
+    /// Xero's hosts and `extra` (`host` or `host:port` each): where a CLI or a consumer may
+    /// send credentials. Its refusals say how its caller extends it (`--allow-endpoint-host`).
+    pub fn for_callers<S: AsRef<str>>(extra: &[S]) -> Result<Self, String> {
+        let mut list = Self::parse(
+            XERO_HOSTS
+                .iter()
+                .copied()
+                .chain(extra.iter().map(AsRef::as_ref)),
+        )?;
+        list.owner = Owner::Caller;
+        Ok(list)
     }
 
     /// Adds `host:port` (the emulator of `make run`, tests and benchmarks).
@@ -120,10 +147,18 @@ impl EndpointAllowlist {
                 host,
                 port: Some(port),
             };
-            Err(format!(
-                "{scheme}://{shown} is not in the operator's endpoint allowlist ({self}); \
-                 an operator admin can add it with --allowed-endpoint-hosts (chart value allowedEndpointHosts)"
-            ))
+            Err(match self.owner {
+                Owner::Operator => format!(
+                    "{scheme}://{shown} is not in the operator's endpoint allowlist ({self}); \
+                     an operator admin can add it with --allowed-endpoint-hosts (chart value \
+                     allowedEndpointHosts)"
+                ),
+                Owner::Caller => format!(
+                    "{scheme}://{shown} is not among the hosts this process sends credentials \
+                     to ({self}); if it is yours, allow it with --allow-endpoint-host (env \
+                     XERO_ALLOW_ENDPOINT_HOSTS)"
+                ),
+            })
         }
     }
 }
@@ -224,6 +259,32 @@ mod tests {
             assert!(err.contains(bad), "{err}");
         }
         assert!(EndpointAllowlist::parse(["", " "]).is_err(), "empty list");
+    }
+
+    #[test]
+    fn a_callers_list_is_xeros_hosts_and_says_how_to_extend_it() {
+        let list = EndpointAllowlist::for_callers::<&str>(&[]).expect("list");
+        assert!(
+            list.check("https://identity.xero.com/connect/token")
+                .is_ok()
+        );
+        let why = list
+            .check("http://127.0.0.1:8480/connect/token")
+            .unwrap_err();
+        assert!(why.contains("--allow-endpoint-host"), "{why}");
+        assert!(!why.contains("--allowed-endpoint-hosts"), "{why}");
+        let extended = EndpointAllowlist::for_callers(&["127.0.0.1:8480"]).expect("list");
+        assert!(
+            extended
+                .check("http://127.0.0.1:8480/connect/token")
+                .is_ok()
+        );
+        assert!(EndpointAllowlist::for_callers(&["http://x/"]).is_err());
+        // The operator's list says how its admin extends it.
+        let why = EndpointAllowlist::default()
+            .check("http://x:1/")
+            .unwrap_err();
+        assert!(why.contains("--allowed-endpoint-hosts"), "{why}");
     }
 
     #[test]

@@ -259,6 +259,21 @@ async fn endpoints_and_the_app_come_from_the_connection(policies: Policies) {
         s.fx.record().await.rotation > rotation
     })
     .await;
+    if policies == Policies::Off {
+        // A consumer that keeps writing another app and its endpoint with an expired token, so
+        // that some reconcile reads the Secret between its own write-back and its call.
+        let storm = Instant::now();
+        let mut n = 0;
+        while storm.elapsed() < Duration::from_secs(4) {
+            n += 1;
+            let _ = s
+                .consumer_patch(json!({
+                    "metadata": {"annotations": {f::ANN_TOKEN_URL: &listener}},
+                    "data": {f::CLIENT_ID: b64(&format!("rogue-app-{n}")), f::CLIENT_SECRET: b64("rogue"),
+                        f::EXPIRES_AT: b64("2000-01-01T00:00:00.000Z")}}))
+                .await;
+        }
+    }
     s.until(
         "the controller put the endpoint and the app back",
         || async {
@@ -405,13 +420,23 @@ async fn the_controller_sees_every_change_and_puts_its_fields_back(policies: Pol
             == Some("acme")
     })
     .await;
-    // A claim (the protocol's) that also forges the tenant: one write.
+    // Both tenant keys as the controller writes them, then a claim (the protocol's) that also
+    // forges `tenant_id` alone (a reader of one tenant reads that key alone): one write.
+    s.fx.patch(
+        json!({f::TENANT_ID: &tenant, f::TENANT_IDS: &tenant}),
+        json!({}),
+    )
+    .await;
     let lease = f::format_time(std::time::SystemTime::now() + Duration::from_secs(30));
     s.consumer_forges(
         "a claim with a forged tenant",
         json!({"metadata": {"annotations": {f::ANN_HOLDER: "worker/1", f::ANN_LEASE_EXPIRES: lease}},
             "data": {f::TENANT_ID: b64("evil-tenant")}}),
     )
+    .await;
+    s.until("the tenant key is the real tenant's", || async {
+        data_text(&s.secret().await, f::TENANT_ID).as_deref() == Some(tenant.as_str())
+    })
     .await;
     s.consumer_forges(
         "a forged tenant list",
@@ -448,12 +473,17 @@ async fn owners_and_finalizers_are_the_connections(policies: Policies) {
         .metadata
         .owner_references
         .expect("the controller owns the Secret");
+    // An owner that exists (the client Secret, say): while it lives, the garbage collector
+    // would keep the Secret, and its tokens, after the connection is gone.
+    let app = s.fx.secrets().get("xero-app").await.expect("client Secret");
+    let foreign = json!({"apiVersion": "v1", "kind": "Secret", "name": "xero-app",
+        "uid": app.metadata.uid.expect("uid")});
     let dangling = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "gone",
         "uid": "00000000-0000-0000-0000-000000000000"});
     let mut both = serde_json::to_value(&ours).expect("json");
-    both.as_array_mut().expect("list").push(dangling.clone());
+    both.as_array_mut().expect("list").push(foreign);
     s.consumer_forges(
-        "a dangling owner beside the connection",
+        "another owner beside the connection",
         json!({"metadata": {"ownerReferences": both}}),
     )
     .await;
@@ -767,4 +797,67 @@ async fn a_consumer_takes_over_the_refresh_under_the_policies() {
     let rec = s.fx.record().await;
     assert_eq!(rec.rotation, rotation + 1);
     assert_eq!(rec.refreshed_by.as_deref(), Some("worker/takeover"));
+}
+
+/// The controller's refresher itself, on a Secret a consumer forged and nobody put back: it
+/// decides and calls with what it trusts (the spec's endpoint, the client Secret's app), and
+/// the per-app gate counts that app alone. (In the controller, a reconcile puts the Secret back
+/// before its token step; this is the hold for a write that lands in between.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_calls_with_what_it_trusts_whatever_the_secret_says() {
+    let fx = token_fixture("ct-trusted", timings()).await;
+    let (listener, hits) = attacker_listener().await;
+    fx.patch(
+        json!({f::CLIENT_ID: "rogue-app", f::CLIENT_SECRET: "rogue",
+            f::EXPIRES_AT: "2000-01-01T00:00:00.000Z"}),
+        json!({f::ANN_TOKEN_URL: listener, f::ANN_CLOCK_SKEW: "300", f::ANN_LEASE_DURATION: "600"}),
+    )
+    .await;
+    let permitted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = permitted.clone();
+    let gate = xero_operator::protocol::gate::AppGate::per_minute(
+        std::num::NonZeroU32::new(1000).expect("nonzero"),
+    )
+    .with_on_permit(move |app| seen.lock().expect("apps").push(app.to_owned()));
+    let trusted = f::Trusted {
+        settings: Some(f::Settings {
+            token_url: Some(fx.emulator.token_url()),
+            clock_skew: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(30),
+            ..f::Settings::default()
+        }),
+        client: Some(xero_operator::xero::ClientCredentials {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            client_secret: xero_operator::redact::Sensitive::new(DEFAULT_CLIENT_SECRET),
+        }),
+    };
+    let producer = xero_operator::protocol::Refresher::new(
+        fx.client.clone(),
+        &fx.namespace,
+        &fx.secret,
+        "controller/trusting",
+        xero_operator::protocol::Role::Producer {
+            ahead: Duration::ZERO,
+        },
+    )
+    .with_allowlist(fx.emulator.allowlist())
+    .with_trusted(trusted)
+    .with_gate(gate)
+    .with_max_wait(Duration::from_secs(10));
+    let token = producer
+        .get()
+        .await
+        .expect("refreshed with the trusted app");
+    assert!(fx.accepted_by_xero(token.token.expose()).await);
+    let counters = fx.report().await.counters;
+    assert_eq!(
+        counters.token_calls_by_client.keys().collect::<Vec<_>>(),
+        [DEFAULT_CLIENT_ID]
+    );
+    assert_eq!(*permitted.lock().expect("apps"), [DEFAULT_CLIENT_ID]);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // The claim it wrote lasted the trusted lease, not the Secret's 600 s (the store released
+    // it, so look at what the last record says of the settings instead).
+    let rec = producer.last_record().expect("a record");
+    assert_eq!(rec.settings.lease_duration, Duration::from_secs(30));
 }

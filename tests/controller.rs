@@ -785,6 +785,10 @@ async fn no_token_or_client_secret_appears_in_logs_events_or_status() {
             "--json",
         ])
         .env("KUBECONFIG", &env.admin_kubeconfig)
+        .env(
+            xero_operator::cli::ALLOW_HOSTS_ENV,
+            fx.emulator.allowed_host(),
+        )
         .env("RUST_LOG", "trace")
         .kill_on_drop(true)
         .output();

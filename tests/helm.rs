@@ -100,6 +100,12 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "nodeSelector.kubernetes\\.io/os=linux",
             "--set",
             "extraEnv[0].name=HTTPS_PROXY,extraEnv[0].value=http://proxy:3128",
+            "--set",
+            "admissionPolicies.enabled=false",
+            "--set-json",
+            r#"networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
+            "--set",
+            "networkPolicy.egressCIDRs={10.0.0.0/8}",
         ]),
         "helm template (custom)",
     );
@@ -132,6 +138,21 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
         "no verb the controller does not use"
     );
     assert!(custom.contains("kind: PodDisruptionBudget"));
+    assert!(
+        defaults.contains("kind: ValidatingAdmissionPolicy\n")
+            && defaults.contains("kind: ValidatingAdmissionPolicyBinding")
+            && !custom.contains("kind: ValidatingAdmissionPolicy"),
+        "admission policies on by default, off when asked"
+    );
+    assert!(
+        defaults.contains("kind: NetworkPolicy") && defaults.contains("ingress: []"),
+        "a NetworkPolicy by default, with /metrics open to no one not named"
+    );
+    assert!(
+        custom.contains("kubernetes.io/metadata.name: monitoring")
+            && custom.contains("cidr: \"10.0.0.0/8\""),
+        "{custom}"
+    );
     assert!(
         !custom.contains("kind: ClusterRole\n"),
         "a Role per watched namespace instead"

@@ -14,8 +14,8 @@ use serde_json::json;
 use xero_operator::redact::Sensitive;
 
 /// `kubectl xero ARGS` through the control plane's kubectl, with the plugin's directory first
-/// on the PATH (as a user installs it).
-fn kubectl_xero(args: &[&str]) -> Output {
+/// on the PATH (as a user installs it), allowed to call the fixture's emulator.
+fn kubectl_xero(fx: &common::TokenFixture, args: &[&str]) -> Output {
     let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-xero"))
         .parent()
         .expect("bin dir")
@@ -30,6 +30,10 @@ fn kubectl_xero(args: &[&str]) -> Output {
         .args(args)
         .env("PATH", path)
         .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .env(
+            xero_operator::cli::ALLOW_HOSTS_ENV,
+            fx.emulator.allowed_host(),
+        )
         .output()
         .expect("run kubectl xero")
 }
@@ -54,7 +58,7 @@ async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
     connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
     let before = fx.record().await;
 
-    let out = kubectl_xero(&["status", "acme", "-n", &fx.namespace]);
+    let out = kubectl_xero(&fx, &["status", "acme", "-n", &fx.namespace]);
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
     for want in [
@@ -76,7 +80,7 @@ async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
     // Renew: one call, one rotation, while the token was valid; the controller sees a fresh
     // token and calls nobody.
     let calls = fx.report().await.counters.token_calls;
-    let out = kubectl_xero(&["renew", "acme", "-n", &fx.namespace]);
+    let out = kubectl_xero(&fx, &["renew", "acme", "-n", &fx.namespace]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("renewed"), "{said}");
@@ -94,7 +98,7 @@ async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
     assert_eq!(fx.report().await.counters.token_calls, calls + 1);
 
     // A connection that does not exist: a clear message, not a panic.
-    let out = kubectl_xero(&["status", "nope", "-n", &fx.namespace]);
+    let out = kubectl_xero(&fx, &["status", "nope", "-n", &fx.namespace]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out).contains("no XeroConnection \"nope\""),

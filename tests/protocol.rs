@@ -381,6 +381,10 @@ async fn a_holder_killed_after_xero_answered_is_replaced_and_the_rotation_recove
                 "doomed-holder",
             ])
             .env("KUBECONFIG", &env.admin_kubeconfig)
+            .env(
+                xero_operator::cli::ALLOW_HOSTS_ENV,
+                fx.emulator.allowed_host(),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start xero-token"),
@@ -1168,6 +1172,8 @@ fn stand_in_consumer(client: kube::Client, identity: &str) -> Refresher {
         identity,
         xero_operator::protocol::Role::Consumer,
     )
+    // The stand-in Secrets' token URL: never called (no test here gets that far).
+    .with_allowlist(xero_operator::allowlist::EndpointAllowlist::default().with("127.0.0.1", 1))
 }
 
 /// A GET route that answers `secret` and counts the reads.

@@ -31,13 +31,8 @@ pub const ALLOW_HOSTS_ENV: &str = "XERO_ALLOW_ENDPOINT_HOSTS";
 /// Xero's own hosts and the `extra` ones a person or a pod spec added: where a CLI may send
 /// credentials.
 pub fn allowlist(extra: &[String]) -> anyhow::Result<crate::allowlist::EndpointAllowlist> {
-    crate::allowlist::EndpointAllowlist::parse(
-        crate::allowlist::XERO_HOSTS
-            .iter()
-            .map(|h| (*h).to_owned())
-            .chain(extra.iter().cloned()),
-    )
-    .map_err(|e| anyhow::anyhow!("--allow-endpoint-host: {e}"))
+    crate::allowlist::EndpointAllowlist::for_callers(extra)
+        .map_err(|e| anyhow::anyhow!("--allow-endpoint-host: {e}"))
 }
 
 /// Get a valid Xero access token from the token Secret an xero-operator connection manages,

@@ -230,7 +230,8 @@ impl Refresher {
             max_wait: Duration::from_secs(60),
             xero_timeout: crate::xero::REQUEST_TIMEOUT,
             gate: None,
-            allowlist: crate::allowlist::EndpointAllowlist::default(),
+            allowlist: crate::allowlist::EndpointAllowlist::for_callers::<&str>(&[])
+                .expect("Xero's hosts are valid entries"),
             trusted: super::format::Trusted::default(),
             write_watch: None,
             cache: Mutex::new(None),
