@@ -82,6 +82,9 @@ impl Scene {
         let controller =
             connection::start_controller_as(&operator, &ns, fx.emulator.allowlist(), |ctx| {
                 ctx.gate = Some(gate);
+                // These attacks expire the token right after a refresh and expect the
+                // controller at once; the minute-long interval is proven in tests/isolation.rs.
+                ctx.min_call_interval = Duration::from_secs(1);
             });
         connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(60)).await;
         let consumer = chart::service_account_client(&fx.client, &ns, "worker").await;
@@ -363,8 +366,8 @@ async fn endpoints_and_the_app_come_from_the_connection(policies: Policies) {
     };
     assert!(
         shown.contains(&format!("client id {DEFAULT_CLIENT_ID}"))
-            && shown.contains("token endpoint at 127.0.0.1"),
-        "the app and the token host are shown first: {shown}"
+            && shown.contains(&format!("token endpoint at {}.", s.fx.emulator.base_url())),
+        "the app and the token endpoint (scheme, host, port) are shown first: {shown}"
     );
     assert!(
         url.contains(&format!("client_id={DEFAULT_CLIENT_ID}")),
@@ -510,14 +513,47 @@ async fn owners_and_finalizers_are_the_connections(policies: Policies) {
             .consumer_patch(json!({"metadata": {"ownerReferences": [dangling]}}))
             .await;
         assert_refused_by_policy(&replaced, "a dangling owner in place of the connection");
-        let delete = s
-            .consumer_secrets()
-            .delete(&s.fx.secret, &DeleteParams::default())
-            .await;
-        assert!(
-            matches!(&delete, Err(kube::Error::Api(st)) if st.code == 403),
-            "{delete:?}"
-        );
+        // A requester who may delete the Secret but not update it (RBAC lets the delete
+        // through; the policy stops it).
+        let deleter = chart::service_account_client(&s.fx.client, s.ns(), "deleter").await;
+        let role: Role = serde_json::from_value(json!({
+            "metadata": {"name": "deleter"},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete", "patch"],
+                "resourceNames": [&s.fx.secret]}]}))
+        .expect("role");
+        Api::<Role>::namespaced(s.fx.client.clone(), s.ns())
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("role");
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "deleter"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deleter"},
+            "subjects": [{"kind": "ServiceAccount", "name": "deleter", "namespace": s.ns()}]}))
+        .expect("binding");
+        Api::<RoleBinding>::namespaced(s.fx.client.clone(), s.ns())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("binding");
+        let as_deleter: Api<Secret> = Api::namespaced(deleter, s.ns());
+        let deadline = Instant::now() + NOTICE;
+        let delete = loop {
+            // RBAC reaches the authorizer's cache a moment after the binding is made.
+            let d = as_deleter
+                .delete(&s.fx.secret, &DeleteParams::default())
+                .await
+                .map(|_| ());
+            match &d {
+                Err(kube::Error::Api(st))
+                    if st.code == 403
+                        && !st.message.contains("ValidatingAdmissionPolicy")
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => break d,
+            }
+        };
+        assert_refused_by_policy(&delete, "a delete by a requester without update rights");
         // Long enough for the garbage collector to have acted on a dangling owner.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(
@@ -763,6 +799,66 @@ async fn a_stolen_operator_token_writes_only_the_operators_objects() {
             .map(|_| ()),
         "deleting another app's RoleBinding",
     );
+    // A consumer Role for another Secret, owned by a real connection: patch on it for any
+    // ServiceAccount the thief controls.
+    let conn_uid = Api::<XeroConnection>::namespaced(s.fx.client.clone(), s.ns())
+        .get("acme")
+        .await
+        .expect("acme")
+        .metadata
+        .uid
+        .expect("uid");
+    let owner = json!({"apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+        "name": "acme", "uid": conn_uid, "controller": true});
+    let other_role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "other-xero-token-consumer", "ownerReferences": [owner]},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "watch", "patch"],
+            "resourceNames": ["db-credentials"]}]}))
+    .expect("role");
+    assert_refused_by_policy(
+        &roles.create(&PostParams::default(), &other_role).await,
+        "a consumer Role on another Secret",
+    );
+    let elsewhere: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "acme-xero-token-consumer", "ownerReferences": [owner]},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "acme-xero-token-consumer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "thief", "namespace": "kube-system"}]}))
+    .expect("binding");
+    assert_refused_by_policy(
+        &op_bindings
+            .patch(
+                "acme-xero-token-consumer",
+                &PatchParams::apply("thief").force(),
+                &Patch::Apply(json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding", "metadata": elsewhere.metadata,
+                    "roleRef": elsewhere.role_ref, "subjects": elsewhere.subjects})),
+            )
+            .await,
+        "a consumer RoleBinding to another namespace's ServiceAccount",
+    );
+    // Labels another controller acts on, and an owner that has the garbage collector delete the
+    // token Secret: not the operator's to write either.
+    assert_refused_by_policy(
+        &op_secrets
+            .patch(
+                &s.fx.secret,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"argocd.argoproj.io/secret-type": "repository"}}})),
+            )
+            .await,
+        "a foreign label on a token Secret",
+    );
+    assert_refused_by_policy(
+        &op_secrets
+            .patch(
+                &s.fx.secret,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"ownerReferences": [{"apiVersion": "v1",
+                    "kind": "ConfigMap", "name": "gone", "uid": "00000000-0000-0000-0000-000000000000"}]}})),
+            )
+            .await,
+        "a dangling owner on a token Secret",
+    );
     // And the controller itself still works under the policy: it refreshes an expired token.
     let rotation = s.fx.record().await.rotation;
     expire(&s).await;
@@ -797,6 +893,20 @@ async fn a_consumer_takes_over_the_refresh_under_the_policies() {
     let rec = s.fx.record().await;
     assert_eq!(rec.rotation, rotation + 1);
     assert_eq!(rec.refreshed_by.as_deref(), Some("worker/takeover"));
+}
+
+/// A budget that is the per-app gate alone.
+struct Gated(xero_operator::protocol::gate::AppGate);
+
+impl xero_operator::protocol::refresher::CallBudget for Gated {
+    fn ask(&self, rec: &f::TokenRecord) -> Result<(), Duration> {
+        let client_id = rec.client.as_ref().map_or("", |c| c.client_id.as_str());
+        if self.0.try_now(client_id, "ns") {
+            Ok(())
+        } else {
+            Err(Duration::from_secs(1))
+        }
+    }
 }
 
 /// The controller's refresher itself, on a Secret a consumer forged and nobody put back: it
@@ -842,7 +952,7 @@ async fn a_producer_calls_with_what_it_trusts_whatever_the_secret_says() {
     )
     .with_allowlist(fx.emulator.allowlist())
     .with_trusted(trusted)
-    .with_gate(gate)
+    .with_budget(Arc::new(Gated(gate)))
     .with_max_wait(Duration::from_secs(10));
     let token = producer
         .get()

@@ -218,13 +218,13 @@ pub async fn run_for(target: Target, a: &AuthorizeArgs) -> anyhow::Result<ExitCo
     if let Err(why) = allowlist.check(&token_url) {
         anyhow::bail!("the token endpoint {why}");
     }
-    let token_host = reqwest::Url::parse(&token_url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
+    // Scheme, host and port: where the code, the verifier and the credentials will go.
+    let token_origin = reqwest::Url::parse(&token_url)
+        .map(|u| u.origin().ascii_serialization())
         .unwrap_or_default();
     eprintln!(
         "Authorising the Xero app with client id {client_id} for {ns}/{secret_name}; the code \
-         goes to the token endpoint at {token_host}."
+         goes to the token endpoint at {token_origin}."
     );
     let endpoints = Endpoints {
         token_url: token_url.clone(),

@@ -110,9 +110,18 @@ async fn release(
     conn: &XeroConnection,
     ctx: &Context,
     secrets: &Api<Secret>,
-    mut secret: Secret,
+    secret: Secret,
 ) -> Result<(), Error> {
     consumers::withdraw(conn, ctx).await?;
+    // Read again now that nobody else may write it: a write that landed before the grant went
+    // is judged too.
+    let mut secret = match inputs::find_token_secret(conn, secrets).await? {
+        TokenSecretLookup::Ours(current) => *current,
+        _ => {
+            tracing::info!(connection = %conn.name_any(), secret = ?secret.metadata.name, "the token Secret is no longer this connection's: nothing to release");
+            return Ok(());
+        }
+    };
     let name = conn.token_secret_name();
     for _ in 0..RELEASE_ATTEMPTS {
         let patch = json!({"metadata": {

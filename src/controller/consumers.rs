@@ -120,20 +120,37 @@ pub async fn sync(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), Sta
         let owner = conn
             .controller_owner_ref(&())
             .expect("a stored object has a name and uid");
-        write_pinned(
-            &roles,
-            consumer_role(conn, owner.clone()),
-            role_uid,
-            "writing the consumer Role",
-        )
-        .await?;
-        write_pinned(
-            &bindings,
-            consumer_role_binding(conn, owner),
-            binding_uid,
-            "writing the consumer RoleBinding",
-        )
-        .await?;
+        let written = async {
+            write_pinned(
+                &roles,
+                consumer_role(conn, owner.clone()),
+                role_uid,
+                "writing the consumer Role",
+            )
+            .await?;
+            write_pinned(
+                &bindings,
+                consumer_role_binding(conn, owner),
+                binding_uid,
+                "writing the consumer RoleBinding",
+            )
+            .await
+        };
+        match written.await {
+            Ok(()) => {}
+            // The chart's admission policy (or another) refused the grant: a state a person
+            // sees, with the policy's reason, not a retried error.
+            Err(Error::Kube {
+                source: kube::Error::Api(s),
+                action,
+            }) if s.code == 403 => {
+                return Ok(Err(State::ConsumerNotAllowed(format!(
+                    "the API server refused {action}: {}",
+                    s.message
+                ))));
+            }
+            Err(e) => return Err(e),
+        }
     }
     ctx.mark_rbac_synced(&uid, generation);
     Ok(Ok(()))
