@@ -133,9 +133,14 @@ pub enum XeroError {
     /// 5xx: Xero is failing; retry with backoff.
     #[error("Xero answered HTTP {0}")]
     Unavailable(u16),
-    /// No answer: timeout, refused or cut connection. Xero may have processed the request.
+    /// No answer: a timeout or a cut connection. Xero may have processed the request.
     #[error("no answer from Xero: {0}")]
     Transport(String),
+    /// Xero could not be reached at all (the connection was refused, the name did not
+    /// resolve): the request never left, so it cannot have been processed, and trying again at
+    /// once is pointless.
+    #[error("Xero could not be reached: {0}")]
+    Unreachable(String),
     /// An answer that is not a usable token response (HTML, truncated JSON, missing fields,
     /// nonsense expiry). Xero may have processed the request. `refresh_token` is whatever new
     /// refresh token the answer did carry, so it is never lost.
@@ -157,6 +162,7 @@ impl XeroError {
             Self::RateLimited { .. }
             | Self::Unavailable(_)
             | Self::Transport(_)
+            | Self::Unreachable(_)
             | Self::Malformed { .. } => true,
             // The two OAuth codes that say "later" (RFC 6749 §4.1.2.1, RFC 8628 §3.5).
             Self::OAuth { code, .. } => {
@@ -380,7 +386,7 @@ impl XeroClient {
             .form(form)
             .send()
             .await
-            .map_err(|e| XeroError::Transport(transport_reason(&e)))?;
+            .map_err(|e| no_answer(&e))?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()
@@ -458,7 +464,7 @@ impl XeroClient {
             .bearer_auth(access_token.expose())
             .send()
             .await
-            .map_err(|e| XeroError::Transport(transport_reason(&e)))?;
+            .map_err(|e| no_answer(&e))?;
         let status = resp.status().as_u16();
         match status {
             200 => resp.json().await.map_err(|e| XeroError::Malformed {
@@ -495,13 +501,23 @@ impl XeroClient {
             .form(&[("token", refresh_token.expose())])
             .send()
             .await
-            .map_err(|e| XeroError::Transport(transport_reason(&e)))?;
+            .map_err(|e| no_answer(&e))?;
         let status = resp.status().as_u16();
         if status == 200 {
             return Ok(());
         }
         let body = resp.bytes().await.unwrap_or_default();
         classify_token_answer(status, None, None, &body).map(drop)
+    }
+}
+
+/// A request that got no answer: [`XeroError::Unreachable`] when it never left (no connection
+/// could be made), else [`XeroError::Transport`].
+fn no_answer(e: &reqwest::Error) -> XeroError {
+    if e.is_connect() && !e.is_timeout() {
+        XeroError::Unreachable(transport_reason(e))
+    } else {
+        XeroError::Transport(transport_reason(e))
     }
 }
 
@@ -687,6 +703,7 @@ mod tests {
             (XeroError::Unavailable(500), true, false),
             (XeroError::Unavailable(503), true, false),
             (XeroError::Transport("reset".into()), true, true),
+            (XeroError::Unreachable("refused".into()), true, false),
             (malformed(), true, true),
         ];
         for (e, retryable, processed) in table {

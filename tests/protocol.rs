@@ -836,7 +836,11 @@ async fn rate_limits_are_waited_out_or_shared_with_everyone() {
         .with_max_wait(Duration::from_secs(1))
         .get()
         .await;
-    assert!(matches!(waiting, Err(Error::Timeout(..))), "{waiting:?}");
+    assert!(
+        matches!(waiting, Err(Error::RateLimited { .. })),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.as_ref().err().map(Error::exit_code), Some(9));
     assert_eq!(
         fx.report().await.counters.token_calls,
         calls,
@@ -846,7 +850,7 @@ async fn rate_limits_are_waited_out_or_shared_with_everyone() {
 
 #[tokio::test]
 async fn server_errors_and_timeouts_are_retried_within_the_claim() {
-    // A claim long enough for three retries with their backoff on a busy machine.
+    // A claim long enough for its three calls with their backoff on a busy machine.
     let fx = token_fixture(
         "proto-5xx",
         Timings {
@@ -855,11 +859,7 @@ async fn server_errors_and_timeouts_are_retried_within_the_claim() {
         },
     )
     .await;
-    set_script(
-        &fx,
-        &[FaultKind::Error, FaultKind::Unavailable, FaultKind::Timeout],
-    )
-    .await;
+    set_script(&fx, &[FaultKind::Error, FaultKind::Timeout]).await;
     let t = fx
         .refresher("a")
         .with_xero_timeout(Duration::from_secs(2))
@@ -868,8 +868,28 @@ async fn server_errors_and_timeouts_are_retried_within_the_claim() {
         .expect("after retries");
     assert!(fx.accepted_by_xero(t.token.expose()).await);
     let report = fx.report().await;
-    assert_eq!(report.counters.token_calls, 4);
+    assert_eq!(report.counters.token_calls, 3);
     assert!(!report.chains[0].broken);
+    // Three failures: the claim's three calls are spent (however long it is), and everyone
+    // backs off.
+    fx.patch(json!({f::EXPIRES_AT: "2000-01-01T00:00:00Z"}), json!({}))
+        .await;
+    set_script(
+        &fx,
+        &[FaultKind::Error, FaultKind::Unavailable, FaultKind::Timeout],
+    )
+    .await;
+    let err = fx
+        .refresher("b")
+        .with_xero_timeout(Duration::from_secs(2))
+        .get()
+        .await
+        .expect_err("three calls, then the backoff");
+    assert!(matches!(err, Error::Xero(_)), "{err}");
+    assert_eq!(fx.report().await.counters.token_calls, 3 + 3);
+    let rec = fx.record().await;
+    assert_eq!(rec.failed_attempts, 1);
+    assert!(rec.retry_not_before.is_some());
 }
 
 #[tokio::test]

@@ -35,9 +35,13 @@ fn always(kind: FaultKind) -> Faults {
     }
 }
 
-/// Runs one failing connection for `WINDOW`; returns the token calls and the Ready reasons seen.
-async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
-    let timings = Timings::default();
+/// Runs one failing connection for `WINDOW` with a claim of `lease_secs`; returns the token
+/// calls and the Ready reasons seen.
+async fn run_failing(hint: &str, setup: Setup, lease_secs: u64) -> (u64, Vec<String>) {
+    let timings = Timings {
+        lease_secs,
+        ..Timings::default()
+    };
     let fx = token_fixture(hint, timings).await;
     common::install_crds(&fx.client).await;
     if let Setup::WrongClientSecret = setup {
@@ -55,8 +59,21 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
     if let Setup::Fault(kind) = setup {
         fx.set_faults(always(kind)).await;
     }
-    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
-    let _controller = connection::start_controller(&fx, |_| {});
+    // A port where nothing listens: the connection is refused, nothing ever reaches Xero.
+    let refused_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let extra = match setup {
+        Setup::Refused => json!({"endpoints": {
+            "tokenUrl": format!("http://127.0.0.1:{refused_port}/connect/token"),
+            "connectionsUrl": fx.emulator.connections_url(),
+            "revocationUrl": fx.emulator.revocation_url()}}),
+        _ => json!({}),
+    };
+    connection::create(&fx, "acme", &fx.secret, timings, extra).await;
+    let allowlist = fx.emulator.allowlist().with("127.0.0.1", refused_port);
+    let controller = connection::start_controller_as(&fx.client, &fx.namespace, allowlist, |_| {});
     let started = Instant::now();
     let mut reasons = Vec::new();
     while started.elapsed() < WINDOW {
@@ -79,7 +96,11 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let calls = fx.report().await.counters.token_calls;
+    let calls = match setup {
+        // Nothing reaches the emulator: the calls the controller made.
+        Setup::Refused => controller.metrics.token_calls.get(),
+        _ => fx.report().await.counters.token_calls,
+    };
     if let Setup::WrongClientSecret = setup {
         // The fix: the right secret. The controller copies it, which lifts the stop marker.
         fx.secrets()
@@ -105,15 +126,50 @@ async fn run_failing(hint: &str, setup: Setup) -> (u64, Vec<String>) {
 enum Setup {
     WrongClientSecret,
     Fault(FaultKind),
+    /// The token endpoint refuses connections.
+    Refused,
 }
+
+/// The production default lease, and the CRD's longest.
+const LEASES: [u64; 2] = [30, 600];
+/// At most this many calls in `WINDOW` when Xero cannot be reached at all (one call per claim).
+const MAX_CALLS_REFUSED: u64 = 15;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_retrying_cannot_fix_stops_the_calls_and_failures_back_off() {
-    let (invalid_client, invalid_request, unavailable) = tokio::join!(
-        run_failing("retry-client", Setup::WrongClientSecret),
-        run_failing("retry-request", Setup::Fault(FaultKind::InvalidRequest)),
-        run_failing("retry-503", Setup::Fault(FaultKind::Unavailable)),
+    let (invalid_client, invalid_request, unavailable, leases) = tokio::join!(
+        run_failing("retry-client", Setup::WrongClientSecret, 5),
+        run_failing("retry-request", Setup::Fault(FaultKind::InvalidRequest), 5),
+        run_failing("retry-503", Setup::Fault(FaultKind::Unavailable), 5),
+        // At the production default lease and the CRD's longest: the bound is per claim's
+        // calls, not per claim's length.
+        futures_util::future::join_all(LEASES.iter().flat_map(|&lease| {
+            [
+                run_failing(
+                    "retry-503-lease",
+                    Setup::Fault(FaultKind::Unavailable),
+                    lease,
+                ),
+                run_failing("retry-refused", Setup::Refused, lease),
+            ]
+        })),
     );
+    for (i, &lease) in LEASES.iter().enumerate() {
+        let (unavailable, refused) = (&leases[2 * i], &leases[2 * i + 1]);
+        println!("lease {lease} s: 503 {unavailable:?}, refused {refused:?}");
+        assert!(
+            (2..=MAX_CALLS_UNAVAILABLE).contains(&unavailable.0),
+            "503 with a {lease} s lease: {} token calls in {WINDOW:?}",
+            unavailable.0
+        );
+        assert_eq!(unavailable.1, ["XeroUnavailable"], "lease {lease} s");
+        assert!(
+            (2..=MAX_CALLS_REFUSED).contains(&refused.0),
+            "refused with a {lease} s lease: {} calls in {WINDOW:?}",
+            refused.0
+        );
+        assert_eq!(refused.1, ["XeroUnavailable"], "lease {lease} s");
+    }
     println!("invalid_client: {invalid_client:?}");
     println!("invalid_request: {invalid_request:?}");
     println!("503: {unavailable:?}");
@@ -203,7 +259,10 @@ async fn a_consumer_honours_the_stop_and_the_backoff_in_the_secret() {
         .get()
         .await;
     assert!(
-        matches!(waiting, Err(xero_operator::protocol::Error::Timeout(..))),
+        matches!(
+            waiting,
+            Err(xero_operator::protocol::Error::BackingOff { failures: 1, .. })
+        ),
         "{waiting:?}"
     );
     assert_eq!(

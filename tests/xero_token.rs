@@ -229,7 +229,8 @@ async fn exit_codes_say_what_went_wrong() {
     );
     let rec = fx.record().await;
     assert!(rec.retry_not_before.is_some() && rec.failed_attempts == 1);
-    // Told to wait past its own deadline: 7 at once, without calling Xero.
+    // Told to wait past its own deadline (the backoff after the failure): 5 at once, without
+    // calling Xero; a 429's wait (no failure counted): 9.
     fx.set_faults(Faults::default()).await;
     fx.patch(
         json!({}),
@@ -243,14 +244,26 @@ async fn exit_codes_say_what_went_wrong() {
     let out = xero_token(&fx, &["get", "--timeout", "30s"])
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(7), "no token within the timeout");
+    assert_eq!(out.status.code(), Some(5), "Xero unavailable: backing off");
     assert!(
         asked.elapsed() < Duration::from_secs(15),
         "gave up at once, not at its deadline: {:?}",
         asked.elapsed()
     );
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no usable token within"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Xero unavailable: 1 refreshes in a row failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.patch(json!({}), json!({f::ANN_FAILED_ATTEMPTS: null}))
+        .await;
+    let out = xero_token(&fx, &["get", "--timeout", "30s"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(9), "rate limited");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rate limited"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -382,6 +395,49 @@ async fn serve_reports_errors_as_json_and_only_listens_on_loopback() {
             .status(),
         200
     );
+    // Each state by its own name: a caller tells "a person must fix it" from "later".
+    let state = |annotations: Value| {
+        let (fx, url) = (&fx, &url);
+        async move {
+            fx.patch(
+                json!({f::REFRESH_TOKEN: fx.user.refresh_token.clone()}),
+                annotations,
+            )
+            .await;
+            let resp = reqwest::get(format!("{url}/token")).await.expect("send");
+            assert_eq!(resp.status(), 503);
+            resp.json::<Value>().await.expect("json")["error"].clone()
+        }
+    };
+    let an_hour = f::format_time(std::time::SystemTime::now() + Duration::from_secs(3600));
+    assert_eq!(
+        state(json!({f::ANN_RETRY_NOT_BEFORE: &an_hour})).await,
+        "rate_limited"
+    );
+    assert_eq!(
+        state(json!({f::ANN_RETRY_NOT_BEFORE: &an_hour, f::ANN_FAILED_ATTEMPTS: "2"})).await,
+        "xero_unavailable"
+    );
+    let fingerprint = fx.record().await.credentials_fingerprint();
+    assert_eq!(
+        state(
+            json!({f::ANN_RETRY_NOT_BEFORE: null, f::ANN_FAILED_ATTEMPTS: null,
+            f::ANN_STOPPED_FOR: fingerprint, f::ANN_STOP_REASON: "invalid_client"})
+        )
+        .await,
+        "stopped"
+    );
+    // Only for loopback names: a page that rebinds its own name to 127.0.0.1 gets nothing.
+    let port = url.rsplit(':').next().expect("port");
+    let rebound = reqwest::Client::new()
+        .get(format!("{url}/token/raw"))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(rebound.status(), 421);
+    let text = rebound.text().await.expect("body");
+    assert!(text.contains("host_not_allowed"), "{text}");
 
     let out = xero_token(&fx, &["serve", "--listen", "0.0.0.0:0"])
         .output()

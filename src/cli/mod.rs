@@ -3,9 +3,12 @@
 //! environment, `serve` answers `GET /token` on 127.0.0.1 for apps that cannot reach the
 //! Kubernetes API, and `authorize` runs the authorization-code flow once to store the first pair.
 //!
-//! Exit codes: 0 ok; 1 other error; 2 bad usage; 3 re-authorisation required; 4 no refresh token
-//! yet; 5 Xero unavailable or rate limited; 6 Kubernetes API error (Secret missing, RBAC); 7 no
-//! usable token in time.
+//! Exit codes, one per state ([`crate::protocol::Kind`]): 0 ok; 1 other error; 2 bad usage;
+//! 3 re-authorisation required; 4 no refresh token yet; 5 Xero unavailable (every party backs
+//! off); 6 Kubernetes API unavailable (the Secret missing, RBAC, an outage) or an endpoint not
+//! allowed; 7 another party held the refresh for longer than `--timeout`; 8 stopped (Xero
+//! refused the app's credentials or the request for good: a person must fix them); 9 rate
+//! limited (Xero's 429).
 
 pub mod authorize;
 mod serve;

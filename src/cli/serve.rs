@@ -19,15 +19,11 @@ use serde_json::json;
 use super::{Source, SourceError, token_json};
 
 fn error_response(e: &SourceError) -> Response {
+    // Which state the token is in, one name each (README): a caller tells "a person must fix
+    // the app" from "try again later" from "the Kubernetes API failed".
     let code = match e {
-        SourceError::Protocol(
-            crate::protocol::Error::ReauthorizationRequired(_)
-            | crate::protocol::Error::UnreadableRefreshToken,
-        ) => "reauthorization_required",
-        SourceError::Protocol(crate::protocol::Error::NoRefreshToken) => "no_refresh_token",
-        SourceError::Protocol(crate::protocol::Error::Xero(_)) => "xero_unavailable",
-        SourceError::Protocol(crate::protocol::Error::Timeout(..)) => "timeout",
-        _ => "unavailable",
+        SourceError::Protocol(p) => p.kind().as_str(),
+        SourceError::Config(_) => "not_configured",
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

@@ -81,29 +81,56 @@ pub fn classify(
             State::XeroUnavailable(other.to_string()),
             until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
         ),
-        ProtocolError::Timeout(_, why) => match rec {
-            Some(r) if r.retry_not_before_as_of(now).is_some() && r.failed_attempts > 0 => (
-                State::XeroUnavailable(format!(
-                    "{} refreshes in a row failed (Xero unavailable or unusable answers); \
-                     the next attempt is not before {}",
+        ProtocolError::BackingOff { until, failures } => (
+            State::XeroUnavailable(format!(
+                "{failures} refreshes in a row failed (Xero unavailable or unusable answers); \
+                 the next attempt is not before {}",
+                f::format_time(*until)
+            )),
+            until_time(*until, now),
+        ),
+        ProtocolError::RateLimited { until } => (
+            State::RateLimited(format!(
+                "Xero asked to wait (429); the next call is not before {}",
+                f::format_time(*until)
+            )),
+            until_time(*until, now),
+        ),
+        // The operator's own cap on an app's calls: looked at again when a permit is due,
+        // without holding a reconcile slot meanwhile.
+        ProtocolError::Throttled(wait) => {
+            let why = format!(
+                "the controller's calls to Xero are capped (per app: --app-calls-per-minute, \
+                 shared between namespaces; per connection: a minute at least after its last refresh, \
+                 or a quarter of a token's life); its next is permitted in {}s",
+                wait.as_secs_f64().ceil()
+            );
+            let state = match rec {
+                Some(r) if r.is_usable(now) => State::Refreshing(why),
+                // Held back after failures: what the connection waits for is Xero.
+                Some(r) if r.failed_attempts > 0 => State::XeroUnavailable(format!(
+                    "{} refreshes in a row failed (Xero unavailable or unusable answers); the \
+                     controller tries again in {}s",
                     r.failed_attempts,
-                    r.retry_not_before_as_of(now)
-                        .map(f::format_time)
-                        .unwrap_or_default()
+                    wait.as_secs_f64().ceil()
                 )),
-                until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
-            ),
-            Some(r) if r.retry_not_before_as_of(now).is_some() => (
-                State::RateLimited("Xero asked to wait (429)".into()),
-                until_not_before(rec, now).unwrap_or(BACKOFF_BASE),
-            ),
+                _ => State::RateLimited(why),
+            };
+            (state, (*wait).max(Duration::from_millis(10)))
+        }
+        ProtocolError::Timeout(_, why) => match rec {
             // Another party holds the claim: its store wakes the controller (the Secret is
             // watched); otherwise it looks again when the claim can be taken over.
             Some(r) if !r.is_usable(now) => (
                 State::RefreshingExpired(why.clone()),
                 until_claim_ends(r, now),
             ),
-            Some(r) => (State::Refreshing(why.clone()), until_claim_ends(r, now)),
+            // Ready while the token is usable: looked at again when it stops being so, if the
+            // claim lasts longer, so that Ready never says True on an expired token.
+            Some(r) => (
+                State::Refreshing(why.clone()),
+                until_claim_ends(r, now).min(until_unusable(r, now)),
+            ),
             None => (State::Refreshing(why.clone()), Duration::from_secs(1)),
         },
         ProtocolError::EndpointNotAllowed(why) => (State::EndpointNotAllowed(why.clone()), recheck),
@@ -120,6 +147,21 @@ fn until_claim_ends(rec: &TokenRecord, now: SystemTime) -> Duration {
         _ => now,
     };
     end.duration_since(now)
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
+}
+
+/// How long until the access token of `rec` stops being usable, and a moment more.
+fn until_unusable(rec: &TokenRecord, now: SystemTime) -> Duration {
+    rec.usable_until()
+        .and_then(|t| t.duration_since(now).ok())
+        .unwrap_or_default()
+        + Duration::from_millis(100)
+}
+
+/// How long until `t` (at least 1 s).
+fn until_time(t: SystemTime, now: SystemTime) -> Duration {
+    t.duration_since(now)
         .unwrap_or_default()
         .max(Duration::from_secs(1))
 }
@@ -254,19 +296,43 @@ mod tests {
             (false, "RateLimited", Duration::from_secs(42))
         );
         // Told to wait by another party's 429: until its retry-not-before.
-        let rec = record(
-            &[(
-                f::ANN_RETRY_NOT_BEFORE,
-                f::format_time(now() + Duration::from_secs(20)),
-            )],
-            -1,
-        );
         assert_eq!(
             check(
-                ProtocolError::Timeout(Duration::ZERO, "x".into()),
-                Some(&rec)
+                ProtocolError::RateLimited {
+                    until: now() + Duration::from_secs(20)
+                },
+                None
             ),
             (false, "RateLimited", Duration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn the_operators_own_cap_requeues_at_the_next_permit() {
+        let wait = Duration::from_millis(1500);
+        // Due ahead of expiry (still usable): Ready, refreshing soon.
+        assert_eq!(
+            check(ProtocolError::Throttled(wait), Some(&record(&[], 600))),
+            (true, "Refreshing", wait)
+        );
+        // Expired: not Ready, and why.
+        let (state, requeue) = classify(
+            &ProtocolError::Throttled(wait),
+            Some(&record(&[], -1)),
+            RECHECK,
+            now(),
+        );
+        assert_eq!((state.reason(), requeue), ("RateLimited", wait));
+        assert!(
+            state.message().contains("--app-calls-per-minute"),
+            "{}",
+            state.message()
+        );
+        // Held back after failures: Xero is what it waits for.
+        let failing = record(&[(f::ANN_FAILED_ATTEMPTS, "2".into())], -1);
+        assert_eq!(
+            check(ProtocolError::Throttled(wait), Some(&failing)),
+            (false, "XeroUnavailable", wait)
         );
     }
 
@@ -290,7 +356,10 @@ mod tests {
         );
         // A waiting party sees the backoff someone else published.
         let (state, requeue) = classify(
-            &ProtocolError::Timeout(Duration::ZERO, "x".into()),
+            &ProtocolError::BackingOff {
+                until: now() + Duration::from_secs(90),
+                failures: 3,
+            },
             Some(&rec),
             RECHECK,
             now(),
@@ -339,6 +408,12 @@ mod tests {
         assert_eq!(
             check(waiting(), None),
             (true, "Refreshing", Duration::from_secs(1))
+        );
+        // A token that stops being usable before the claim ends: looked at again then, so
+        // Ready turns False on time.
+        assert_eq!(
+            check(waiting(), Some(&claim(8))),
+            (true, "Refreshing", Duration::from_millis(3100))
         );
     }
 

@@ -33,6 +33,9 @@ pub enum State {
     /// Another party is refreshing right now, and the stored access token has expired: not
     /// Ready until the new one is stored.
     RefreshingExpired(String),
+    /// The access token stopped being usable while the controller's refresh of it is still
+    /// failing and being retried: written at that moment, not when the retries end.
+    TokenExpired(String),
     /// Xero refused the request with an error only a configuration change can fix (other than
     /// `invalid_client`): nobody calls until the credentials or the refresh token change.
     RequestRefused(String),
@@ -65,6 +68,7 @@ impl State {
             Self::MissingClientSecret(_) => "MissingClientSecret",
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Refreshing(_) | Self::RefreshingExpired(_) => "Refreshing",
+            Self::TokenExpired(_) => "TokenExpired",
             Self::RequestRefused(_) => "RequestRefused",
             Self::ApiError(_) => "KubernetesApiError",
             Self::TokenSecretNotOwned(_) => "TokenSecretNotOwned",
@@ -96,6 +100,7 @@ impl State {
             | Self::InvalidSpec(why)
             | Self::Refreshing(why)
             | Self::RefreshingExpired(why)
+            | Self::TokenExpired(why)
             | Self::RequestRefused(why)
             | Self::ApiError(why)
             | Self::TokenSecretNotOwned(why)

@@ -16,9 +16,10 @@ use super::metrics::Metrics;
 use super::wake::{OwnWrites, SecretOwners};
 use crate::crd::XeroConnection;
 
-/// Recheck interval for states that only a person or another object can change (missing client
-/// Secret, re-authorisation): the token Secret is watched, the client Secret is not (it carries
-/// no label of ours, and caching every Secret is not an option).
+/// Recheck interval for states that only a person or another object can change (re-authorisation,
+/// a consumer not allowed): the token and the opted-in client Secrets are watched, so most fixes
+/// are seen at once; this catches the rest (a client Secret not opted in yet carries no label to
+/// watch by).
 const RECHECK: Duration = Duration::from_secs(30);
 /// Reconciles running at once by default.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
@@ -43,8 +44,13 @@ pub struct Context {
     pub policy: Policy,
     /// Recheck interval for states only a person can fix (default [`RECHECK`]).
     pub recheck: Duration,
-    /// The per-app token bucket of this controller's calls to Xero.
+    /// The per-app cap of this controller's calls to Xero, shared between namespaces.
     pub gate: Option<crate::protocol::gate::AppGate>,
+    /// The longest minimum interval between this controller's calls for one connection
+    /// ([`super::budget::MIN_CALL_INTERVAL`]).
+    pub min_call_interval: Duration,
+    /// What it spent per connection.
+    pub spending: Arc<super::budget::Spending>,
     /// One HTTP client (and connection pool) for every call to Xero.
     pub http: reqwest::Client,
     /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
@@ -65,6 +71,8 @@ pub struct Context {
     /// a reconcile that sees an older object (the watch lags behind the write) reads the
     /// connection again, so a transition is judged against what was really written, once.
     status_written: Mutex<HashMap<String, u64>>,
+    /// Per connection uid, failed tenant listings in a row and when the last one failed.
+    tenants_failed: Mutex<HashMap<String, (u32, std::time::Instant)>>,
 }
 
 impl Context {
@@ -96,6 +104,8 @@ impl Context {
         lock(&self.rotations).remove(&uid);
         lock(&self.rbac_synced).remove(&uid);
         lock(&self.failures).remove(&uid);
+        lock(&self.tenants_failed).remove(&uid);
+        self.spending.forget(&uid);
         self.metrics
             .forget_connection(&conn.namespace().unwrap_or_default(), &conn.name_any());
     }
@@ -113,6 +123,8 @@ impl Context {
             policy: Policy::default(),
             recheck: RECHECK,
             gate: None,
+            min_call_interval: super::budget::MIN_CALL_INTERVAL,
+            spending: Arc::default(),
             http: crate::xero::new_http(),
             concurrency: DEFAULT_CONCURRENCY,
             own_writes: Arc::new(OwnWrites::default()),
@@ -121,6 +133,7 @@ impl Context {
             rotations: Mutex::new(HashMap::new()),
             rbac_synced: Mutex::new(HashMap::new()),
             status_written: Mutex::new(HashMap::new()),
+            tenants_failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -149,6 +162,27 @@ impl Context {
         {
             lock(&self.status_written).insert(conn.uid().unwrap_or_default(), rv);
         }
+    }
+
+    /// Whether a tenant listing for connection `uid` failed too recently to try again.
+    pub(super) fn tenants_listing_held_back(&self, uid: &str) -> bool {
+        lock(&self.tenants_failed)
+            .get(uid)
+            .is_some_and(|(n, at)| at.elapsed() < super::tenants::listing_retry(*n))
+    }
+
+    /// Notes a failed tenant listing; returns how long until the next is tried.
+    pub(super) fn tenants_listing_failed(&self, uid: &str) -> Duration {
+        let mut failed = lock(&self.tenants_failed);
+        let entry = failed
+            .entry(uid.to_owned())
+            .or_insert((0, std::time::Instant::now()));
+        *entry = (entry.0.saturating_add(1), std::time::Instant::now());
+        super::tenants::listing_retry(entry.0)
+    }
+
+    pub(super) fn tenants_listing_succeeded(&self, uid: &str) {
+        lock(&self.tenants_failed).remove(uid);
     }
 
     pub(super) fn rbac_synced_at(&self, uid: &str) -> Option<i64> {

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub app_permits: Family<AppLabels, Counter>,
     /// The per-app cap on those calls (`--app-calls-per-minute`).
     pub app_calls_limit_per_minute: Gauge,
+    /// Every call the controller made to the token endpoint, answered or not (retries too).
+    pub token_calls: Counter,
     /// The reason last exported per connection, so a change removes the old series.
     current_reason: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
     /// Whether the per-connection series are exported (`--connection-metrics`): about a
@@ -139,8 +141,15 @@ impl Default for Metrics {
             "The controller's cap on token calls per Xero app per minute (--app-calls-per-minute)",
             app_calls_limit_per_minute.clone(),
         );
+        let token_calls = Counter::default();
+        registry.register(
+            "token_calls",
+            "Calls the controller made to the token endpoint, answered or not (retries within a claim too)",
+            token_calls.clone(),
+        );
         Self {
             registry,
+            token_calls,
             refreshes,
             token_endpoint_seconds,
             seconds_until_expiry,

@@ -18,6 +18,7 @@
 //! On delete: [`cleanup`]. Around the pipeline: [`watch`] (what wakes a reconcile; [`wake`]),
 //! [`context`] (what reconciles share and remember), [`leader`], [`metrics`], [`server`].
 
+pub mod budget;
 pub mod checks;
 pub mod classify;
 pub mod cleanup;
@@ -114,7 +115,11 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
         },
         Prepared::Ready { token_secret, app } => {
             status::announce_first_call(&conn, &ctx, token_secret.as_deref()).await?;
-            token::step(&conn, &ctx, token_secret.map(|s| *s), app).await?
+            let usable_until = token_secret
+                .as_deref()
+                .and_then(|s| token::usable_until(&conn, &ctx, &app, s));
+            let step = token::step(&conn, &ctx, token_secret.map(|s| *s), app);
+            status::follow_token(&conn, &ctx, step, usable_until).await?
         }
     };
     if !matches!(

@@ -83,6 +83,53 @@ pub(super) async fn announce_first_call(
     write_with(conn, ctx, &outcome, None, false).await
 }
 
+/// How long after the token stops being usable a step still running says so.
+const UNUSABLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs the token `step`. If it is still running when the access token stops being usable
+/// (`usable_until`, from the Secret the step started from) and the connection shows Ready, the
+/// status says at once that it no longer is (`TokenExpired`), whatever the claim's length: a
+/// refresh that keeps failing is retried within its claim, and the status follows the token,
+/// not the end of the retries.
+pub(super) async fn follow_token<F>(
+    conn: &XeroConnection,
+    ctx: &Context,
+    step: F,
+    usable_until: Option<SystemTime>,
+) -> Result<TokenOutcome, Error>
+where
+    F: std::future::Future<Output = Result<TokenOutcome, Error>>,
+{
+    let shows_ready = conn.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
+    let Some(until) = usable_until.filter(|_| shows_ready) else {
+        return step.await;
+    };
+    let wait = until.duration_since(SystemTime::now()).unwrap_or_default() + UNUSABLE_GRACE;
+    let mut step = std::pin::pin!(step);
+    tokio::select! {
+        outcome = &mut step => return outcome,
+        () = tokio::time::sleep(wait) => {}
+    }
+    let outcome = TokenOutcome {
+        state: State::TokenExpired(format!(
+            "the access token stopped being usable at {}; its refresh has not succeeded yet \
+             and is being retried",
+            f::format_time(until)
+        )),
+        requeue: std::time::Duration::ZERO,
+        due: None,
+        record: None,
+    };
+    if let Err(e) = write_with(conn, ctx, &outcome, None, true).await {
+        tracing::warn!(connection = %conn.name_any(), error = %e, "could not write the expired token's status");
+    }
+    step.await
+}
+
 async fn write_with(
     conn: &XeroConnection,
     ctx: &Context,

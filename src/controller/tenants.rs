@@ -30,6 +30,18 @@ pub const TENANTS_RECHECK: Duration = Duration::from_secs(6 * 3600);
 /// the same minute six hours later.
 const RECHECK_SPREAD: Duration = Duration::from_secs(3600);
 
+/// After a failed listing, the next is tried no sooner than this, doubling with each failure in
+/// a row up to [`TENANTS_RECHECK`]: not on every refresh.
+pub const LISTING_RETRY: Duration = Duration::from_secs(300);
+
+/// How long after `failures` listings in a row failed the next is tried.
+pub fn listing_retry(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1).min(16))
+        .unwrap_or(u32::MAX);
+    LISTING_RETRY.saturating_mul(factor).min(TENANTS_RECHECK)
+}
+
 /// This connection's share of [`RECHECK_SPREAD`], fixed by its uid.
 fn recheck_of(uid: &str) -> Duration {
     use std::hash::{Hash, Hasher};
@@ -98,6 +110,17 @@ pub(super) async fn refresh(
         }
         return None;
     }
+    let uid = conn.uid().unwrap_or_default();
+    if ctx.tenants_listing_held_back(&uid) {
+        // Not listed again yet: the tenants the status shows are still put back.
+        if let Some(status) = status.as_ref().filter(|s| !s.tenants.is_empty()) {
+            let ids: Vec<String> = status.tenants.iter().map(|t| t.tenant_id.clone()).collect();
+            if !publishes(rec, &ids) {
+                publish(conn, ctx, rec, &ids).await;
+            }
+        }
+        return None;
+    }
     let access_token = rec.access_token.clone()?;
     let authentication_event = crate::xero::jwt_authentication_event(access_token.expose());
     // checks::validate has allowed this endpoint before the reconcile got here.
@@ -106,10 +129,12 @@ pub(super) async fn refresh(
     let list = match xero.connections(&access_token).await {
         Ok(list) => list,
         Err(e) => {
-            tracing::warn!(connection = %conn.name_any(), error = %e, "could not list the tenants");
+            let retry_in = ctx.tenants_listing_failed(&uid);
+            tracing::warn!(connection = %conn.name_any(), error = %e, ?retry_in, "could not list the tenants");
             return None;
         }
     };
+    ctx.tenants_listing_succeeded(&uid);
     let ids: Vec<String> = list.iter().map(|t| t.tenant_id.clone()).collect();
     if !publishes(rec, &ids) && !publish(conn, ctx, rec, &ids).await {
         return None;
@@ -204,6 +229,15 @@ mod tests {
             tenants_authentication_event: event.map(str::to_owned),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_failed_listing_backs_off_to_the_recheck() {
+        assert_eq!(listing_retry(1), Duration::from_secs(300));
+        assert_eq!(listing_retry(2), Duration::from_secs(600));
+        assert_eq!(listing_retry(7), Duration::from_secs(300 * 64));
+        assert_eq!(listing_retry(8), TENANTS_RECHECK);
+        assert_eq!(listing_retry(40), TENANTS_RECHECK);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! saw; a failure becomes a state and a time to look again ([`super::classify`]); rotations are
 //! counted by who made them.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -63,6 +64,28 @@ impl TokenOutcome {
 }
 
 /// The producer's part in the protocol, starting from the token Secret `prepare` saw.
+/// What the controller trusts over the token Secret's copies: the spec's settings and the client
+/// Secret's `app`.
+fn trusted(conn: &XeroConnection, ctx: &Context, app: ClientCredentials) -> Trusted {
+    let token_url = checks::endpoints(conn, &ctx.policy.default_endpoints).token_url;
+    Trusted {
+        settings: Some(resources::protocol_settings(conn, &token_url)),
+        client: Some(app),
+    }
+}
+
+/// When the access token in `secret` stops being usable, as the controller judges it.
+pub(super) fn usable_until(
+    conn: &XeroConnection,
+    ctx: &Context,
+    app: &ClientCredentials,
+    secret: &Secret,
+) -> Option<SystemTime> {
+    TokenRecord::from_secret(secret)
+        .trusting(&trusted(conn, ctx, app.clone()))
+        .usable_until()
+}
+
 /// The controller decides and calls with what it trusts, `app` and the spec's settings, never
 /// with what the token Secret says of them (every consumer may write it).
 pub(super) async fn step(
@@ -73,11 +96,7 @@ pub(super) async fn step(
 ) -> Result<TokenOutcome, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let ahead = resources::ahead_of_expiry(conn);
-    let token_url = checks::endpoints(conn, &ctx.policy.default_endpoints).token_url;
-    let trusted = Trusted {
-        settings: Some(resources::protocol_settings(conn, &token_url)),
-        client: Some(app),
-    };
+    let trusted = trusted(conn, ctx, app);
     let refresher = Refresher::new(
         ctx.client.clone(),
         &ns,
@@ -91,10 +110,13 @@ pub(super) async fn step(
     .with_write_watch(ctx.own_writes.clone())
     .with_max_wait(PRODUCER_MAX_WAIT)
     .with_http(ctx.http.clone());
-    let refresher = match &ctx.gate {
-        Some(gate) => refresher.with_gate(gate.clone()),
-        None => refresher,
-    };
+    let uid = conn.uid().unwrap_or_default();
+    let refresher = refresher.with_budget(Arc::new(ctx.spending.budget(
+        &uid,
+        &ns,
+        ctx.gate.clone(),
+        ctx.min_call_interval,
+    )));
     // A refresh claimed ahead is timed from the due time, when its call goes out.
     let until_due = token_secret.as_ref().map_or(Duration::ZERO, |s| {
         call_delay(
@@ -109,6 +131,7 @@ pub(super) async fn step(
     };
     let started = std::time::Instant::now() + until_due;
     let result = refresher.get().await;
+    ctx.metrics.token_calls.inc_by(refresher.xero_calls());
     // What the protocol ended on: the Secret as last read or written (no second read).
     let record = refresher.last_record();
     if let Some(rec) = &record {
@@ -117,6 +140,19 @@ pub(super) async fn step(
     let outcome = match result {
         Ok(token) => {
             let now = SystemTime::now();
+            // A pair the controller just got from Xero itself: the connection's minimum
+            // interval before it refreshes that pair again.
+            if refresher.xero_calls() > 0
+                && let Some(r) = record
+                    .as_ref()
+                    .filter(|r| r.refreshed_by.as_deref() == Some(ctx.identity.as_str()))
+            {
+                ctx.spending.note_refresh(
+                    &uid,
+                    token.expires_at.duration_since(now).unwrap_or_default(),
+                    r.pair_fingerprint(),
+                );
+            }
             let due = record
                 .as_ref()
                 .and_then(|r| r.due_at(ahead))

@@ -9,13 +9,14 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{
     Controller, Predicate, PredicateConfig, WatchStreamExt, controller, predicates, watcher,
 };
 use kube::{Api, Client, ResourceExt};
 
 use super::context::Context;
+use super::ownership::LABEL_CLIENT_CREDENTIALS;
 use super::{Error, wake};
 use crate::crd::XeroConnection;
 use crate::protocol::format as f;
@@ -52,9 +53,6 @@ pub async fn run(
     Ok(())
 }
 
-/// The annotation `kubectl apply` keeps a copy of the applied object in.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
     let conns: Api<XeroConnection> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -87,8 +85,9 @@ async fn run_scope(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    // The connections, cached without their managedFields and kubectl's copy of the applied
-    // object (memory: each is about the size of the object itself), and passed on only when
+    let client_secret_api = secrets.clone();
+    // The connections, cached with only what reconciles read (memory: bounded by the spec's
+    // schema, not by what an author puts in the metadata), and passed on only when
     // the spec (generation: also bumped when deletion starts) or the finalizers change: the
     // controller's own status writes do not wake it again.
     let (store, writer) = reflector::store();
@@ -102,9 +101,12 @@ async fn run_scope(
                 forget_ctx.forget(conn);
             }
         })
+        // What reconciles never read is not kept: managed fields, labels and annotations (an
+        // author's 250 KB annotation would otherwise cost the operator 250 KB per connection).
         .modify(|c: &mut XeroConnection| {
-            c.managed_fields_mut().clear();
-            c.annotations_mut().remove(LAST_APPLIED);
+            c.metadata.managed_fields = None;
+            c.metadata.annotations = None;
+            c.metadata.labels = None;
         })
         .reflect(writer)
         .applied_objects()
@@ -150,6 +152,21 @@ async fn run_scope(
         rx.recv().await.map(|s| (Ok(s), rx))
     });
     let token_secrets = futures_util::stream::select(judged, settled);
+    // Client Secrets (opted in by label; metadata only): a fixed client secret is used at once,
+    // not at the next recheck. Only changes: every connection is reconciled at start anyway.
+    let client_secrets = watcher(
+        client_secret_api,
+        watcher::Config::default().labels(&format!("{LABEL_CLIENT_CREDENTIALS}=true")),
+    )
+    .default_backoff()
+    .filter_map(|event| {
+        std::future::ready(match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let connections_store = store.clone();
     Controller::for_stream(connections, store)
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
         // By the Secret's namespace and name, never by its label, which consumers may write.
@@ -157,6 +174,17 @@ async fn run_scope(
             owners_ctx
                 .secret_owners
                 .of(&s.namespace().unwrap_or_default(), &s.name_any())
+        })
+        // The connections in the Secret's namespace that name it as their client Secret (a
+        // scan of the cache: client Secrets change rarely).
+        .watches_stream(client_secrets, move |s: PartialObjectMeta<Secret>| {
+            let (ns, name) = (s.namespace(), s.name_any());
+            connections_store
+                .state()
+                .into_iter()
+                .filter(|c| c.namespace() == ns && c.spec.client_secret_ref.name == name)
+                .map(|c| ObjectRef::from_obj(&*c))
+                .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)
         .run(super::reconcile, error_policy, ctx)

@@ -1,32 +1,90 @@
-//! One token bucket per Xero app (client id): caps the token calls all connections of an app make
-//! from this process, so a thousand connections expiring in the same second never burst past
-//! Xero's app-wide limit. Built on `governor` (GCRA).
+//! The controller's cap on the token calls of each Xero app (client id), so a thousand
+//! connections expiring in the same second never burst past Xero's app-wide limit, and no
+//! namespace spends another's share.
+//!
+//! GCRA as virtual scheduling: a schedule has a theoretical arrival time that every call pushes
+//! on by a period; a call may go out once it is within the burst's tolerance of it. Each app has
+//! one, and each (app, namespace) one of its own at half the app's rate, so one namespace's
+//! storm takes at most half of an app's calls and the others keep the rest; other apps are never
+//! touched.
+//!
+//! Nobody waits in the gate (a reconcile never holds a worker slot for a permit): a call that
+//! may not go out now is told when to come back. Within a namespace, callers get their turns in
+//! the order they asked (a **share**: a reserved slot of the namespace's schedule, which the
+//! caller then holds); the app's schedule is only checked when a call goes, so the slots that
+//! one namespace leaves free stay free for the others.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use governor::{DefaultKeyedRateLimiter, Quota};
+/// How many namespaces' worth of an app's calls one namespace may take at most (it gets
+/// `1 / NAMESPACE_SHARE` of them).
+pub const NAMESPACE_SHARE: u32 = 2;
+/// Schedules kept before the ones long caught up with are dropped.
+const PRUNE_ABOVE: usize = 4096;
 
-/// A shared per-app limiter of token calls.
+/// One GCRA schedule's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rate {
+    period: Duration,
+    /// How far ahead of its theoretical arrival time a call may go (the burst).
+    tolerance: Duration,
+}
+
+impl Rate {
+    fn per_minute(per_minute: NonZeroU32) -> Self {
+        let (burst, period) = bucket_for(per_minute);
+        Self {
+            period,
+            tolerance: period * (burst.get() - 1),
+        }
+    }
+
+    /// The earliest instant a call asked for at `now` may go out, given the theoretical
+    /// arrival time `tat`.
+    fn earliest(self, tat: Option<Instant>, now: Instant) -> Instant {
+        match tat.and_then(|t| t.checked_sub(self.tolerance)) {
+            Some(allowed) if allowed > now => allowed,
+            _ => now,
+        }
+    }
+
+    /// The theoretical arrival time after a call at `at`.
+    fn after(self, tat: Option<Instant>, at: Instant) -> Instant {
+        tat.map_or(at, |t| t.max(at)) + self.period
+    }
+}
+
+/// A shared cap of token calls per app, and per app and namespace.
 #[derive(Clone)]
 pub struct AppGate {
-    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    app: Rate,
+    namespace: Rate,
+    schedules: Arc<Mutex<Schedules>>,
     /// Told the client id of each permit given (the controller counts them per app).
     on_permit: Option<PermitHook>,
+}
+
+#[derive(Default)]
+struct Schedules {
+    apps: HashMap<String, Instant>,
+    namespaces: HashMap<(String, String), Instant>,
 }
 
 /// Told the client id of each permit given.
 type PermitHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl AppGate {
-    /// At most `per_minute` calls per app in any 60-second window (see [`bucket_for`]).
+    /// At most `per_minute` calls per app in any 60-second window (see [`bucket_for`]), and at
+    /// most `per_minute / NAMESPACE_SHARE` (at least 1) per app and namespace.
     pub fn per_minute(per_minute: NonZeroU32) -> Self {
-        let (burst, period) = bucket_for(per_minute);
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_minute(per_minute))
-            .allow_burst(burst);
+        let share = NonZeroU32::new((per_minute.get() / NAMESPACE_SHARE).max(1)).expect("1");
         Self {
-            limiter: Arc::new(DefaultKeyedRateLimiter::keyed(quota)),
+            app: Rate::per_minute(per_minute),
+            namespace: Rate::per_minute(share),
+            schedules: Arc::default(),
             on_permit: None,
         }
     }
@@ -37,26 +95,64 @@ impl AppGate {
         self
     }
 
-    fn permitted(&self, client_id: &str) {
+    /// May a call of `app` from `namespace` go out at `now`? `holding_share`: the caller holds a
+    /// due slot of the namespace's schedule (from an earlier [`Permit::ComeBack`]).
+    pub fn ask(&self, app: &str, namespace: &str, holding_share: bool, now: Instant) -> Permit {
+        let mut s = lock(&self.schedules);
+        if !holding_share {
+            let key = (app.to_owned(), namespace.to_owned());
+            let ns_tat = s.namespaces.get(&key).copied();
+            let at = self.namespace.earliest(ns_tat, now);
+            s.namespaces.insert(key, self.namespace.after(ns_tat, at));
+            if at > now {
+                return Permit::ComeBack {
+                    at,
+                    holding_share: true,
+                };
+            }
+        }
+        let app_tat = s.apps.get(app).copied();
+        let at = self.app.earliest(app_tat, now);
+        if at > now {
+            // The namespace's turn is taken; the app's calls are spent for now (by other
+            // namespaces): back as it frees, spread over a tenth of a period so that callers
+            // of several namespaces do not all come back in the same instant.
+            let spread = self.app.period.mul_f64(fastrand::f64() / 10.0);
+            return Permit::ComeBack {
+                at: at + spread,
+                holding_share: true,
+            };
+        }
+        s.apps.insert(app.to_owned(), self.app.after(app_tat, now));
+        if s.apps.len() + s.namespaces.len() > PRUNE_ABOVE {
+            // A schedule that has caught up with now is the same as none.
+            s.apps.retain(|_, tat| *tat > now);
+            s.namespaces.retain(|_, tat| *tat > now);
+        }
+        drop(s);
         if let Some(f) = &self.on_permit {
-            f(client_id);
+            f(app);
         }
+        Permit::Go
     }
 
-    /// Waits until a call for `client_id` may go out.
-    pub async fn until_ready(&self, client_id: &str) {
-        self.limiter.until_key_ready(&client_id.to_owned()).await;
-        self.permitted(client_id);
+    /// Whether a call of `app` from `namespace` may go out now (taking the permit if so).
+    pub fn try_now(&self, app: &str, namespace: &str) -> bool {
+        self.ask(app, namespace, false, Instant::now()) == Permit::Go
     }
+}
 
-    /// Whether a call for `client_id` may go out now (taking the permit if so).
-    pub fn try_now(&self, client_id: &str) -> bool {
-        let ok = self.limiter.check_key(&client_id.to_owned()).is_ok();
-        if ok {
-            self.permitted(client_id);
-        }
-        ok
-    }
+/// The gate's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permit {
+    /// Call now.
+    Go,
+    /// Ask again at `at`; `holding_share`: then with the namespace's turn already taken.
+    ComeBack { at: Instant, holding_share: bool },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The bucket's burst and refill period for a cap of `per_minute` calls in any 60-second window.
@@ -78,12 +174,22 @@ pub fn bucket_for(per_minute: NonZeroU32) -> (NonZeroU32, std::time::Duration) {
 mod tests {
     use super::*;
 
+    fn gate(cap: u32) -> AppGate {
+        AppGate::per_minute(NonZeroU32::new(cap).expect("nonzero"))
+    }
+
     #[test]
     fn bursts_are_a_hundredth_of_the_minute_and_apps_are_separate() {
-        let gate = AppGate::per_minute(NonZeroU32::new(1000).expect("nonzero"));
-        let admitted = (0..50).filter(|_| gate.try_now("app-a")).count();
+        let g = gate(1000);
+        let admitted = (0..50)
+            .filter(|i| g.try_now("app-a", &format!("ns-{i}")))
+            .count();
         assert_eq!(admitted, 10, "burst of 1000/100");
-        assert!(gate.try_now("app-b"), "another app has its own bucket");
+        assert!(g.try_now("app-b", "ns-0"), "another app has its own bucket");
+        // One namespace: half of it.
+        let g = gate(1000);
+        let admitted = (0..50).filter(|_| g.try_now("app-a", "ns")).count();
+        assert_eq!(admitted, 5, "a namespace's burst: its share's");
     }
 
     #[test]
@@ -111,8 +217,76 @@ mod tests {
 
     #[test]
     fn a_tiny_quota_still_admits_one() {
-        let gate = AppGate::per_minute(NonZeroU32::new(1).expect("nonzero"));
-        assert!(gate.try_now("a"));
-        assert!(!gate.try_now("a"));
+        let g = gate(1);
+        assert!(g.try_now("a", "ns"));
+        assert!(!g.try_now("a", "ns"));
+    }
+
+    /// Asks until each caller has gone, as a controller's requeues would: returns each
+    /// caller's go time.
+    fn serve(g: &AppGate, callers: &[(&str, &str)], start: Instant) -> Vec<Instant> {
+        let mut pending: Vec<(usize, Instant, bool)> =
+            (0..callers.len()).map(|i| (i, start, false)).collect();
+        let mut went = vec![start; callers.len()];
+        while !pending.is_empty() {
+            pending.sort_by_key(|(i, at, _)| (*at, *i));
+            let (i, at, holding) = pending.remove(0);
+            match g.ask(callers[i].0, callers[i].1, holding, at) {
+                Permit::Go => went[i] = at,
+                Permit::ComeBack { at, holding_share } => pending.push((i, at, holding_share)),
+            }
+        }
+        went
+    }
+
+    #[test]
+    fn a_namespace_is_served_in_turn_at_its_share_of_the_rate() {
+        // 600 a minute for the app; 300 a minute (one per 200 ms, a burst of 3) per namespace.
+        let g = gate(600);
+        let start = Instant::now();
+        let callers = vec![("app", "a"); 30];
+        let went = serve(&g, &callers, start);
+        let (_, ns_period) = bucket_for(NonZeroU32::new(300).expect("nonzero"));
+        let last = went.iter().max().expect("went").duration_since(start);
+        let expected = ns_period * (30 - 3);
+        assert!(
+            last >= expected.mul_f64(0.95) && last <= expected.mul_f64(1.1),
+            "{last:?}, expected about {expected:?}"
+        );
+        // In the order they asked.
+        assert!(went.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn one_namespaces_storm_leaves_the_others_their_share() {
+        let g = gate(600);
+        let start = Instant::now();
+        let (_, app_period) = bucket_for(NonZeroU32::new(600).expect("nonzero"));
+        // 60 calls from a storming namespace, 10 from a quiet one, all asked at once.
+        let mut callers = vec![("app", "storm"); 60];
+        callers.extend(vec![("app", "quiet"); 10]);
+        let went = serve(&g, &callers, start);
+        let storm_end = went[..60]
+            .iter()
+            .max()
+            .expect("storm")
+            .duration_since(start);
+        let quiet_end = went[60..]
+            .iter()
+            .max()
+            .expect("quiet")
+            .duration_since(start);
+        // The quiet namespace is not queued behind the storm: its ten calls go at its own
+        // share's pace, within the first sixth of the storm.
+        assert!(
+            quiet_end <= storm_end / 4,
+            "quiet done at {quiet_end:?}, the storm at {storm_end:?}"
+        );
+        // And the app's cap holds overall: no minute-long window sees more than 600 (here: the
+        // 70 calls take at least 70 - burst app periods).
+        let all_end = went.iter().max().expect("all").duration_since(start);
+        assert!(all_end >= app_period * (70 - 6), "{all_end:?}");
+        // Another app is not touched.
+        assert_eq!(g.ask("other-app", "storm", false, start), Permit::Go);
     }
 }

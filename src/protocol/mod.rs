@@ -5,6 +5,7 @@
 //! - [`format`]: the Secret's keys and annotations, parsed and patched (pure).
 //! - [`decide`]: the decision function (pure, unit-tested exhaustively).
 //! - [`backoff`]: retry delays.
+//! - [`retry`]: after a failed call, call again within the claim or release it (pure).
 //! - [`gate`]: one token bucket per Xero app for the controller's calls.
 //! - [`follow`]: a consumer in use keeps its Secret watched, so a stored token reaches it at once.
 //! - [`refresher`]: the I/O around the decision, with single flight inside one process.
@@ -15,6 +16,7 @@ pub mod follow;
 pub mod format;
 pub mod gate;
 pub mod refresher;
+pub mod retry;
 
 pub use decide::{Role, Step, decide};
 pub use format::TokenRecord;
@@ -71,25 +73,172 @@ pub enum Error {
     /// The token endpoint's host is not one this party may send credentials to.
     #[error("endpoint not allowed: {0}")]
     EndpointNotAllowed(String),
-    /// No usable token within the time allowed (another party held the claim, or Xero asked to
-    /// wait).
+    /// No usable token within the time allowed: another party held the claim for longer.
     #[error("no usable token within {0:?}: {1}")]
     Timeout(std::time::Duration, String),
+    /// Xero answered 429 (to this party or another): nobody calls before `until`, which is
+    /// after this caller's deadline.
+    #[error("rate limited: Xero asked to wait until {}", format::format_time(*until))]
+    RateLimited { until: std::time::SystemTime },
+    /// Refreshes kept failing (Xero unavailable, unusable answers): every party backs off until
+    /// `until`, which is after this caller's deadline.
+    #[error(
+        "Xero unavailable: {failures} refreshes in a row failed; the next attempt is not before {}",
+        format::format_time(*until)
+    )]
+    BackingOff {
+        until: std::time::SystemTime,
+        failures: u32,
+    },
+    /// The controller's own cap on calls per app (`--app-calls-per-minute`): its next permit
+    /// comes in this long. (Only a refresher with a gate meets it; it never waits for one.)
+    #[error("the app's calls are at the operator's cap; the next is permitted in {0:?}")]
+    Throttled(std::time::Duration),
+}
+
+/// Which state a failure leaves a caller in: what every consumer surface names (the exit code of
+/// `xero-token`, the `error` of `xero-token serve`, [`Error::kind`] of the library).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A person must authorise the app again (or for the first time).
+    ReauthorizationRequired,
+    /// The token Secret holds no refresh token yet.
+    NoRefreshToken,
+    /// Xero refused the app's credentials or the request for good: a person must fix them.
+    Stopped,
+    /// Xero asked to wait (429), or the operator's own per-app cap did.
+    RateLimited,
+    /// Xero is failing (5xx, no answer, unusable answers): every party backs off.
+    XeroUnavailable,
+    /// The Kubernetes API refused or failed (RBAC, the Secret missing, an outage), or the
+    /// Secret lacks what a refresh needs.
+    ApiUnavailable,
+    /// Another party held the refresh for longer than this caller would wait.
+    Timeout,
+    /// The token endpoint is not one this party may send credentials to.
+    EndpointNotAllowed,
+}
+
+impl Kind {
+    /// The name `xero-token serve` answers with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReauthorizationRequired => "reauthorization_required",
+            Self::NoRefreshToken => "no_refresh_token",
+            Self::Stopped => "stopped",
+            Self::RateLimited => "rate_limited",
+            Self::XeroUnavailable => "xero_unavailable",
+            Self::ApiUnavailable => "api_unavailable",
+            Self::Timeout => "timeout",
+            Self::EndpointNotAllowed => "endpoint_not_allowed",
+        }
+    }
+
+    /// The exit code of `xero-token` (README).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::ReauthorizationRequired => 3,
+            Self::NoRefreshToken => 4,
+            Self::XeroUnavailable => 5,
+            Self::ApiUnavailable | Self::EndpointNotAllowed => 6,
+            Self::Timeout => 7,
+            Self::Stopped => 8,
+            Self::RateLimited => 9,
+        }
+    }
 }
 
 impl Error {
+    /// The state this error leaves the caller in.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::ReauthorizationRequired(_) | Self::UnreadableRefreshToken => {
+                Kind::ReauthorizationRequired
+            }
+            Self::NoRefreshToken => Kind::NoRefreshToken,
+            Self::Stopped { .. } => Kind::Stopped,
+            Self::Xero(XeroError::RateLimited { .. })
+            | Self::RateLimited { .. }
+            | Self::Throttled(_) => Kind::RateLimited,
+            Self::Xero(_) | Self::BackingOff { .. } => Kind::XeroUnavailable,
+            Self::Kube { .. } | Self::SecretNotFound { .. } | Self::MissingClientCredentials => {
+                Kind::ApiUnavailable
+            }
+            Self::EndpointNotAllowed(_) => Kind::EndpointNotAllowed,
+            Self::Timeout(..) => Kind::Timeout,
+        }
+    }
+
     /// Exit code of the `xero-token` CLI for this error (documented in the README).
     pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::ReauthorizationRequired(_) | Self::UnreadableRefreshToken => 3,
-            Self::NoRefreshToken => 4,
-            Self::Xero(_) => 5,
-            Self::Kube { .. }
-            | Self::SecretNotFound { .. }
-            | Self::MissingClientCredentials
-            | Self::EndpointNotAllowed(_) => 6,
-            Self::Timeout(..) => 7,
-            Self::Stopped { .. } => 8,
+        self.kind().exit_code()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_state_has_its_own_name_and_exit_code() {
+        use std::time::{Duration, SystemTime};
+        let cases = [
+            (
+                Error::ReauthorizationRequired("x".into()),
+                "reauthorization_required",
+                3,
+            ),
+            (Error::NoRefreshToken, "no_refresh_token", 4),
+            (
+                Error::Stopped {
+                    code: "invalid_client".into(),
+                    description: None,
+                },
+                "stopped",
+                8,
+            ),
+            (
+                Error::RateLimited {
+                    until: SystemTime::now(),
+                },
+                "rate_limited",
+                9,
+            ),
+            (
+                Error::Xero(XeroError::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                    problem: "minute".into(),
+                }),
+                "rate_limited",
+                9,
+            ),
+            (
+                Error::Xero(XeroError::Unavailable(503)),
+                "xero_unavailable",
+                5,
+            ),
+            (
+                Error::BackingOff {
+                    until: SystemTime::now(),
+                    failures: 2,
+                },
+                "xero_unavailable",
+                5,
+            ),
+            (Error::MissingClientCredentials, "api_unavailable", 6),
+            (
+                Error::Timeout(Duration::from_secs(1), "held".into()),
+                "timeout",
+                7,
+            ),
+        ];
+        let mut codes = std::collections::BTreeMap::new();
+        for (e, name, code) in cases {
+            assert_eq!((e.kind().as_str(), e.exit_code()), (name, code), "{e}");
+            codes.insert(name, code);
         }
+        // One exit code per state.
+        let distinct: std::collections::BTreeSet<_> = codes.values().collect();
+        assert_eq!(distinct.len(), codes.len());
     }
 }

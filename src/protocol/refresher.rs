@@ -20,15 +20,11 @@ use super::format::{
     ANN_STOPPED_FOR, Lease, TokenRecord, claim_patch, format_time, release_patch, salvage_patch,
     token_patch,
 };
+use super::retry::{Failure, LEASE_MARGIN, MIN_CALL, Next, after_failed_call};
 use crate::crd::Grant;
 use crate::redact::Sensitive;
 use crate::xero::{Endpoints, TokenSet, XeroClient, XeroError};
 
-/// Safety margin: stop retrying Xero this long before the claim runs out, so the holder can
-/// still write or release before another party may take over.
-const LEASE_MARGIN: Duration = Duration::from_secs(2);
-/// The shortest call to Xero worth making: with less of the claim left, release and start over.
-const MIN_CALL: Duration = Duration::from_secs(1);
 /// How long a copy of the Secret may stand in for reading it. Every write is conditional on the
 /// `resourceVersion`, so a stale copy costs a conflict and a re-read, never a lost token; the
 /// limit keeps a copy left from an earlier call from being used much later.
@@ -144,8 +140,9 @@ pub struct Inner {
     max_wait: Duration,
     /// How long one call to Xero may take.
     xero_timeout: Duration,
-    /// The per-app token bucket every call waits on, if any.
-    gate: Option<super::gate::AppGate>,
+    /// What the caller allows this party to spend on calls to Xero, if anything limits it (the
+    /// controller: the per-app cap and the connection's minimum interval).
+    budget: Option<Arc<dyn CallBudget>>,
     /// Hosts this party may send credentials to (the controller's `--allowed-endpoint-hosts`;
     /// by default Xero's own): every consumer may write the Secret's `token-url`, so no party
     /// sends the refresh token and the client credentials wherever it says.
@@ -170,6 +167,8 @@ pub struct Inner {
     last_use: Mutex<std::time::Instant>,
     /// Requests this party made to the API server (reads, writes, watches).
     requests: AtomicU64,
+    /// Calls this party made to the token endpoint.
+    xero_calls: AtomicU64,
     /// The last version of the Secret the follower saw (it resumes from there).
     followed: Mutex<Option<String>>,
     /// The last version the follower saw, whole: while its watch is open it stands in for a
@@ -186,6 +185,13 @@ pub struct Inner {
     managed: std::sync::atomic::AtomicBool,
     /// When the API server last refused the follower's watch ([`FOLLOW_REFUSED_PAUSE`]).
     follow_refused: Mutex<Option<std::time::Instant>>,
+}
+
+/// What a party may spend on calls to Xero: asked before each claim, with the Secret as the
+/// claim would be made on (its app is the one that would call).
+pub trait CallBudget: Send + Sync {
+    /// `Ok` if a call for `rec` may go out now; else how long until one may.
+    fn ask(&self, rec: &TokenRecord) -> Result<(), Duration>;
 }
 
 /// Told of every write a party makes to its Secret (the controller: so that the events of its
@@ -229,7 +235,7 @@ impl Refresher {
             default_endpoints: Endpoints::default(),
             max_wait: Duration::from_secs(60),
             xero_timeout: crate::xero::REQUEST_TIMEOUT,
-            gate: None,
+            budget: None,
             allowlist: crate::allowlist::EndpointAllowlist::for_callers::<&str>(&[])
                 .expect("Xero's hosts are valid entries"),
             trusted: super::format::Trusted::default(),
@@ -241,6 +247,7 @@ impl Refresher {
             gets: AtomicU64::new(0),
             last_use: Mutex::new(std::time::Instant::now()),
             requests: AtomicU64::new(0),
+            xero_calls: AtomicU64::new(0),
             followed: Mutex::new(None),
             followed_latest: tokio::sync::watch::Sender::new(None),
             follow_live: std::sync::atomic::AtomicBool::new(false),
@@ -299,9 +306,10 @@ impl Refresher {
         self
     }
 
-    /// Makes every call to Xero wait for a permit of its app's token bucket.
-    pub fn with_gate(mut self, gate: super::gate::AppGate) -> Self {
-        self.inner_mut().gate = Some(gate);
+    /// Asks `budget` before each claim; a refusal ends the `get` with [`Error::Throttled`]
+    /// (nothing claimed, nothing called) rather than a wait.
+    pub fn with_budget(mut self, budget: Arc<dyn CallBudget>) -> Self {
+        self.inner_mut().budget = Some(budget);
         self
     }
 
@@ -380,6 +388,11 @@ impl Refresher {
     /// Requests made to the API server so far (reads, writes, watches).
     pub fn api_requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Calls made to the token endpoint so far, answered or not.
+    pub fn xero_calls(&self) -> u64 {
+        self.xero_calls.load(Ordering::Relaxed)
     }
 
     /// A consumer asking: from its second `get` on it is in use, and follows its Secret (one
@@ -740,14 +753,23 @@ impl Inner {
                         continue;
                     }
                     if give_up {
-                        let why = match reason {
-                            WaitReason::HeldBy(h) => format!(
-                                "the refresh is held by {}",
-                                crate::text::sanitize(&h, crate::text::MAX_IDENTITY_CHARS)
+                        return Err(match reason {
+                            WaitReason::HeldBy(h) => Error::Timeout(
+                                self.max_wait,
+                                format!(
+                                    "the refresh is held by {}",
+                                    crate::text::sanitize(&h, crate::text::MAX_IDENTITY_CHARS)
+                                ),
                             ),
-                            WaitReason::RateLimited => "Xero asked to wait (429)".to_owned(),
-                        };
-                        return Err(Error::Timeout(self.max_wait, why));
+                            // retry-not-before: a 429's, or the backoff after failures.
+                            WaitReason::RateLimited if rec.failed_attempts > 0 => {
+                                Error::BackingOff {
+                                    until,
+                                    failures: rec.failed_attempts,
+                                }
+                            }
+                            WaitReason::RateLimited => Error::RateLimited { until },
+                        });
                     }
                     self.wait_for_change(rec.resource_version.as_deref(), wait.min(left))
                         .await;
@@ -774,10 +796,12 @@ impl Inner {
                             continue;
                         }
                     }
-                    // The app's token bucket is waited on before claiming, so a long wait in a
-                    // storm never eats into the claim.
-                    if let (Some(gate), Some(app)) = (&self.gate, &rec.client) {
-                        gate.until_ready(&app.client_id).await;
+                    // The budget is asked before claiming, so a wait for it never eats into a
+                    // claim, and nobody waits for it here: the caller comes back.
+                    if let Some(budget) = &self.budget
+                        && let Err(wait) = budget.ask(&rec)
+                    {
+                        return Err(Error::Throttled(wait));
                     }
                     let now = SystemTime::now();
                     let lease_end = now + rec.settings.lease_duration;
@@ -1010,6 +1034,7 @@ impl Inner {
             }
             let xero =
                 XeroClient::with_http(http.clone(), endpoints.clone(), self.xero_timeout.min(left));
+            self.xero_calls.fetch_add(1, Ordering::Relaxed);
             let answer = match (rec.settings.grant, &presented) {
                 (Grant::RefreshToken, Some(rt)) => xero.refresh(&app, rt).await,
                 (Grant::RefreshToken, None) => return Err(Error::NoRefreshToken),
@@ -1040,37 +1065,41 @@ impl Inner {
                     .await?;
                     return Ok(None);
                 }
-                XeroError::RateLimited { retry_after, .. } => {
-                    if SystemTime::now() + retry_after + LEASE_MARGIN + MIN_CALL < lease_end {
-                        tokio::time::sleep(retry_after).await;
-                    } else {
-                        let until = SystemTime::now() + retry_after;
-                        self.release(&rec, &[(ANN_RETRY_NOT_BEFORE, Some(format_time(until)))])
-                            .await;
-                        return Err(Error::Xero(err));
-                    }
-                }
                 e if e.is_retryable() => {
-                    let delay = XERO_RETRY.delay(attempt);
-                    // No time for another call of at least MIN_CALL after the delay: give up
-                    // this claim with a backoff for everyone.
-                    if SystemTime::now() + delay + LEASE_MARGIN + MIN_CALL >= lease_end {
-                        // Out of claim: everyone backs off, longer after each such failure.
-                        let failures = rec.failed_attempts.saturating_add(1);
-                        let not_before =
-                            SystemTime::now() + ACROSS_CLAIMS.delay(failures.saturating_sub(1));
-                        tracing::warn!(secret = %self.name, error = %e, failures, not_before = %format_time(not_before), "refresh failed; backing off");
-                        self.release(
-                            &rec,
-                            &[
-                                (ANN_RETRY_NOT_BEFORE, Some(format_time(not_before))),
-                                (ANN_FAILED_ATTEMPTS, Some(failures.to_string())),
-                            ],
-                        )
-                        .await;
-                        return Err(Error::Xero(e));
+                    let failure = match &e {
+                        XeroError::RateLimited { retry_after, .. } => Failure::RateLimited {
+                            retry_after: *retry_after,
+                        },
+                        XeroError::Unreachable(_) => Failure::Unreached,
+                        _ => Failure::Transient,
+                    };
+                    let next = after_failed_call(
+                        failure,
+                        attempt + 1,
+                        SystemTime::now(),
+                        lease_end,
+                        rec.failed_attempts,
+                        XERO_RETRY.delay(attempt),
+                        ACROSS_CLAIMS.delay(rec.failed_attempts),
+                    );
+                    match next {
+                        Next::CallAgain { after } => tokio::time::sleep(after).await,
+                        Next::Release {
+                            not_before,
+                            failed_attempts,
+                        } => {
+                            // Out of calls or of claim: everyone waits, longer after each
+                            // claim that ended this way.
+                            let mut markers =
+                                vec![(ANN_RETRY_NOT_BEFORE, Some(format_time(not_before)))];
+                            if let Some(n) = failed_attempts {
+                                markers.push((ANN_FAILED_ATTEMPTS, Some(n.to_string())));
+                            }
+                            tracing::warn!(secret = %self.name, error = %e, calls = attempt + 1, not_before = %format_time(not_before), "refresh failed; backing off");
+                            self.release(&rec, &markers).await;
+                            return Err(Error::Xero(e));
+                        }
                     }
-                    tokio::time::sleep(delay).await;
                 }
                 e => return Err(self.stop(&rec, e).await),
             }

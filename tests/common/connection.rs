@@ -140,6 +140,17 @@ pub fn start_controller_as(
     allowlist: xero_operator::allowlist::EndpointAllowlist,
     configure: impl FnOnce(&mut Context),
 ) -> Running {
+    start_controller_for(client, &[ns], allowlist, configure)
+}
+
+/// Starts a controller for the namespaces `namespaces` in this process with `client`'s rights,
+/// allowed to call the hosts of `allowlist`.
+pub fn start_controller_for(
+    client: &Client,
+    namespaces: &[&str],
+    allowlist: xero_operator::allowlist::EndpointAllowlist,
+    configure: impl FnOnce(&mut Context),
+) -> Running {
     let metrics = Arc::new(Metrics::default());
     let mut ctx = Context::new(client.clone(), CONTROLLER_ID.to_owned(), metrics.clone());
     ctx.recheck = Duration::from_secs(1);
@@ -148,7 +159,7 @@ pub fn start_controller_as(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(
         Arc::new(ctx),
-        vec![ns.to_owned()],
+        namespaces.iter().map(|ns| (*ns).to_owned()).collect(),
         async move {
             let _ = stopped.await;
         },
