@@ -108,15 +108,17 @@ run: prerequisites
 	target/debug/xero-run --bin-dir "$$bin_dir"
 
 ## bench: against the real API server and the emulator, release build; prints tables and writes
-## target/bench/refresh.json (naive vs per-process vs protocol, and protocol ahead of expiry) and target/bench/scale.json
-## (connections per controller, RSS, idle CPU, a refresh storm). SCALE_COUNTS=100,1000,10000 for
+## target/bench/refresh.json (naive vs per-process vs protocol, and protocol ahead of expiry), target/bench/scale.json
+## (connections per controller, RSS, idle CPU, a refresh storm) and target/bench/isolation.json (one tenant's storm
+## against another app and namespace; memory with hostile specs). SCALE_COUNTS=100,1000,10000 for
 ## the full scale run (long); SCALE_COUNTS=100000 for the 100,000-connection row (about 45 min with its storm).
 SCALE_COUNTS ?= 100,1000
 bench: prerequisites
 	$(CARGO) build --locked --release --bin xero-bench --bin xero-operator
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/release/xero-bench refresh --bin-dir "$$bin_dir" $(BENCH_ARGS) && \
-	target/release/xero-bench scale --bin-dir "$$bin_dir" --counts $(SCALE_COUNTS) $(SCALE_ARGS)
+	target/release/xero-bench scale --bin-dir "$$bin_dir" --counts $(SCALE_COUNTS) $(SCALE_ARGS) && \
+	target/release/xero-bench isolation --bin-dir "$$bin_dir" $(ISOLATION_ARGS)
 
 ## soak: chaos, bounded in time (SOAK_FOR, default 3m): consumers and two controller replicas
 ## under Xero faults, SIGKILLs and an API-server restart; writes target/bench/soak.json and

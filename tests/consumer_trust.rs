@@ -293,13 +293,15 @@ async fn endpoints_and_the_app_come_from_the_connection(policies: Policies) {
         [DEFAULT_CLIENT_ID],
         "only the client Secret's app calls Xero: {counters:?}"
     );
+    // (The gate keys apps by the client id's fingerprint.)
+    let app = xero_operator::redact::Sensitive::new(DEFAULT_CLIENT_ID).fingerprint();
     assert_eq!(
         s.permitted_apps
             .lock()
             .expect("apps")
             .iter()
             .collect::<Vec<_>>(),
-        [DEFAULT_CLIENT_ID],
+        [&app],
         "the per-app gate (and its metric series) is keyed by the client Secret's app alone"
     );
 

@@ -201,10 +201,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let permits = ctx.metrics.app_permits.clone();
     ctx.gate = Some(
         xero_operator::protocol::gate::AppGate::per_minute(per_minute).with_on_permit(
-            move |client_id| {
-                let app = xero_operator::redact::Sensitive::new(client_id).fingerprint();
+            // The gate knows each app by the fingerprint of its client id already.
+            move |app| {
                 permits
-                    .get_or_create(&xero_operator::controller::metrics::AppLabels { app })
+                    .get_or_create(&xero_operator::controller::metrics::AppLabels {
+                        app: app.to_owned(),
+                    })
                     .inc();
             },
         ),

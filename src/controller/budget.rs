@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::context::lock;
 use crate::protocol::format::TokenRecord;
-use crate::protocol::gate::{AppGate, Permit};
+use crate::protocol::gate::{AppGate, Permit, Turn};
 use crate::protocol::refresher::CallBudget;
 
 /// The longest minimum interval between the controller's calls for one connection.
@@ -35,11 +35,17 @@ pub struct Spending {
 #[derive(Clone, Debug, Default)]
 struct Spent {
     /// The controller's last refresh of the connection: when, the lifetime Xero gave the
-    /// token, and the fingerprint of the pair it stored.
+    /// token, and the fingerprint of the refresh token it stored.
     last_refresh: Option<(Instant, Duration, String)>,
-    /// A turn in its namespace's share of the app's calls, due at this instant.
-    share_at: Option<Instant>,
+    /// The backoff the controller's own last failed claim published (a consumer may clear it
+    /// in the Secret; the controller keeps to it).
+    backoff_until: Option<std::time::SystemTime>,
+    /// A turn in the app's calls it holds, due at this instant.
+    turn: Option<(Instant, Turn)>,
 }
+
+/// A turn not used this long after it came due is dropped (the refresh it was for went away).
+const TURN_KEPT: Duration = Duration::from_secs(120);
 
 impl Spending {
     /// Notes a refresh the controller itself just made for connection `uid`: Xero gave a token
@@ -94,6 +100,11 @@ impl ConnectionBudget {
     fn ask_at(&self, client_id: &str, pair: &str, now: Instant) -> Result<(), Duration> {
         let mut all = lock(&self.spending.connections);
         let spent = all.entry(self.uid.clone()).or_default();
+        if let Some(until) = spent.backoff_until
+            && let Ok(left) = until.duration_since(std::time::SystemTime::now())
+        {
+            return Err(left);
+        }
         if let Some((at, lifetime, stored)) = &spent.last_refresh
             && stored == pair
         {
@@ -103,15 +114,17 @@ impl ConnectionBudget {
             }
         }
         if let Some(gate) = &self.gate {
-            let holding = match spent.share_at {
-                Some(at) if at > now => return Err(at - now),
-                Some(_) => true,
-                None => false,
+            let holding = match spent.turn {
+                Some((at, _)) if at > now => return Err(at - now),
+                Some((at, turn)) if now.duration_since(at) < TURN_KEPT => Some(turn),
+                _ => None,
             };
-            match gate.ask(client_id, &self.namespace, holding, now) {
-                Permit::Go => spent.share_at = None,
-                Permit::ComeBack { at, holding_share } => {
-                    spent.share_at = holding_share.then_some(at);
+            // Keyed by a fingerprint: a client id is a tenant's text, of any length.
+            let app = crate::redact::Sensitive::new(client_id).fingerprint();
+            match gate.ask(&app, &self.namespace, holding, now) {
+                Permit::Go => spent.turn = None,
+                Permit::ComeBack { at, turn } => {
+                    spent.turn = Some((at, turn));
                     return Err(at.saturating_duration_since(now));
                 }
             }
@@ -123,7 +136,28 @@ impl ConnectionBudget {
 impl CallBudget for ConnectionBudget {
     fn ask(&self, rec: &TokenRecord) -> Result<(), Duration> {
         let app = rec.client.as_ref().map_or("", |c| c.client_id.as_str());
-        self.ask_at(app, &rec.pair_fingerprint(), Instant::now())
+        self.ask_at(app, &refreshed_what(rec), Instant::now())
+    }
+
+    fn backed_off(&self, until: std::time::SystemTime) {
+        lock(&self.spending.connections)
+            .entry(self.uid.clone())
+            .or_default()
+            .backoff_until = Some(until);
+    }
+}
+
+/// What a refresh of `rec` renews, as the interval tells one refresh from the next: the refresh
+/// token (a consumer that writes another access token or expiry renews nothing), or the app
+/// alone for the client-credentials grant (every refresh there is of the same thing).
+pub fn refreshed_what(rec: &TokenRecord) -> String {
+    match rec.settings.grant {
+        crate::crd::Grant::RefreshToken => rec
+            .refresh_token
+            .as_ref()
+            .map(crate::redact::Sensitive::fingerprint)
+            .unwrap_or_default(),
+        crate::crd::Grant::ClientCredentials => "client-credentials".to_owned(),
     }
 }
 

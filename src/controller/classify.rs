@@ -99,24 +99,30 @@ pub fn classify(
         // The operator's own cap on an app's calls: looked at again when a permit is due,
         // without holding a reconcile slot meanwhile.
         ProtocolError::Throttled(wait) => {
-            let why = format!(
-                "the controller's calls to Xero are capped (per app: --app-calls-per-minute, \
-                 shared between namespaces; per connection: a minute at least after its last refresh, \
-                 or a quarter of a token's life); its next is permitted in {}s",
-                wait.as_secs_f64().ceil()
-            );
+            // No countdown in the text: a status rewritten on every throttled reconcile would
+            // turn each write of a consumer's into a status write.
+            let why = "the controller's calls to Xero are capped (per app: \
+                --app-calls-per-minute, shared between namespaces; per connection: a minute after \
+                its last refresh, or a quarter of a token's life): it refreshes when its turn \
+                comes"
+                .to_owned();
             let state = match rec {
                 Some(r) if r.is_usable(now) => State::Refreshing(why),
                 // Held back after failures: what the connection waits for is Xero.
                 Some(r) if r.failed_attempts > 0 => State::XeroUnavailable(format!(
                     "{} refreshes in a row failed (Xero unavailable or unusable answers); the \
-                     controller tries again in {}s",
-                    r.failed_attempts,
-                    wait.as_secs_f64().ceil()
+                     controller backs off",
+                    r.failed_attempts
                 )),
                 _ => State::RateLimited(why),
             };
-            (state, (*wait).max(Duration::from_millis(10)))
+            // Looked at again at its turn, or when a usable token stops being so (Ready then
+            // turns False on time).
+            let requeue = match rec {
+                Some(r) if r.is_usable(now) => (*wait).min(until_unusable(r, now)),
+                _ => *wait,
+            };
+            (state, requeue.max(Duration::from_millis(10)))
         }
         ProtocolError::Timeout(_, why) => match rec {
             // Another party holds the claim: its store wakes the controller (the Secret is

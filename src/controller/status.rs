@@ -83,8 +83,9 @@ pub(super) async fn announce_first_call(
     write_with(conn, ctx, &outcome, None, false).await
 }
 
-/// How long after the token stops being usable a step still running says so.
-const UNUSABLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long after the token stops being usable a step still running says so (the status write
+/// itself takes a moment more: within a second in all).
+const UNUSABLE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Runs the token `step`. If it is still running when the access token stops being usable
 /// (`usable_until`, from the Secret the step started from) and the connection shows Ready, the
@@ -116,18 +117,23 @@ where
     }
     let outcome = TokenOutcome {
         state: State::TokenExpired(format!(
-            "the access token stopped being usable at {}; its refresh has not succeeded yet \
-             and is being retried",
+            "the access token stopped being usable at {}; its refresh is under way and has not \
+             succeeded yet",
             f::format_time(until)
         )),
         requeue: std::time::Duration::ZERO,
         due: None,
         record: None,
     };
-    if let Err(e) = write_with(conn, ctx, &outcome, None, true).await {
-        tracing::warn!(connection = %conn.name_any(), error = %e, "could not write the expired token's status");
-    }
-    step.await
+    // The step goes on while the status is written: its calls are cut before its claim ends,
+    // whatever the API server's latency.
+    let write = async {
+        if let Err(e) = write_with(conn, ctx, &outcome, None, true).await {
+            tracing::warn!(connection = %conn.name_any(), error = %e, "could not write the expired token's status");
+        }
+    };
+    let ((), outcome) = tokio::join!(write, step);
+    outcome
 }
 
 async fn write_with(

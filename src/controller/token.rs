@@ -150,7 +150,7 @@ pub(super) async fn step(
                 ctx.spending.note_refresh(
                     &uid,
                     token.expires_at.duration_since(now).unwrap_or_default(),
-                    r.pair_fingerprint(),
+                    super::budget::refreshed_what(r),
                 );
             }
             let due = record

@@ -101,12 +101,15 @@ async fn run_scope(
                 forget_ctx.forget(conn);
             }
         })
-        // What reconciles never read is not kept: managed fields, labels and annotations (an
-        // author's 250 KB annotation would otherwise cost the operator 250 KB per connection).
+        // What reconciles never read is not kept: managed fields, labels, annotations and owner
+        // references (an author's 250 KB annotation would otherwise cost the operator 250 KB
+        // per connection). The finalizers stay: kube's finalizer helper removes its own by
+        // index.
         .modify(|c: &mut XeroConnection| {
             c.metadata.managed_fields = None;
             c.metadata.annotations = None;
             c.metadata.labels = None;
+            c.metadata.owner_references = None;
         })
         .reflect(writer)
         .applied_objects()

@@ -367,18 +367,6 @@ impl TokenRecord {
         self
     }
 
-    /// A fingerprint of the stored token pair (access and refresh token): equal while nobody
-    /// stored another pair, whatever else changed.
-    pub fn pair_fingerprint(&self) -> String {
-        let part = |t: &Option<Sensitive>| t.as_ref().map_or("", Sensitive::expose).to_owned();
-        Sensitive::new(format!(
-            "{}\n{}",
-            part(&self.access_token),
-            part(&self.refresh_token)
-        ))
-        .fingerprint()
-    }
-
     /// Reads the kubelet's projection of a token Secret mounted as a directory: one file per key
     /// (through the `..data` symlink). Only the data keys exist there, no annotations.
     pub fn from_dir(dir: &std::path::Path, default_clock_skew: Duration) -> std::io::Result<Self> {

@@ -9,10 +9,12 @@
 //! touched.
 //!
 //! Nobody waits in the gate (a reconcile never holds a worker slot for a permit): a call that
-//! may not go out now is told when to come back. Within a namespace, callers get their turns in
-//! the order they asked (a **share**: a reserved slot of the namespace's schedule, which the
-//! caller then holds); the app's schedule is only checked when a call goes, so the slots that
-//! one namespace leaves free stay free for the others.
+//! may not go out now is told when to come back, holding a **turn**. First the namespace's: a
+//! slot of the namespace's schedule, reserved in the order callers ask. Only once that turn is
+//! due does the caller take a slot of the app's schedule (an app **ticket**, reserved too), so
+//! the app's slots go to namespaces in the order their turns come due: a storming namespace
+//! holds at most one ticket per turn of its share, the others' callers come between, and each
+//! caller comes back once, at its own time (no herd asking for the same slot).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -63,7 +65,8 @@ pub struct AppGate {
     app: Rate,
     namespace: Rate,
     schedules: Arc<Mutex<Schedules>>,
-    /// Told the client id of each permit given (the controller counts them per app).
+    /// Told the app (as the caller named it: the controller names apps by their client id's
+    /// fingerprint) of each permit given; the controller counts them per app.
     on_permit: Option<PermitHook>,
 }
 
@@ -95,11 +98,11 @@ impl AppGate {
         self
     }
 
-    /// May a call of `app` from `namespace` go out at `now`? `holding_share`: the caller holds a
-    /// due slot of the namespace's schedule (from an earlier [`Permit::ComeBack`]).
-    pub fn ask(&self, app: &str, namespace: &str, holding_share: bool, now: Instant) -> Permit {
+    /// May a call of `app` from `namespace` go out at `now`? `holding`: the turn the caller
+    /// holds from an earlier [`Permit::ComeBack`], if it is due.
+    pub fn ask(&self, app: &str, namespace: &str, holding: Option<Turn>, now: Instant) -> Permit {
         let mut s = lock(&self.schedules);
-        if !holding_share {
+        if holding.is_none() {
             let key = (app.to_owned(), namespace.to_owned());
             let ns_tat = s.namespaces.get(&key).copied();
             let at = self.namespace.earliest(ns_tat, now);
@@ -107,23 +110,21 @@ impl AppGate {
             if at > now {
                 return Permit::ComeBack {
                     at,
-                    holding_share: true,
+                    turn: Turn::Namespace,
                 };
             }
         }
-        let app_tat = s.apps.get(app).copied();
-        let at = self.app.earliest(app_tat, now);
-        if at > now {
-            // The namespace's turn is taken; the app's calls are spent for now (by other
-            // namespaces): back as it frees, spread over a tenth of a period so that callers
-            // of several namespaces do not all come back in the same instant.
-            let spread = self.app.period.mul_f64(fastrand::f64() / 10.0);
-            return Permit::ComeBack {
-                at: at + spread,
-                holding_share: true,
-            };
+        if holding != Some(Turn::App) {
+            let app_tat = s.apps.get(app).copied();
+            let at = self.app.earliest(app_tat, now);
+            s.apps.insert(app.to_owned(), self.app.after(app_tat, at));
+            if at > now {
+                return Permit::ComeBack {
+                    at,
+                    turn: Turn::App,
+                };
+            }
         }
-        s.apps.insert(app.to_owned(), self.app.after(app_tat, now));
         if s.apps.len() + s.namespaces.len() > PRUNE_ABOVE {
             // A schedule that has caught up with now is the same as none.
             s.apps.retain(|_, tat| *tat > now);
@@ -138,7 +139,7 @@ impl AppGate {
 
     /// Whether a call of `app` from `namespace` may go out now (taking the permit if so).
     pub fn try_now(&self, app: &str, namespace: &str) -> bool {
-        self.ask(app, namespace, false, Instant::now()) == Permit::Go
+        self.ask(app, namespace, None, Instant::now()) == Permit::Go
     }
 }
 
@@ -147,8 +148,17 @@ impl AppGate {
 pub enum Permit {
     /// Call now.
     Go,
-    /// Ask again at `at`; `holding_share`: then with the namespace's turn already taken.
-    ComeBack { at: Instant, holding_share: bool },
+    /// Ask again at `at`, holding `turn`.
+    ComeBack { at: Instant, turn: Turn },
+}
+
+/// A reserved slot a caller holds between two asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Its namespace's turn: next, a slot of the app's schedule.
+    Namespace,
+    /// A slot of the app's schedule as well: it goes.
+    App,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -225,17 +235,25 @@ mod tests {
     /// Asks until each caller has gone, as a controller's requeues would: returns each
     /// caller's go time.
     fn serve(g: &AppGate, callers: &[(&str, &str)], start: Instant) -> Vec<Instant> {
-        let mut pending: Vec<(usize, Instant, bool)> =
-            (0..callers.len()).map(|i| (i, start, false)).collect();
+        let mut pending: Vec<(usize, Instant, Option<Turn>)> =
+            (0..callers.len()).map(|i| (i, start, None)).collect();
         let mut went = vec![start; callers.len()];
+        let mut asks = 0;
         while !pending.is_empty() {
             pending.sort_by_key(|(i, at, _)| (*at, *i));
             let (i, at, holding) = pending.remove(0);
+            asks += 1;
             match g.ask(callers[i].0, callers[i].1, holding, at) {
                 Permit::Go => went[i] = at,
-                Permit::ComeBack { at, holding_share } => pending.push((i, at, holding_share)),
+                Permit::ComeBack { at, turn } => pending.push((i, at, Some(turn))),
             }
         }
+        // Each caller asks three times at most: no herd.
+        assert!(
+            asks <= 3 * callers.len(),
+            "{asks} asks for {} callers",
+            callers.len()
+        );
         went
     }
 
@@ -255,6 +273,33 @@ mod tests {
         );
         // In the order they asked.
         assert!(went.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn three_storming_namespaces_share_the_app_in_turn() {
+        let g = gate(600);
+        let start = Instant::now();
+        let mut callers = Vec::new();
+        for ns in ["a", "b", "c"] {
+            callers.extend(vec![("app", ns); 30]);
+        }
+        let went = serve(&g, &callers, start);
+        // Each namespace's last call comes at about the same time: the app's calls went to
+        // them in turn, none starved.
+        let last = |k: usize| {
+            went[30 * k..30 * (k + 1)]
+                .iter()
+                .max()
+                .expect("went")
+                .duration_since(start)
+                .as_secs_f64()
+        };
+        let (a, b, c) = (last(0), last(1), last(2));
+        let (lo, hi) = (a.min(b).min(c), a.max(b).max(c));
+        assert!(
+            hi - lo <= 0.2 * hi,
+            "last calls at {a:.1} s, {b:.1} s, {c:.1} s"
+        );
     }
 
     #[test]
@@ -287,6 +332,6 @@ mod tests {
         let all_end = went.iter().max().expect("all").duration_since(start);
         assert!(all_end >= app_period * (70 - 6), "{all_end:?}");
         // Another app is not touched.
-        assert_eq!(g.ask("other-app", "storm", false, start), Permit::Go);
+        assert_eq!(g.ask("other-app", "storm", None, start), Permit::Go);
     }
 }

@@ -192,6 +192,9 @@ pub struct Inner {
 pub trait CallBudget: Send + Sync {
     /// `Ok` if a call for `rec` may go out now; else how long until one may.
     fn ask(&self, rec: &TokenRecord) -> Result<(), Duration>;
+
+    /// This party ended a claim publishing a backoff until `until` (P26, P27).
+    fn backed_off(&self, _until: SystemTime) {}
 }
 
 /// Told of every write a party makes to its Secret (the controller: so that the events of its
@@ -698,6 +701,9 @@ impl Inner {
         let mut fruitless = 0;
         // Whether this round sequence already spread its claim ([`CLAIM_SPREAD`]).
         let mut spread = false;
+        // Whether the budget already let this `get` call: a claim lost to another party (409)
+        // and made again is the same refresh, not another.
+        let mut budgeted = false;
         loop {
             if fruitless > 0 {
                 tokio::time::sleep(XERO_RETRY.delay(fruitless - 1)).await;
@@ -798,10 +804,9 @@ impl Inner {
                     }
                     // The budget is asked before claiming, so a wait for it never eats into a
                     // claim, and nobody waits for it here: the caller comes back.
-                    if let Some(budget) = &self.budget
-                        && let Err(wait) = budget.ask(&rec)
-                    {
-                        return Err(Error::Throttled(wait));
+                    if !budgeted && let Some(budget) = &self.budget {
+                        budget.ask(&rec).map_err(Error::Throttled)?;
+                        budgeted = true;
                     }
                     let now = SystemTime::now();
                     let lease_end = now + rec.settings.lease_duration;
@@ -849,6 +854,15 @@ impl Inner {
                     if let Err(e) = self.check_endpoint(&rec) {
                         self.release(&rec, &[]).await;
                         return Err(e);
+                    }
+                    // A claim in this party's name that this `get` did not make (one a consumer
+                    // wrote, say) is spent from the budget like any other.
+                    if !budgeted && let Some(budget) = &self.budget {
+                        if let Err(wait) = budget.ask(&rec) {
+                            self.release(&rec, &[]).await;
+                            return Err(Error::Throttled(wait));
+                        }
+                        budgeted = true;
                     }
                     let lease_end = match rec.lease {
                         Lease::Held { expires, .. } => expires,
@@ -1096,6 +1110,9 @@ impl Inner {
                                 markers.push((ANN_FAILED_ATTEMPTS, Some(n.to_string())));
                             }
                             tracing::warn!(secret = %self.name, error = %e, calls = attempt + 1, not_before = %format_time(not_before), "refresh failed; backing off");
+                            if let Some(budget) = &self.budget {
+                                budget.backed_off(not_before);
+                            }
                             self.release(&rec, &markers).await;
                             return Err(Error::Xero(e));
                         }

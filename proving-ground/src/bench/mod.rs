@@ -9,6 +9,7 @@
 //! fourth for comparison: the protocol with the controller's `AheadOfExpiry` policy.
 
 pub mod consumer;
+pub mod isolation;
 pub mod scale;
 pub mod soak;
 pub mod timeline;
@@ -332,7 +333,11 @@ pub async fn create_namespace(client: &Client, prefix: &str) -> anyhow::Result<S
         .unwrap_or_default())
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

@@ -20,6 +20,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
+use super::{round1, round2};
 use xero_operator::crd::XeroConnection;
 use xero_operator::protocol::format::{self as f, format_time};
 
@@ -355,14 +356,6 @@ async fn wait_all_ready(
         Ok(done) => done,
         Err(_) => anyhow::bail!("not all {n} connections Ready in {within:?}"),
     }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// Prints the scale table.

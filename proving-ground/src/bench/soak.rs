@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
+use super::round1;
 use crate::controlplane::ControlPlane;
 use crate::emulator::{self, Emulator, Faults};
 use xero_operator::protocol::format::{Expiry, TokenRecord};
@@ -464,10 +465,6 @@ pub async fn soak(
         "grace_reuses": report.chains.iter().map(|c| c.grace_reuses).sum::<u64>(),
         "settled": settled,
     }))
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }
 
 async fn create_connections(

@@ -73,6 +73,32 @@ enum Command {
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Isolation between tenants: one namespace's connections of an app re-expired without
+    /// pause under a tight per-app cap, against another app's and another namespace's
+    /// connection; and the controller's memory with plain and hostile (250 KB annotation) specs.
+    Isolation {
+        /// Connections of app X in the storming namespace.
+        #[arg(long, default_value_t = 40)]
+        storm_connections: usize,
+        /// The controller's per-app cap of token calls per minute.
+        #[arg(long, default_value_t = 60)]
+        app_calls_per_minute: u32,
+        /// Access-token lifetime in the emulator.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// Refreshes of each observed connection to measure.
+        #[arg(long, default_value_t = 5)]
+        lifetimes: u32,
+        /// Connections of each kind for the memory figure (0: skip it).
+        #[arg(long, default_value_t = 300)]
+        memory_connections: usize,
+        /// Where to write the JSON.
+        #[arg(long, default_value = "target/bench/isolation.json")]
+        out: PathBuf,
+        /// Control plane binaries (default: tests/controlplane/build.sh).
+        #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
     /// Chaos soak: consumers and two controller replicas under Xero faults, SIGKILLs and an
     /// API-server restart. Exits 1 if a chain broke, an expired token was handed out, a
     /// refresh token was lost or anything panicked.
@@ -225,6 +251,31 @@ async fn main() -> anyhow::Result<()> {
             bench::print_table(&doc);
             bench::write_json(&out, &doc)?;
             println!("wrote {}", out.display());
+        }
+        Command::Isolation {
+            storm_connections,
+            app_calls_per_minute,
+            token_lifetime,
+            lifetimes,
+            memory_connections,
+            out,
+            bin_dir,
+        } => {
+            let (cp, client) = control_plane(bin_dir).await?;
+            let cfg = bench::isolation::IsolationBench {
+                storm_connections,
+                app_calls_per_minute,
+                token_lifetime,
+                lifetimes,
+                memory_connections,
+                operator: operator_exe()?,
+                kubeconfig: cp.admin_kubeconfig.clone(),
+            };
+            let doc = bench::isolation::isolation(&cfg, &client).await?;
+            bench::isolation::print_table(&doc);
+            bench::write_json(&out, &doc)?;
+            println!("wrote {}", out.display());
+            drop(cp);
         }
         Command::Soak {
             duration,
