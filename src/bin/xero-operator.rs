@@ -128,8 +128,21 @@ async fn return_freed_memory() {
     }
 }
 
+/// Allocations from this size up are mapped on their own and handed back when freed. glibc
+/// raises its threshold after the first such free, and large buffers (an object of a few
+/// hundred kilobytes in a watch event or an API answer: an author's big annotation) would then
+/// be carved from the heap and fragment it for good; fixed, they cost nothing once dropped.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    // SAFETY: mallopt only sets an allocator parameter; called first, before other threads
+    // allocate much (it is thread-safe in glibc anyway).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

@@ -60,10 +60,12 @@ fn kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The controller over `namespaces`, calling `emu` with a cap of `cap` calls a minute per app.
 fn controller(
     cfg: &IsolationBench,
     namespaces: &[&str],
     emu: &Emulator,
+    cap: u32,
 ) -> std::io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&cfg.operator);
     for ns in namespaces {
@@ -75,10 +77,7 @@ fn controller(
         "--identity",
         "controller/isolation",
     ])
-    .arg(format!(
-        "--app-calls-per-minute={}",
-        cfg.app_calls_per_minute
-    ))
+    .arg(format!("--app-calls-per-minute={cap}"))
     .arg(format!("--allowed-endpoint-hosts={}", emu.allowed_host()))
     .env("KUBECONFIG", &cfg.kubeconfig)
     .env("RUST_LOG", "warn")
@@ -269,7 +268,7 @@ async fn fairness(cfg: &IsolationBench, client: &Client) -> anyhow::Result<Value
         .await?;
     connection(client, &emu, &other_ns, "bx", ("app-x", x.0), &none).await?;
     connection(client, &emu, &other_ns, "by", ("app-y", APP_Y.0), &none).await?;
-    let mut controller = controller(cfg, &[&storm_ns, &other_ns], &emu)?;
+    let mut controller = controller(cfg, &[&storm_ns, &other_ns], &emu, cfg.app_calls_per_minute)?;
     wait_ready(client, &other_ns, 2, Duration::from_secs(120)).await?;
 
     // The storm: the consumer of every storming connection expires its token without pause.
@@ -352,7 +351,9 @@ async fn rss_with(
     let hour = Duration::from_secs(3600);
     let emu = super::start_emulator(hour, hour).await?;
     let ns = super::create_namespace(client, "iso-memory").await?;
-    let mut controller = controller(cfg, &[&ns], &emu)?;
+    // A cap that lets every first token through within a minute: memory, not the cap.
+    let cap = u32::try_from(n.max(1) * 4).unwrap_or(u32::MAX);
+    let mut controller = controller(cfg, &[&ns], &emu, cap)?;
     let pid = controller.id().unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let empty = kib(pid, "VmRSS:").unwrap_or_default();
