@@ -192,20 +192,10 @@ fn annotation(secret: &Secret, key: &str) -> Option<String> {
     secret.metadata.annotations.as_ref()?.get(key).cloned()
 }
 
-/// A listener standing in for an attacker's endpoint: counts every connection made to it.
+/// A listener standing in for an attacker's token endpoint; counts every connection to it.
 async fn attacker_listener() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((_socket, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (format!("http://{addr}/connect/token"), hits)
+    let (base, hits) = common::attacker_listener().await;
+    (format!("{base}/connect/token"), hits)
 }
 
 /// Runs the kubectl plugin as the admin (a person with full rights), with `allow` as the one

@@ -10,8 +10,7 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Timings, TokenFixture, chart, token_fixture};
@@ -269,22 +268,6 @@ async fn seeded_secret(s: &Scene, name: &str, annotations: serde_json::Value) {
     .await;
 }
 
-/// A listener standing in for an attacker's endpoint: counts every connection made to it.
-async fn attacker_listener() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((_socket, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (format!("http://{addr}"), hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn someone_elses_secret_is_never_adopted_read_or_granted() {
     let s = scene("trust-adopt", Timings::default()).await;
@@ -450,7 +433,7 @@ async fn client_credentials_come_only_from_opted_in_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_go_only_to_allowed_endpoints() {
     let s = scene("trust-endpoints", Timings::default()).await;
-    let (listener, hits) = attacker_listener().await;
+    let (listener, hits) = common::attacker_listener().await;
     let evil = format!("{listener}/connect/token");
     for (conn, spec) in [
         ("exfil-token", json!({"endpoints": {"tokenUrl": evil}})),
@@ -591,7 +574,7 @@ async fn another_connections_token_secret_stays_its_own() {
     );
     let rv = secret.metadata.resource_version.clone().expect("rv");
     // With her own token endpoint (the attack): refused before anything is looked at.
-    let (listener, hits) = attacker_listener().await;
+    let (listener, hits) = common::attacker_listener().await;
     s.alice_creates(
         "thief-exfil",
         json!({"tokenSecretName": s.fx.secret, "keepTokenSecretOnDelete": true,

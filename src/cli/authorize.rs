@@ -145,18 +145,13 @@ pub async fn client_credentials_of(
             conn.metadata.name.as_deref().unwrap_or_default()
         )
     })?;
-    let data = secret.data.unwrap_or_default();
     let value = |key: &str| {
-        data.get(key)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the client Secret {ns}/{} has no non-empty key {key:?}",
-                    r.name
-                )
-            })
+        crate::controller::inputs::secret_text(&secret, key).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the client Secret {ns}/{} has no non-empty key {key:?}",
+                r.name
+            )
+        })
     };
     Ok(ClientCredentials {
         client_id: value(&r.client_id_key)?,

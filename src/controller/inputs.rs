@@ -113,6 +113,17 @@ fn refusal(conn: &XeroConnection, secret: &str, verdict: TokenSecretVerdict) -> 
     }
 }
 
+/// The text of `key` in `secret`, trimmed; `None` when missing, empty or not UTF-8.
+pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
 /// Reads the app's client id and secret from the client Secret, if it is opted in.
 pub async fn read_client_secret(
     conn: &XeroConnection,
@@ -148,13 +159,7 @@ pub async fn read_client_secret(
             r.name
         ))));
     }
-    let data = secret.data.unwrap_or_default();
-    let value = |key: &str| {
-        data.get(key)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-    };
+    let value = |key: &str| secret_text(&secret, key);
     match (value(&r.client_id_key), value(&r.client_secret_key)) {
         (Some(client_id), Some(secret)) => Ok(Ok(ClientCredentials {
             client_id,

@@ -102,24 +102,9 @@ pub async fn operator_client(
     let chart = super::repo_path("charts/xero-operator")
         .display()
         .to_string();
-    let rendered = helm_template(&[
-        "template",
-        release,
-        &chart,
-        "--namespace",
-        ns,
-        "--kube-version",
-        "1.35.4",
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
-    ]);
-    assert!(rendered.contains("kind: ClusterRole"), "{rendered}");
-    kubectl_apply(&rendered);
-    if policies == Policies::On {
-        let watched = format!("watchNamespaces={{{ns}}}");
-        let rendered = helm_template(&[
+    // `helm template` of the chart's templates `shown` for release `release` in `ns`.
+    let template = |extra: &[&str], shown: &str| {
+        let mut args = vec![
             "template",
             release,
             &chart,
@@ -127,11 +112,20 @@ pub async fn operator_client(
             ns,
             "--kube-version",
             "1.35.4",
-            "--set",
-            &watched,
-            "--show-only",
-            "templates/admission-policies.yaml",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        args.extend(["--show-only", shown]);
+        helm_template(&args)
+    };
+    let rendered = template(
+        &["--show-only", "templates/serviceaccount.yaml"],
+        "templates/rbac.yaml",
+    );
+    assert!(rendered.contains("kind: ClusterRole"), "{rendered}");
+    kubectl_apply(&rendered);
+    if policies == Policies::On {
+        let watched = format!("watchNamespaces={{{ns}}}");
+        let rendered = template(&["--set", &watched], "templates/admission-policies.yaml");
         assert!(
             rendered.contains("kind: ValidatingAdmissionPolicyBinding"),
             "{rendered}"

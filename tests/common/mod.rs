@@ -443,3 +443,21 @@ impl TokenFixture {
             .is_success()
     }
 }
+
+/// A listener standing in for an attacker's endpoint on 127.0.0.1: its base URL, and a count of
+/// every connection made to it.
+pub async fn attacker_listener() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (format!("http://{addr}"), hits)
+}

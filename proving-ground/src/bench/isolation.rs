@@ -50,16 +50,6 @@ const HOSTILE_BYTES: usize = 250 * 1024;
 /// Concurrent API requests while creating objects.
 const CREATE_CONCURRENCY: usize = 16;
 
-fn kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The controller over `namespaces`, calling `emu` with a cap of `cap` calls a minute per app.
 fn controller(
     cfg: &IsolationBench,
@@ -356,7 +346,7 @@ async fn rss_with(
     let mut controller = controller(cfg, &[&ns], &emu, cap)?;
     let pid = controller.id().unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let empty = kib(pid, "VmRSS:").unwrap_or_default();
+    let empty = super::scale::proc_status_kib(pid, "VmRSS:").unwrap_or_default();
     let x = (emulator::DEFAULT_CLIENT_ID, emulator::DEFAULT_CLIENT_SECRET);
     client_secret(client, &ns, "app-x", x).await?;
     futures_util::stream::iter(0..n)
@@ -379,7 +369,7 @@ async fn rss_with(
         .await?;
     wait_ready(client, &ns, n, Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_secs(65)).await;
-    let full = kib(pid, "VmRSS:").unwrap_or_default();
+    let full = super::scale::proc_status_kib(pid, "VmRSS:").unwrap_or_default();
     let _ = controller.start_kill();
     let _ = controller.wait().await;
     let _ = Api::<Namespace>::all(client.clone())

@@ -45,7 +45,8 @@ pub struct ScaleBench {
 /// Concurrent API requests while creating objects.
 const CREATE_CONCURRENCY: usize = 32;
 
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`).
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
         .find(|l| l.starts_with(field))?
