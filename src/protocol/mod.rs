@@ -6,9 +6,11 @@
 //! - [`decide`]: the decision function (pure, unit-tested exhaustively).
 //! - [`backoff`]: retry delays.
 //! - [`retry`]: after a failed call, call again within the claim or release it (pure).
+//! - [`round`]: every other step of a refresh round, from what it knows to an action (pure).
 //! - [`gate`]: one token bucket per Xero app for the controller's calls.
 //! - [`follow`]: a consumer in use keeps its Secret watched, so a stored token reaches it at once.
-//! - [`refresher`]: the I/O around the decision, with single flight inside one process.
+//! - [`refresher`]: the I/O that carries the pure rules out, with single flight inside one
+//!   process.
 
 pub mod backoff;
 pub mod decide;
@@ -17,6 +19,7 @@ pub mod format;
 pub mod gate;
 pub mod refresher;
 pub mod retry;
+pub mod round;
 
 pub use decide::{Role, Step, decide};
 pub use format::TokenRecord;

@@ -84,6 +84,20 @@ pub fn after_failed_call(
     }
 }
 
+/// How long a call sent at `now` under a claim that ends at `lease_end` may take, at most
+/// `timeout`: it is cut [`LEASE_MARGIN`] before the claim ends, so the holder can still store or
+/// release before another party may claim, and two parties never wait on Xero with one refresh
+/// token at once (an answer cut off this way may have been processed: the next party recovers
+/// it through Xero's grace period). `None` when less than [`MIN_CALL`] is left: release
+/// instead.
+pub fn call_window(now: SystemTime, lease_end: SystemTime, timeout: Duration) -> Option<Duration> {
+    let left = lease_end
+        .duration_since(now)
+        .unwrap_or_default()
+        .saturating_sub(LEASE_MARGIN);
+    (left >= MIN_CALL).then(|| timeout.min(left))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +175,20 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn no_call_outlives_the_claim() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let s = Duration::from_secs(1);
+        // 30 s left: the timeout rules; 10 s left: cut 2 s before the end.
+        assert_eq!(call_window(now, now + 30 * s, 10 * s), Some(10 * s));
+        assert_eq!(call_window(now, now + 10 * s, 10 * s), Some(8 * s));
+        assert_eq!(call_window(now, now + 3 * s, 10 * s), Some(s));
+        assert_eq!(
+            call_window(now, now + 3 * s - Duration::from_millis(1), 10 * s),
+            None
+        );
+        assert_eq!(call_window(now, now - s, 10 * s), None);
     }
 }
