@@ -17,7 +17,7 @@ use super::decide::{PRODUCER_CLAIM_LEAD, Role, Step, WaitReason, call_delay, dec
 use super::format::{Lease, TokenRecord};
 use super::retry::Failure;
 use crate::redact::Sensitive;
-use crate::xero::XeroError;
+use crate::xero::{TokenSet, XeroError};
 
 /// How much longer than [`PRODUCER_CLAIM_LEAD`] a holder waits for its due time before it
 /// concludes the wall clock stepped back: room for the timer's and the clocks' granularity.
@@ -136,6 +136,14 @@ pub fn next(facts: &Facts) -> Action {
             },
         },
     }
+}
+
+/// When a token set Xero sent in answer to a call sent at `sent_at` expires, as stored: counted
+/// from the send, since Xero counts `expires_in` from its answer, which is no earlier (or the
+/// access token's own `exp`, if earlier). The stored expiry is then never later than Xero's,
+/// whatever the call's latency.
+pub fn stored_expiry(set: &TokenSet, sent_at: SystemTime) -> SystemTime {
+    set.expires_at(sent_at)
 }
 
 /// What the holder of a claim does before it calls Xero.
@@ -340,6 +348,31 @@ mod tests {
             holder: holder.into(),
             expires,
         }
+    }
+
+    #[test]
+    fn the_stored_expiry_counts_from_the_send_and_never_past_the_jwt_s_exp() {
+        let set = |access_token: &str| TokenSet {
+            access_token: Sensitive::new(access_token),
+            refresh_token: Some(Sensitive::new("rt2")),
+            expires_in: 1800,
+            token_type: "Bearer".into(),
+            scope: String::new(),
+        };
+        assert_eq!(stored_expiry(&set("at"), t(10)), t(1810));
+        // A JWT whose `exp` is earlier (a replayed access token): its `exp`.
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let exp = t(900)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after")
+            .as_secs();
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(&format!(r#"{{"exp":{exp}}}"#))
+        );
+        assert_eq!(stored_expiry(&set(&jwt), t(10)), t(900));
     }
 
     #[test]

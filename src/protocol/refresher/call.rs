@@ -51,7 +51,7 @@ impl Inner {
                 }
             };
             let err = match answer {
-                Ok(set) => return self.persist(&rec, set).await,
+                Ok(set) => return self.persist(&rec, set, sent_at).await,
                 Err(e) => e,
             };
             tracing::info!(secret = %self.name, error = %err, attempt, "refresh attempt failed");

@@ -51,18 +51,23 @@ impl Inner {
     /// retried until it lands: on a conflict with the freshest resourceVersion as long as the
     /// Secret still holds the token we presented (our answer is its successor); if another party
     /// already stored a successor, ours is not needed.
+    ///
+    /// The access token's expiry counts from `sent_at`, when the call was sent
+    /// ([`round::stored_expiry`]), and so does `refreshed-at`: the lifetime the two span (whose
+    /// half caps the clock skew) is then the one Xero gave, whatever the call's latency and
+    /// however long the store took.
     pub(super) async fn persist(
         &self,
         rec: &TokenRecord,
         set: TokenSet,
+        sent_at: SystemTime,
     ) -> Result<Option<AccessToken>, Error> {
-        let now = SystemTime::now();
-        let expires_at = set.expires_at(now);
+        let expires_at = round::stored_expiry(&set, sent_at);
         let rotation = rec.rotation.saturating_add(1);
         let identity = self.identity.clone();
         let written = self
             .write_until_landed(rec, |rv| {
-                token_patch(rv, &set, expires_at, &identity, now, rotation)
+                token_patch(rv, &set, expires_at, &identity, sent_at, rotation)
             })
             .await?;
         let stored = self.record(&written);
