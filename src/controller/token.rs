@@ -167,8 +167,20 @@ pub(super) async fn step(
                     .unwrap_or_default()
                     .as_secs_f64(),
             );
+            // A token that lives less than twice the clock skew is not due for refresh until
+            // half its life is left, but stops being usable a whole skew before its expiry:
+            // between the two, it is not Ready.
+            let state = if now < token.usable_until {
+                State::TokenValid
+            } else {
+                State::TokenExpired(format!(
+                    "the stored access token lives less than twice the clock skew; it stopped being usable at {} and its refresh is due at {}",
+                    crate::protocol::format::format_time(token.usable_until),
+                    crate::protocol::format::format_time(due)
+                ))
+            };
             TokenOutcome {
-                state: State::TokenValid,
+                state,
                 requeue: requeue_before(due.duration_since(now).unwrap_or_default()),
                 due: Some(due),
                 record,

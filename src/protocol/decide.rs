@@ -59,21 +59,24 @@ pub enum Step {
 /// Why a party waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WaitReason {
+    /// Another party holds a live claim.
     HeldBy(String),
+    /// `retry-not-before`: a 429's wait, or the backoff after failures.
     RateLimited,
+    /// The stored token lives less than twice the skew: past its usable end, it is not handed
+    /// out, and its refresh is not due until half its life is left.
+    NotDueYet,
 }
 
 impl TokenRecord {
-    /// When the stored access token stops being usable (its expiry minus the clock skew), if the
-    /// Secret holds a usable-looking one at all. The skew is at most the [`Self::margin_cap`].
+    /// When the stored access token stops being usable (its expiry minus the whole clock skew),
+    /// if the Secret holds a usable-looking one at all. No party hands a token out later than
+    /// this, however short its life: the skew is what keeps a party whose clock is behind from
+    /// using an expired token. (Only when a refresh is due is the skew capped:
+    /// [`Self::due_at`].)
     pub fn usable_until(&self) -> Option<SystemTime> {
         match (&self.access_token, self.expiry) {
-            (Some(_), Expiry::At(at)) => {
-                let skew = self.margin_cap().map_or(self.settings.clock_skew, |cap| {
-                    self.settings.clock_skew.min(cap)
-                });
-                at.checked_sub(skew)
-            }
+            (Some(_), Expiry::At(at)) => at.checked_sub(self.settings.clock_skew),
             _ => None,
         }
     }
@@ -91,7 +94,9 @@ impl TokenRecord {
     /// When a party refreshing `ahead` of the usable end must refresh (`ahead` zero: at the
     /// usable end): never earlier than the [`Self::margin_cap`] before expiry, so a freshly
     /// stored token is not due at once. `None` when there is no usable-looking token, or the
-    /// time is before the epoch: due now.
+    /// time is before the epoch: due now. A token that lives less than twice the skew is
+    /// therefore not handed out from its usable end until this due time (P10): its parties wait
+    /// for the refresh.
     pub fn due_at(&self, ahead: Duration) -> Option<SystemTime> {
         let until = self.usable_until()?;
         match (self.margin_cap(), self.expiry) {
@@ -153,7 +158,16 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
         .and_then(|due| due.checked_sub(lead))
         .is_none_or(|claim_from| now >= claim_from);
     if !due {
-        return Step::Use;
+        // Not due, but not usable either (a token that lives less than twice the skew, past its
+        // usable end): a consumer waits for the refresh rather than hand it out; the producer
+        // has nothing to do yet.
+        return match role {
+            Role::Consumer | Role::Renew { .. } if !rec.is_usable(now) => Step::Wait {
+                until: due_time(rec, now, role).unwrap_or(now),
+                reason: WaitReason::NotDueYet,
+            },
+            _ => Step::Use,
+        };
     }
     if rec.settings.grant == Grant::RefreshToken {
         let Some(refresh_token) = &rec.refresh_token else {
@@ -266,12 +280,26 @@ mod tests {
         let mut r = rec();
         r.refreshed_at = Some(t(0));
         r.settings.clock_skew = 300 * SEC;
+        // Handed out only while the whole skew is left (never, here); due when half the life
+        // is left: meanwhile a consumer waits for the refresh rather than use a token a clock
+        // a skew behind would use past its expiry.
+        assert_eq!(r.usable_until(), t(100).checked_sub(300 * SEC));
+        assert_eq!(r.due_at(Duration::ZERO), Some(t(50)), "not due at once");
         assert_eq!(
-            r.usable_until(),
-            Some(t(50)),
-            "skew capped at half the life"
+            decide(&r, t(49), ME, Role::Consumer),
+            Step::Wait {
+                until: t(50),
+                reason: WaitReason::NotDueYet
+            }
         );
-        assert_eq!(decide(&r, t(49), ME, Role::Consumer), Step::Use);
+        assert_eq!(
+            decide(&r, t(50), ME, Role::Consumer),
+            Step::Claim { replacing: None }
+        );
+        let producer = Role::Producer {
+            ahead: Duration::ZERO,
+        };
+        assert_eq!(decide(&r, t(49), ME, producer), Step::Use, "nothing to do");
         let ahead = Role::Producer { ahead: 1500 * SEC };
         r.settings.clock_skew = 5 * SEC;
         assert_eq!(decide(&r, t(49), ME, ahead), Step::Use, "not due at once");

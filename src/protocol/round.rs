@@ -99,7 +99,7 @@ pub fn next(facts: &Facts) -> Action {
             // the deadline. A rate limit or a backoff that ends after the deadline cannot end
             // sooner: say so at once.
             let give_up = match reason {
-                WaitReason::HeldBy(_) => facts.left.is_zero(),
+                WaitReason::HeldBy(_) | WaitReason::NotDueYet => facts.left.is_zero(),
                 WaitReason::RateLimited => wait > facts.left,
             };
             if !give_up {
@@ -116,6 +116,11 @@ pub fn next(facts: &Facts) -> Action {
                         "the refresh is held by {}",
                         crate::text::sanitize(&holder, crate::text::MAX_IDENTITY_CHARS)
                     ),
+                ),
+                WaitReason::NotDueYet => Error::Timeout(
+                    facts.max_wait,
+                    "the stored token lives less than twice the clock skew; its refresh is not due yet"
+                        .to_owned(),
                 ),
                 // retry-not-before: the backoff after failures, or a 429's.
                 WaitReason::RateLimited if rec.failed_attempts > 0 => Error::BackingOff {
