@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := tests/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test model model-deep e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache), then
@@ -17,7 +17,17 @@ test: prerequisites fmt-check clippy crd-drift
 	bash scripts/promtool.sh >/dev/null
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- $(CARGO) test --locked --all-targets
+	$(MAKE) --no-print-directory model
 	$(MAKE) --no-print-directory e2e-run
+
+## model: the refresh protocol model-checked with the product's own rules (docs/protocol.md,
+## section 11); prints the states explored, the depth and the time. model-deep: a second
+## consumer and a second fault (minutes).
+model:
+	$(CARGO) run --locked -q -p xero-proving-ground --bin xero-model
+
+model-deep:
+	$(CARGO) run --locked -q -p xero-proving-ground --bin xero-model -- --deep
 
 ## image: the operator's OCI image, built without Docker (static binaries, non-root, reproducible):
 ## target/image/xero-operator-<version>.oci.tar. IMAGE_TAG=… for another tag.

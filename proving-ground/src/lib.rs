@@ -4,6 +4,7 @@
 //! - [`controlplane`]: a real etcd + kube-apiserver (+ kube-controller-manager) on loopback,
 //!   built from `tests/controlplane/` (`xero-controlplane`);
 //! - [`bench`]: `make bench` and the chaos soak of `make soak` (`xero-bench`);
+//! - [`model`]: the refresh protocol model-checked with the product's own rules (`make model`);
 //! - [`devrun`]: `make run`, the whole product narrated on this machine (`xero-run`);
 //! - [`procs`]: child processes that never outlive a test.
 
@@ -11,4 +12,5 @@ pub mod bench;
 pub mod controlplane;
 pub mod devrun;
 pub mod emulator;
+pub mod model;
 pub mod procs;
