@@ -224,6 +224,22 @@ pub fn after_error(err: &XeroError, presented: Option<&Sensitive>) -> AfterError
     }
 }
 
+/// The `stop-reason` a stop marker carries: Xero's code and description, written sanitised and
+/// cut to [`crate::text::MAX_REASON_CHARS`] (P65): a description of any length or content
+/// must not make the marker's write fail, nor reach a status or a terminal as it came.
+pub fn stop_reason(code: &str, description: Option<&str>) -> String {
+    let raw = match description {
+        Some(d) => format!("{code}: {d}"),
+        None => code.to_owned(),
+    };
+    crate::text::sanitize(&raw, crate::text::MAX_REASON_CHARS)
+}
+
+/// The `reauthorization-reason` written with an `invalid_grant` (P65, as [`stop_reason`]).
+pub fn reauthorization_reason(description: Option<&str>) -> String {
+    stop_reason("invalid_grant", description)
+}
+
 /// After `invalid_grant` for the refresh token of `presented`, with the Secret re-read from
 /// the API server as `fresh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -576,6 +592,22 @@ mod tests {
         for (err, want) in cases {
             assert_eq!(after_error(&err, Some(&rt)), want, "{err}");
         }
+    }
+
+    #[test]
+    fn reasons_are_written_sanitised_and_bounded() {
+        assert_eq!(stop_reason("invalid_client", None), "invalid_client");
+        assert_eq!(
+            stop_reason("unauthorized_client", Some("no\u{1b}[31m way\n")),
+            "unauthorized_client: no[31m way"
+        );
+        let long = stop_reason("invalid_request", Some(&"x".repeat(100_000)));
+        assert_eq!(long.chars().count(), crate::text::MAX_REASON_CHARS);
+        assert_eq!(reauthorization_reason(None), "invalid_grant");
+        assert_eq!(
+            reauthorization_reason(Some("expired")),
+            "invalid_grant: expired"
+        );
     }
 
     #[test]

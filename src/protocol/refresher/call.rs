@@ -111,10 +111,7 @@ impl Inner {
     /// An error only a configuration change can fix: release the claim with a stop marker for
     /// exactly these credentials, so no party calls Xero with them again.
     async fn stop(&self, rec: &TokenRecord, code: String, description: Option<String>) -> Error {
-        let reason = match &description {
-            Some(d) => format!("{code}: {d}"),
-            None => code.clone(),
-        };
+        let reason = round::stop_reason(&code, description.as_deref());
         tracing::error!(secret = %self.name, reason, "Xero refused the request for good: stopping until the credentials change");
         self.release(
             rec,
@@ -147,10 +144,7 @@ impl Inner {
                 Ok(None)
             }
             InvalidGrant::Refused => {
-                let reason = match description {
-                    Some(d) => format!("invalid_grant: {d}"),
-                    None => "invalid_grant".to_owned(),
-                };
+                let reason = round::reauthorization_reason(description.as_deref());
                 let fingerprint = rec.refresh_token.as_ref().map(Sensitive::fingerprint);
                 tracing::error!(secret = %self.name, reason, "Xero refused the refresh token: re-authorisation required");
                 self.release(
