@@ -95,6 +95,8 @@ impl Inner {
                             Some(gone) => gone,
                         }
                     }
+                    // 410 as the watch request's own answer, not as an event: the same.
+                    Err(kube::Error::Api(s)) if s.code == 410 => true,
                     Err(e) => {
                         tracing::debug!(error = %e, "watch failed; sleeping instead");
                         false
