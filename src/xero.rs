@@ -656,6 +656,39 @@ mod tests {
         );
         assert!(matches!(err(404, "<html>"), XeroError::Malformed { .. }));
         assert_eq!(err(503, ""), XeroError::Unavailable(503));
+        // Statuses section 5 does not name (P63): a redirect or a 4xx without an OAuth code is
+        // an unusable answer (retried, then backed off), never a stop; a code decides
+        // whatever the status, exactly as written.
+        assert!(matches!(err(302, ""), XeroError::Malformed { .. }));
+        assert!(matches!(err(403, "Forbidden"), XeroError::Malformed { .. }));
+        assert!(matches!(err(204, ""), XeroError::Malformed { .. }));
+        assert!(
+            matches!(err(400, r#"{"error":"INVALID_GRANT"}"#), XeroError::OAuth { code, .. } if code == "INVALID_GRANT")
+        );
+        assert!(err(400, r#"{"error":"Temporarily_Unavailable"}"#).is_retryable());
+    }
+
+    #[test]
+    fn a_refresh_answer_without_a_refresh_token_keeps_the_stored_one() {
+        // P62: the server did not rotate it; the token set carries none, and the store leaves
+        // the stored one as it is (`format::token_patch` writes no `refresh_token` then).
+        let set = classify_token_answer(
+            200,
+            None,
+            None,
+            br#"{"access_token":"at","expires_in":1800,"token_type":"Bearer"}"#,
+        )
+        .expect("a usable answer");
+        assert_eq!(set.refresh_token, None);
+        let patch = crate::protocol::format::token_patch(
+            "7",
+            &set,
+            std::time::SystemTime::UNIX_EPOCH,
+            "me",
+            std::time::SystemTime::UNIX_EPOCH,
+            1,
+        );
+        assert!(patch["data"].get("refresh_token").is_none(), "{patch}");
     }
 
     #[test]
