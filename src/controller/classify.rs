@@ -77,6 +77,8 @@ pub fn classify(
             };
             (state, recheck)
         }
+        // A newer operator wrote the Secret (a downgrade): this one only reads until upgraded.
+        ProtocolError::OutdatedProtocol { .. } => (State::ApiError(e.to_string()), recheck * 10),
         ProtocolError::Xero(other) => (
             State::XeroUnavailable(other.to_string()),
             until_not_before(rec, now).unwrap_or(BACKOFF_BASE),

@@ -66,6 +66,8 @@ pub enum WaitReason {
     /// The stored token lives less than twice the skew: past its usable end, it is not handed
     /// out, and its refresh is not due until half its life is left.
     NotDueYet,
+    /// The Secret follows this newer protocol revision: this party only reads (P68).
+    NewerProtocol(u32),
 }
 
 impl TokenRecord {
@@ -150,6 +152,18 @@ pub fn call_delay(rec: &TokenRecord, now: SystemTime, role: Role) -> Duration {
 
 /// The next step for `me` in `role`, given the Secret `rec` read at `now`.
 pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
+    // A revision newer than this one may have rules this party does not know: read, never
+    // write (P68).
+    if rec.protocol_version > super::format::PROTOCOL_VERSION {
+        return if rec.is_usable(now) {
+            Step::Use
+        } else {
+            Step::Wait {
+                until: now + rec.settings.lease_duration,
+                reason: WaitReason::NewerProtocol(rec.protocol_version),
+            }
+        };
+    }
     let lead = match role {
         Role::Producer { .. } => PRODUCER_CLAIM_LEAD,
         Role::Consumer | Role::Renew { .. } => Duration::ZERO,
@@ -264,6 +278,7 @@ mod tests {
             refreshed_by: None,
             refreshed_at: None,
             rotation: 0,
+            protocol_version: crate::protocol::format::PROTOCOL_VERSION,
         }
     }
 
@@ -312,6 +327,34 @@ mod tests {
         assert_eq!(decide(&r, t(74), ME, modest), Step::Use);
         assert_eq!(
             decide(&r, t(75), ME, modest),
+            Step::Claim { replacing: None }
+        );
+    }
+
+    #[test]
+    fn a_newer_protocol_is_only_read() {
+        let mut r = rec();
+        r.protocol_version = crate::protocol::format::PROTOCOL_VERSION + 1;
+        for role in [
+            Role::Consumer,
+            Role::Producer {
+                ahead: Duration::ZERO,
+            },
+        ] {
+            assert_eq!(decide(&r, t(10), ME, role), Step::Use, "usable: used");
+            assert_eq!(
+                decide(&r, t(96), ME, role),
+                Step::Wait {
+                    until: t(96) + r.settings.lease_duration,
+                    reason: WaitReason::NewerProtocol(r.protocol_version)
+                },
+                "expired: never claimed"
+            );
+        }
+        // This revision and older ones are followed.
+        r.protocol_version = 1;
+        assert_eq!(
+            decide(&r, t(96), ME, Role::Consumer),
             Step::Claim { replacing: None }
         );
     }

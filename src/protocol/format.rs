@@ -63,6 +63,15 @@ pub const ANN_STOPPED_FOR: &str = "xero-operator.io/stopped-for";
 /// Why: the OAuth error code and what to fix, without any token.
 pub const ANN_STOP_REASON: &str = "xero-operator.io/stop-reason";
 
+/// The revision of the protocol the Secret follows (written by the controller, which every
+/// consumer may trust: consumers cannot change it under the chart's admission policy). A party
+/// that finds a newer revision than it implements only reads and waits (P68). Absent: 1, the
+/// revision before this annotation existed.
+pub const ANN_PROTOCOL_VERSION: &str = "xero-operator.io/protocol-version";
+/// The revision this implementation follows: 2 added the version itself and the admission rule
+/// that refuses a claim under a stop marker (P69).
+pub const PROTOCOL_VERSION: u32 = 2;
+
 /// The range of `clock-skew-seconds` (the CRD's `clockSkewSeconds`).
 pub const CLOCK_SKEW_RANGE: std::ops::RangeInclusive<u64> = 0..=300;
 /// The range of `lease-duration-seconds` (the CRD's `leaseDurationSeconds`).
@@ -165,6 +174,9 @@ pub struct TokenRecord {
     pub refreshed_by: Option<String>,
     pub refreshed_at: Option<SystemTime>,
     pub rotation: u64,
+    /// The protocol revision the Secret follows ([`ANN_PROTOCOL_VERSION`]; 1 when absent or
+    /// unparsable).
+    pub protocol_version: u32,
 }
 
 impl PartialEq for ClientCredentials {
@@ -330,6 +342,9 @@ impl TokenRecord {
             refreshed_by: a(ANN_REFRESHED_BY).map(|r| sanitize(&r, MAX_IDENTITY_CHARS)),
             refreshed_at: a(ANN_REFRESHED_AT).as_deref().and_then(parse_time),
             rotation: a(ANN_ROTATION).and_then(|v| v.parse().ok()).unwrap_or(0),
+            protocol_version: a(ANN_PROTOCOL_VERSION)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
         }
     }
 

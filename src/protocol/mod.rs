@@ -93,6 +93,12 @@ pub enum Error {
         until: std::time::SystemTime,
         failures: u32,
     },
+    /// The token Secret follows a newer revision of the protocol than this party implements:
+    /// it only reads, and the stored token is not usable (P68). Upgrade it.
+    #[error(
+        "the token Secret follows protocol revision {secret}, newer than the {implemented} this program implements: it only reads, and the stored token is not usable; upgrade it"
+    )]
+    OutdatedProtocol { implemented: u32, secret: u32 },
     /// The controller's own cap on calls per app (`--app-calls-per-minute`): its next permit
     /// comes in this long. (Only a refresher with a gate meets it; it never waits for one.)
     #[error("the app's calls are at the operator's cap; the next is permitted in {0:?}")]
@@ -120,6 +126,8 @@ pub enum Kind {
     Timeout,
     /// The token endpoint is not one this party may send credentials to.
     EndpointNotAllowed,
+    /// The token Secret follows a newer protocol revision: this program must be upgraded.
+    OutdatedProtocol,
 }
 
 impl Kind {
@@ -134,6 +142,7 @@ impl Kind {
             Self::ApiUnavailable => "api_unavailable",
             Self::Timeout => "timeout",
             Self::EndpointNotAllowed => "endpoint_not_allowed",
+            Self::OutdatedProtocol => "outdated_protocol",
         }
     }
 
@@ -147,6 +156,7 @@ impl Kind {
             Self::Timeout => 7,
             Self::Stopped => 8,
             Self::RateLimited => 9,
+            Self::OutdatedProtocol => 10,
         }
     }
 }
@@ -169,6 +179,7 @@ impl Error {
             }
             Self::EndpointNotAllowed(_) => Kind::EndpointNotAllowed,
             Self::Timeout(..) => Kind::Timeout,
+            Self::OutdatedProtocol { .. } => Kind::OutdatedProtocol,
         }
     }
 
@@ -233,6 +244,14 @@ mod tests {
                 Error::Timeout(Duration::from_secs(1), "held".into()),
                 "timeout",
                 7,
+            ),
+            (
+                Error::OutdatedProtocol {
+                    implemented: 2,
+                    secret: 3,
+                },
+                "outdated_protocol",
+                10,
             ),
         ];
         let mut codes = std::collections::BTreeMap::new();

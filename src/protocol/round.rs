@@ -99,7 +99,9 @@ pub fn next(facts: &Facts) -> Action {
             // the deadline. A rate limit or a backoff that ends after the deadline cannot end
             // sooner: say so at once.
             let give_up = match reason {
-                WaitReason::HeldBy(_) | WaitReason::NotDueYet => facts.left.is_zero(),
+                WaitReason::HeldBy(_) | WaitReason::NotDueYet | WaitReason::NewerProtocol(_) => {
+                    facts.left.is_zero()
+                }
                 WaitReason::RateLimited => wait > facts.left,
             };
             if !give_up {
@@ -117,6 +119,10 @@ pub fn next(facts: &Facts) -> Action {
                         crate::text::sanitize(&holder, crate::text::MAX_IDENTITY_CHARS)
                     ),
                 ),
+                WaitReason::NewerProtocol(secret) => Error::OutdatedProtocol {
+                    implemented: super::format::PROTOCOL_VERSION,
+                    secret,
+                },
                 WaitReason::NotDueYet => Error::Timeout(
                     facts.max_wait,
                     "the stored token lives less than twice the clock skew; its refresh is not due yet"
@@ -349,6 +355,7 @@ mod tests {
             refreshed_by: None,
             refreshed_at: None,
             rotation: 0,
+            protocol_version: crate::protocol::format::PROTOCOL_VERSION,
         }
     }
 
