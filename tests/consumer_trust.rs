@@ -572,6 +572,63 @@ async fn owners_and_finalizers_are_the_connections_without_policies() {
 /// consumer's to write under the policies too, so the code alone must hold: a far
 /// `retry-not-before` freezes nobody, a `refreshed-at` in the future is not shown, and text
 /// with invisible characters reaches no person.
+/// P68, P69: a consumer written before the stop marker existed ignores it and claims. With the
+/// chart's policies, the API server refuses that claim (so it never calls Xero); without them,
+/// only parties that implement the marker honour it. Current parties honour it either way, and
+/// the controller keeps the marker while it names what is stored.
+async fn a_claim_under_a_stop_marker_is_refused(policies: Policies) {
+    let s = Scene::new("ct-stopclaim", policies, json!({})).await;
+    let secret = s.secret().await;
+    assert_eq!(
+        annotation(&secret, f::ANN_PROTOCOL_VERSION).as_deref(),
+        Some(f::PROTOCOL_VERSION.to_string().as_str()),
+        "the controller says which revision the Secret follows"
+    );
+    let mut rec = f::TokenRecord::from_secret(&secret);
+    rec.settings.grant = xero_operator::crd::Grant::RefreshToken;
+    let stopped_for = rec.credentials_fingerprint().expect("credentials");
+    s.consumer_patch(json!({"metadata": {"annotations": {
+        f::ANN_STOPPED_FOR: stopped_for,
+        f::ANN_STOP_REASON: "invalid_client",
+    }}}))
+    .await
+    .expect("a stop marker is the protocol's to write");
+    let rv = s.secret().await.metadata.resource_version.expect("version");
+    let expires = std::time::SystemTime::now() + Duration::from_secs(30);
+    let claim = f::claim_patch(&rv, "old-consumer/1-0000", expires);
+    let attempt = s.consumer_patch(claim.clone()).await;
+    match policies {
+        Policies::On => assert_refused_by_policy(&attempt, "a claim under a stop marker"),
+        Policies::Off => {
+            attempt.expect("without the policies, only the parties that know the marker honour it");
+        }
+    }
+    if policies == Policies::Off {
+        return;
+    }
+    // The same claim once the marker is gone is the protocol's, and lands.
+    let cleared = s
+        .consumer_patch(json!({"metadata": {"annotations": {
+            f::ANN_STOPPED_FOR: null, f::ANN_STOP_REASON: null,
+        }}}))
+        .await
+        .expect("markers are the protocol's to clear");
+    let rv = cleared.metadata.resource_version.expect("version");
+    s.consumer_patch(f::claim_patch(&rv, "old-consumer/1-0000", expires))
+        .await
+        .expect("a claim with no marker lands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_a_stop_marker_is_refused_with_policies() {
+    a_claim_under_a_stop_marker_is_refused(Policies::On).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_a_stop_marker_lands_without_policies() {
+    a_claim_under_a_stop_marker_is_refused(Policies::Off).await;
+}
+
 async fn markers_no_party_writes_are_ignored(policies: Policies) {
     let s = Scene::new("ct-marker", policies, json!({})).await;
     let hidden = "worker\u{200F}\u{061C}/1\u{200B}\u{FEFF}\u{2060}x";

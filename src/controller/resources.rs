@@ -51,6 +51,10 @@ pub fn settings_annotations(conn: &XeroConnection, token_url: &str) -> BTreeMap<
             f::ANN_LEASE_DURATION.to_owned(),
             spec.refresh.lease_duration_seconds.to_string(),
         ),
+        (
+            f::ANN_PROTOCOL_VERSION.to_owned(),
+            f::PROTOCOL_VERSION.to_string(),
+        ),
     ]);
     if !spec.scopes.is_empty() {
         a.insert(f::ANN_SCOPES.to_owned(), spec.scopes.join(" "));
@@ -116,6 +120,29 @@ pub fn token_secret_patch(
     }
     if conn.spec.scopes.is_empty() && have.contains_key(f::ANN_SCOPES) {
         ann.insert(f::ANN_SCOPES.to_owned(), Value::Null);
+    }
+    // A stop or re-authorisation marker for credentials or a refresh token no longer stored
+    // (the client Secret was fixed; a token stored by hand) no longer stops anyone: removed, so
+    // the admission rule that refuses claims under a marker (P69) refuses only what it should.
+    let mut now_stored = f::TokenRecord::from_secret(current);
+    now_stored.client = Some(app.clone());
+    now_stored.settings.grant = conn.spec.grant;
+    if let Some(marked) = have.get(f::ANN_STOPPED_FOR)
+        && now_stored.credentials_fingerprint().as_ref() != Some(marked)
+    {
+        ann.insert(f::ANN_STOPPED_FOR.to_owned(), Value::Null);
+        ann.insert(f::ANN_STOP_REASON.to_owned(), Value::Null);
+    }
+    if let Some(marked) = have.get(f::ANN_REAUTH_FOR)
+        && now_stored
+            .refresh_token
+            .as_ref()
+            .map(crate::redact::Sensitive::fingerprint)
+            .as_ref()
+            != Some(marked)
+    {
+        ann.insert(f::ANN_REAUTH_FOR.to_owned(), Value::Null);
+        ann.insert(f::ANN_REAUTH_REASON.to_owned(), Value::Null);
     }
     let uid = conn.metadata.uid.clone().unwrap_or_default();
     if have.get(ANN_CONNECTION_UID) != Some(&uid) {
@@ -371,6 +398,78 @@ mod tests {
         let p = token_secret_patch(&s, &c, "http://x/token", &app(), None).expect("patch");
         assert_eq!(p["metadata"]["finalizers"], json!([]));
         assert!(p["metadata"].get("ownerReferences").is_none());
+    }
+
+    #[test]
+    fn markers_for_what_is_no_longer_stored_are_removed_and_current_ones_kept() {
+        let c = conn(json!({"clientSecretRef": {"name": "app"}}));
+        let mut s = Secret::default();
+        s.metadata.labels = Some(token_secret_labels(&c));
+        let mut annotations = settings_annotations(&c, "http://x/token");
+        assert_eq!(
+            annotations[f::ANN_PROTOCOL_VERSION],
+            f::PROTOCOL_VERSION.to_string()
+        );
+        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
+        s.metadata.owner_references = Some(vec![owner()]);
+        s.data = Some(BTreeMap::from([
+            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
+            (
+                f::CLIENT_SECRET.into(),
+                k8s_openapi::ByteString(b"s".to_vec()),
+            ),
+            (
+                f::CLOCK_SKEW_SECONDS.into(),
+                k8s_openapi::ByteString(b"5".to_vec()),
+            ),
+            (
+                f::REFRESH_TOKEN.into(),
+                k8s_openapi::ByteString(b"rt".to_vec()),
+            ),
+        ]));
+        let mut current = f::TokenRecord::from_secret(&s);
+        current.client = Some(app());
+        let stopped_for = current.credentials_fingerprint().expect("credentials");
+        let reauth_for = Sensitive::new("rt").fingerprint();
+        // Markers for what is stored: kept (no patch at all).
+        annotations.insert(f::ANN_STOPPED_FOR.to_owned(), stopped_for);
+        annotations.insert(f::ANN_STOP_REASON.to_owned(), "invalid_client".to_owned());
+        annotations.insert(f::ANN_REAUTH_FOR.to_owned(), reauth_for);
+        s.metadata.annotations = Some(annotations.clone());
+        assert_eq!(
+            token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())),
+            None
+        );
+        // The client Secret fixed: the stop marker goes with the old secret, the
+        // re-authorisation marker (the same refresh token) stays.
+        let fixed = ClientCredentials {
+            client_id: "id".into(),
+            client_secret: Sensitive::new("s2"),
+        };
+        let p = token_secret_patch(&s, &c, "http://x/token", &fixed, Some(owner())).expect("patch");
+        assert_eq!(
+            p["metadata"]["annotations"][f::ANN_STOPPED_FOR],
+            Value::Null
+        );
+        assert_eq!(
+            p["metadata"]["annotations"][f::ANN_STOP_REASON],
+            Value::Null
+        );
+        assert!(
+            p["metadata"]["annotations"]
+                .get(f::ANN_REAUTH_FOR)
+                .is_none()
+        );
+        // A refresh token stored by hand: the re-authorisation marker for the old one goes.
+        annotations.insert(
+            f::ANN_REAUTH_FOR.to_owned(),
+            Sensitive::new("old").fingerprint(),
+        );
+        annotations.remove(f::ANN_STOPPED_FOR);
+        annotations.remove(f::ANN_STOP_REASON);
+        s.metadata.annotations = Some(annotations);
+        let p = token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())).expect("patch");
+        assert_eq!(p["metadata"]["annotations"][f::ANN_REAUTH_FOR], Value::Null);
     }
 
     #[test]
