@@ -18,6 +18,57 @@ async fn set_script(fx: &common::TokenFixture, script: &[FaultKind]) {
     fx.set_faults(Faults::scripted(script)).await;
 }
 
+/// P70: a consumer whose request Xero refused reports the token; once it has been in use a
+/// quarter of its life, the next get refreshes it instead of handing it out, and many reports of
+/// one token make one refresh. A report of a token already replaced, or of a fresh one, forces
+/// nothing.
+#[tokio::test]
+async fn a_refused_token_is_refreshed_once_however_many_report_it() {
+    let timings = Timings {
+        access_token: Duration::from_secs(40),
+        ..Timings::default()
+    };
+    let fx = token_fixture("proto-refused", timings).await;
+    let (a, b) = (fx.refresher("consumer-a"), fx.refresher("consumer-b"));
+    let first = a.get().await.expect("a gets a token");
+    assert_eq!(b.get().await.expect("b").token, first.token);
+    let calls = fx.report().await.counters.token_calls;
+    // Refused at once: the token is younger than a quarter of its 40 s life, so it is still
+    // handed out and nothing is called.
+    b.refused(&first.token).await.expect("reported");
+    let rec = fx.record().await;
+    assert_eq!(
+        rec.refused_access_token,
+        Some(first.token.fingerprint()),
+        "the refusal is in the Secret"
+    );
+    assert_eq!(b.get().await.expect("b").token, first.token);
+    assert_eq!(
+        fx.report().await.counters.token_calls,
+        calls,
+        "nothing forced"
+    );
+    // Once it has been in use 10 s: refreshed by whoever asks first, once.
+    let stored = rec.refreshed_at.expect("refreshed-at");
+    let old_enough = stored + Duration::from_secs(10) + Duration::from_millis(200);
+    if let Ok(wait) = old_enough.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let second = b.get().await.expect("b refreshes");
+    assert_ne!(second.token, first.token);
+    assert!(fx.accepted_by_xero(second.token.expose()).await);
+    // A reports the same (now replaced) token late: nothing is written or called.
+    a.refused(&first.token).await.expect("reported");
+    assert_eq!(a.get().await.expect("a").token, second.token);
+    let rec = fx.record().await;
+    assert_eq!(rec.refused_access_token, None, "a store clears the refusal");
+    assert_eq!(fx.report().await.counters.token_calls, calls + 1);
+    // Reporting the fresh token at once forces nothing either.
+    a.refused(&second.token).await.expect("reported");
+    assert_eq!(a.get().await.expect("a").token, second.token);
+    assert_eq!(fx.report().await.counters.token_calls, calls + 1);
+}
+
 #[tokio::test]
 async fn the_first_get_refreshes_and_everyone_else_uses_the_stored_token() {
     let fx = token_fixture("proto-basic", Timings::default()).await;

@@ -24,6 +24,7 @@ use serde_json::json;
 use crate::protocol::format::{TokenRecord, format_time};
 use crate::protocol::refresher::{default_identity, process_identity};
 use crate::protocol::{AccessToken, Error, Refresher, Role};
+use crate::redact::Sensitive;
 
 /// Exit code for errors outside the protocol (bad configuration, I/O).
 pub const EXIT_OTHER: u8 = 1;
@@ -100,6 +101,12 @@ enum Command {
         /// Print JSON: access_token, token_type, expires_at, tenant_id, tenant_ids, scope.
         #[arg(long)]
         json: bool,
+        /// The access token Xero refused before its expiry (a file holding it, or - for
+        /// standard input): reported in the Secret so that it is refreshed rather than handed
+        /// out again, then a token is got as usual (a refreshed one once the refused token has
+        /// been in use a quarter of its life, at most a minute).
+        #[arg(long, value_name = "FILE")]
+        refused: Option<PathBuf>,
     },
     /// Run a command with XERO_ACCESS_TOKEN, XERO_TENANT_ID and XERO_TOKEN_EXPIRES_AT set; exit
     /// with its exit code.
@@ -166,16 +173,37 @@ pub struct Source {
     from_dir: Option<PathBuf>,
     clock_skew: Duration,
     api: Option<Refresher>,
+    /// The fingerprint of the last token reported refused: a mounted copy of it is not handed
+    /// out again.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 impl Source {
+    /// Reports that Xero refused `token` (P70): marked in the Secret through the API, and never
+    /// handed out again from the mounted copy.
+    pub async fn refused(&self, token: &Sensitive) -> Result<(), SourceError> {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.fingerprint());
+        match &self.api {
+            Some(api) => api.refused(token).await.map_err(SourceError::Protocol),
+            None => Err(SourceError::Config(
+                "a refused token is reported through the API: give --secret".into(),
+            )),
+        }
+    }
+
     /// A usable token, or why there is none.
     pub async fn get(&self) -> Result<AccessToken, SourceError> {
         if let Some(dir) = &self.from_dir {
+            let refused = self
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             match TokenRecord::from_dir(dir, self.clock_skew) {
                 Ok(rec) => {
                     if rec.is_usable(SystemTime::now())
                         && let Some(token) = mounted_token(&rec)
+                        && refused != Some(token.token.fingerprint())
                     {
                         return Ok(token);
                     }
@@ -249,6 +277,7 @@ async fn source(args: &Args) -> anyhow::Result<Source> {
         from_dir: args.from_dir.clone(),
         clock_skew: args.clock_skew,
         api,
+        refused: std::sync::Mutex::new(None),
     })
 }
 
@@ -264,8 +293,19 @@ pub async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match &args.command {
-        Command::Get { json } => {
+        Command::Get { json, refused } => {
             let source = source(&args).await?;
+            if let Some(path) = refused {
+                let text = if path.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())
+                } else {
+                    std::fs::read_to_string(path)
+                }
+                .map_err(|e| anyhow::anyhow!("cannot read the refused token: {e}"))?;
+                if let Err(e) = source.refused(&Sensitive::new(text.trim())).await {
+                    return Ok(fail(&e));
+                }
+            }
             Ok(match source.get().await {
                 Ok(t) if *json => {
                     println!("{}", token_json(&t));

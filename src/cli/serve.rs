@@ -46,6 +46,18 @@ async fn raw_token(State(source): State<Arc<Source>>) -> Response {
     }
 }
 
+/// `POST /token/refused` with the refused access token as the body: reported (P70), then a
+/// token as `GET /token` answers.
+async fn refused(State(source): State<Arc<Source>>, body: String) -> Response {
+    if let Err(e) = source
+        .refused(&crate::redact::Sensitive::new(body.trim()))
+        .await
+    {
+        return error_response(&e);
+    }
+    token(State(source)).await
+}
+
 /// Whether a `Host` header names this loopback server: `localhost`, `127.0.0.1` (any of
 /// 127/8) or `[::1]`, with or without a port.
 fn is_loopback_host(host: &str) -> bool {
@@ -83,6 +95,7 @@ pub async fn serve(listen: SocketAddr, source: Arc<Source>) -> anyhow::Result<()
     let app = Router::new()
         .route("/token", get(token))
         .route("/token/raw", get(raw_token))
+        .route("/token/refused", axum::routing::post(refused))
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(loopback_hosts_only))
         .with_state(source);

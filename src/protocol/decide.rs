@@ -127,6 +127,40 @@ fn due_time(rec: &TokenRecord, now: SystemTime, role: Role) -> Option<SystemTime
     {
         return None;
     }
+    // Xero refused the stored access token before its expiry (P70): due as soon as the token
+    // has been stored for `refusal_min_age`, so that refusals cannot force refreshes faster.
+    let refused_from = refused_since(rec).map(|stored| stored + refusal_min_age(rec));
+    if refused_from.is_some_and(|from| now >= from) {
+        return None;
+    }
+    let normal = normal_due_time(rec, now, ahead);
+    match (refused_from, normal) {
+        (Some(from), Some(due)) => Some(from.min(due)),
+        (_, due) => due,
+    }
+}
+
+/// When the stored access token was stored, if a party reported that Xero refused it (the
+/// refusal names the token stored); `UNIX_EPOCH` when the time is unknown (honoured at once).
+fn refused_since(rec: &TokenRecord) -> Option<SystemTime> {
+    let refused = rec.refused_access_token.as_ref()?;
+    let stored = rec.access_token.as_ref()?.fingerprint();
+    (*refused == stored).then(|| rec.refreshed_at.unwrap_or(SystemTime::UNIX_EPOCH))
+}
+
+/// How long a stored access token must have been in use before a report that Xero refused it
+/// makes it due: a quarter of its lifetime, at most a minute. A party that reports every token
+/// it gets forces at most one refresh per that time.
+pub fn refusal_min_age(rec: &TokenRecord) -> Duration {
+    const MAX: Duration = Duration::from_secs(60);
+    match (rec.expiry, rec.refreshed_at) {
+        (Expiry::At(exp), Some(at)) => exp.duration_since(at).map_or(MAX, |l| (l / 4).min(MAX)),
+        _ => MAX,
+    }
+}
+
+/// The due time from the token's expiry alone.
+fn normal_due_time(rec: &TokenRecord, now: SystemTime, ahead: Duration) -> Option<SystemTime> {
     // An expiry further ahead than any token Xero issues was not written by a refresh (a hand
     // edit, say): the token counts as expired rather than staying in use for ever.
     let limit = now.checked_add(Duration::from_secs(crate::xero::MAX_EXPIRES_IN));
@@ -270,6 +304,7 @@ mod tests {
             settings: Settings::default(),
             lease: Lease::None,
             reauthorization_required_for: None,
+            refused_access_token: None,
             reauthorization_reason: None,
             retry_not_before: None,
             failed_attempts: 0,
@@ -329,6 +364,42 @@ mod tests {
             decide(&r, t(75), ME, modest),
             Step::Claim { replacing: None }
         );
+    }
+
+    #[test]
+    fn a_refused_token_is_due_once_it_has_been_in_use_a_while() {
+        // A token stored at t(0) that lives 100 s: a refusal counts after 25 s in use.
+        let mut r = rec();
+        r.refreshed_at = Some(t(0));
+        assert_eq!(refusal_min_age(&r), 25 * SEC);
+        r.refused_access_token = Some(Sensitive::new("at").fingerprint());
+        assert_eq!(
+            decide(&r, t(24), ME, Role::Consumer),
+            Step::Use,
+            "too young"
+        );
+        for role in [
+            Role::Consumer,
+            Role::Producer {
+                ahead: Duration::ZERO,
+            },
+        ] {
+            assert_eq!(decide(&r, t(25), ME, role), Step::Claim { replacing: None });
+        }
+        // The producer claims its lead ahead of that time too, and waits for it to call.
+        let producer = Role::Producer {
+            ahead: Duration::ZERO,
+        };
+        assert_eq!(
+            call_delay(&r, t(25) - PRODUCER_CLAIM_LEAD, producer),
+            PRODUCER_CLAIM_LEAD
+        );
+        // A refusal of another token (one already replaced) is nothing.
+        r.refused_access_token = Some(Sensitive::new("old").fingerprint());
+        assert_eq!(decide(&r, t(50), ME, Role::Consumer), Step::Use);
+        // Long-lived tokens: at most a minute.
+        r.expiry = Expiry::At(t(1800));
+        assert_eq!(refusal_min_age(&r), 60 * SEC);
     }
 
     #[test]

@@ -72,6 +72,11 @@ pub const ANN_PROTOCOL_VERSION: &str = "xero-operator.io/protocol-version";
 /// that refuses a claim under a stop marker (P69).
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// Fingerprint of an access token Xero refused before its expiry (a revocation, a restart of
+/// the authorisation server), written by a party whose request it failed: the stored token is
+/// due for refresh while it is that one (P70).
+pub const ANN_REFUSED_ACCESS_TOKEN: &str = "xero-operator.io/refused-access-token";
+
 /// The range of `clock-skew-seconds` (the CRD's `clockSkewSeconds`).
 pub const CLOCK_SKEW_RANGE: std::ops::RangeInclusive<u64> = 0..=300;
 /// The range of `lease-duration-seconds` (the CRD's `leaseDurationSeconds`).
@@ -161,6 +166,8 @@ pub struct TokenRecord {
     pub lease: Lease,
     /// Fingerprint of a refresh token Xero refused with `invalid_grant`.
     pub reauthorization_required_for: Option<String>,
+    /// Fingerprint of an access token Xero refused before its expiry ([`ANN_REFUSED_ACCESS_TOKEN`]).
+    pub refused_access_token: Option<String>,
     pub reauthorization_reason: Option<String>,
     /// A 429 answered, or the backoff after transient failures: nobody calls Xero for this
     /// token before then.
@@ -330,6 +337,7 @@ impl TokenRecord {
             settings,
             lease,
             reauthorization_required_for: a(ANN_REAUTH_FOR),
+            refused_access_token: a(ANN_REFUSED_ACCESS_TOKEN),
             // Consumer-writable text that reaches status, Events and logs: sanitised here.
             reauthorization_reason: a(ANN_REAUTH_REASON)
                 .map(|r| sanitize(&r, crate::text::MAX_REASON_CHARS)),
@@ -514,6 +522,7 @@ fn rotation_patch(
         (ANN_REAUTH_REASON, None),
         (ANN_STOPPED_FOR, None),
         (ANN_STOP_REASON, None),
+        (ANN_REFUSED_ACCESS_TOKEN, None),
     ];
     if clear_backoff {
         annotations.extend([(ANN_RETRY_NOT_BEFORE, None), (ANN_FAILED_ATTEMPTS, None)]);

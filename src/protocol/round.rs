@@ -347,6 +347,7 @@ mod tests {
             settings: Settings::default(),
             lease: Lease::None,
             reauthorization_required_for: None,
+            refused_access_token: None,
             reauthorization_reason: None,
             retry_not_before: None,
             failed_attempts: 0,

@@ -156,6 +156,9 @@ pub struct Inner {
     managed: std::sync::atomic::AtomicBool,
     /// When the API server last refused the follower's watch ([`FOLLOW_REFUSED_PAUSE`]).
     follow_refused: Mutex<Option<std::time::Instant>>,
+    /// The access token this party reported refused ([`Refresher::refused`]): never cached or
+    /// handed out from the cache again.
+    refused: Mutex<Option<Sensitive>>,
 }
 
 /// What a party may spend on calls to Xero: asked before each claim, with the Secret as the
@@ -234,6 +237,7 @@ impl Refresher {
             ask_server_next: std::sync::atomic::AtomicBool::new(false),
             managed: std::sync::atomic::AtomicBool::new(false),
             follow_refused: Mutex::new(None),
+            refused: Mutex::new(None),
         };
         Self {
             inner: Arc::new(inner),
@@ -319,7 +323,11 @@ impl Refresher {
 
     fn cached(&self, now: SystemTime) -> Option<AccessToken> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.as_ref().filter(|t| now < t.usable_until).cloned()
+        let refused = lock(&self.refused);
+        cache
+            .as_ref()
+            .filter(|t| now < t.usable_until && refused.as_ref() != Some(&t.token))
+            .cloned()
     }
 
     /// A usable access token: from the in-process cache, from the Secret, or by taking over the
@@ -372,6 +380,17 @@ impl Refresher {
     /// Calls made to the token endpoint so far, answered or not.
     pub fn xero_calls(&self) -> u64 {
         self.xero_calls.load(Ordering::Relaxed)
+    }
+
+    /// Reports that Xero refused `token` before its expiry (the API answered 401 with it):
+    /// drops it from the cache and marks it in the Secret as refused (P70), if the Secret still
+    /// holds it, so that the next `get` here or anywhere refreshes it instead of handing it out.
+    /// Many parties reporting one token cause one refresh; a token stored less than
+    /// [`super::decide::refusal_min_age`] ago is refreshed only once it is that old.
+    pub async fn refused(&self, token: &Sensitive) -> Result<(), Error> {
+        *lock(&self.refused) = Some(token.clone());
+        self.invalidate();
+        self.inner.report_refused(token).await
     }
 
     /// Drops the cached token (after the API answered 401 with it, say).

@@ -13,9 +13,11 @@ use super::{AccessToken, Inner, is_conflict, is_not_found};
 use crate::protocol::Error;
 use crate::protocol::backoff::WRITE_RETRY;
 use crate::protocol::format::{
-    TokenRecord, annotations_patch, format_time, release_patch, token_patch,
+    ANN_REFUSED_ACCESS_TOKEN, TokenRecord, annotations_patch, format_time, release_patch,
+    token_patch,
 };
 use crate::protocol::round::{self, RELEASE_TRIES, ReleaseConflict, StoreConflict};
+use crate::redact::Sensitive;
 use crate::xero::TokenSet;
 
 impl Inner {
@@ -124,6 +126,29 @@ impl Inner {
             }
             tokio::time::sleep(WRITE_RETRY.delay(attempt)).await;
             attempt += 1;
+        }
+    }
+
+    /// Marks `token` as refused by Xero in the Secret, if the Secret still holds it and it is
+    /// not marked already (P70). A conflict means the Secret moved on: the next round decides on
+    /// what it holds now.
+    pub(super) async fn report_refused(&self, token: &Sensitive) -> Result<(), Error> {
+        let rec = self.read_from_server().await?;
+        let fingerprint = token.fingerprint();
+        if rec.access_token.as_ref() != Some(token)
+            || rec.refused_access_token.as_deref() == Some(fingerprint.as_str())
+        {
+            return Ok(());
+        }
+        let rv = rec.resource_version.clone().unwrap_or_default();
+        let patch = annotations_patch(&rv, &[(ANN_REFUSED_ACCESS_TOKEN, Some(fingerprint))]);
+        match self.patch(&patch).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(Error::Kube {
+                action: "marking the access token as refused",
+                source: e,
+            }),
         }
     }
 
