@@ -306,6 +306,28 @@ mod tests {
         }
     }
 
+    /// A token Secret the controller has nothing to change on (for `acme`, app `id`/`s`).
+    fn steady_secret(c: &XeroConnection) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.labels = Some(token_secret_labels(c));
+        let mut annotations = settings_annotations(c, "http://x/token");
+        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
+        s.metadata.annotations = Some(annotations);
+        s.metadata.owner_references = Some(vec![owner()]);
+        s.data = Some(BTreeMap::from([
+            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
+            (
+                f::CLIENT_SECRET.into(),
+                k8s_openapi::ByteString(b"s".to_vec()),
+            ),
+            (
+                f::CLOCK_SKEW_SECONDS.into(),
+                k8s_openapi::ByteString(b"5".to_vec()),
+            ),
+        ]));
+        s
+    }
+
     #[test]
     fn a_bare_secret_gets_everything_and_a_complete_one_nothing() {
         let c = conn(json!({"clientSecretRef": {"name": "app"}}));
@@ -328,25 +350,9 @@ mod tests {
             "a new Secret has no uid yet"
         );
         // Apply it by hand and ask again: nothing left to do.
-        let mut s = Secret::default();
-        s.metadata.labels = Some(token_secret_labels(&c));
-        let mut annotations = settings_annotations(&c, "http://x/token");
-        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
-        s.metadata.annotations = Some(annotations);
+        let mut s = steady_secret(&c);
         s.metadata.uid = Some("secret-uid".into());
         s.metadata.resource_version = Some("7".into());
-        s.metadata.owner_references = Some(vec![owner()]);
-        s.data = Some(BTreeMap::from([
-            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
-            (
-                f::CLIENT_SECRET.into(),
-                k8s_openapi::ByteString(b"s".to_vec()),
-            ),
-            (
-                f::CLOCK_SKEW_SECONDS.into(),
-                k8s_openapi::ByteString(b"5".to_vec()),
-            ),
-        ]));
         assert_eq!(
             token_secret_patch(&s, &c, "http://x/token", &app(), Some(owner())),
             None
@@ -361,22 +367,7 @@ mod tests {
     #[test]
     fn owner_references_and_finalizers_a_consumer_added_are_removed() {
         let c = conn(json!({"clientSecretRef": {"name": "app"}}));
-        let mut s = Secret::default();
-        s.metadata.labels = Some(token_secret_labels(&c));
-        let mut annotations = settings_annotations(&c, "http://x/token");
-        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
-        s.metadata.annotations = Some(annotations);
-        s.data = Some(BTreeMap::from([
-            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
-            (
-                f::CLIENT_SECRET.into(),
-                k8s_openapi::ByteString(b"s".to_vec()),
-            ),
-            (
-                f::CLOCK_SKEW_SECONDS.into(),
-                k8s_openapi::ByteString(b"5".to_vec()),
-            ),
-        ]));
+        let mut s = steady_secret(&c);
         // A dangling owner beside ours (the garbage collector would delete the Secret once ours
         // goes), and ours replaced by it.
         let mut dangling = owner();
@@ -403,30 +394,16 @@ mod tests {
     #[test]
     fn markers_for_what_is_no_longer_stored_are_removed_and_current_ones_kept() {
         let c = conn(json!({"clientSecretRef": {"name": "app"}}));
-        let mut s = Secret::default();
-        s.metadata.labels = Some(token_secret_labels(&c));
-        let mut annotations = settings_annotations(&c, "http://x/token");
+        let mut s = steady_secret(&c);
+        let mut annotations = s.metadata.annotations.clone().expect("annotations");
         assert_eq!(
             annotations[f::ANN_PROTOCOL_VERSION],
             f::PROTOCOL_VERSION.to_string()
         );
-        annotations.insert(ANN_CONNECTION_UID.to_owned(), "u1".to_owned());
-        s.metadata.owner_references = Some(vec![owner()]);
-        s.data = Some(BTreeMap::from([
-            (f::CLIENT_ID.into(), k8s_openapi::ByteString(b"id".to_vec())),
-            (
-                f::CLIENT_SECRET.into(),
-                k8s_openapi::ByteString(b"s".to_vec()),
-            ),
-            (
-                f::CLOCK_SKEW_SECONDS.into(),
-                k8s_openapi::ByteString(b"5".to_vec()),
-            ),
-            (
-                f::REFRESH_TOKEN.into(),
-                k8s_openapi::ByteString(b"rt".to_vec()),
-            ),
-        ]));
+        s.data.as_mut().expect("data").insert(
+            f::REFRESH_TOKEN.into(),
+            k8s_openapi::ByteString(b"rt".to_vec()),
+        );
         let mut current = f::TokenRecord::from_secret(&s);
         current.client = Some(app());
         let stopped_for = current.credentials_fingerprint().expect("credentials");

@@ -270,10 +270,46 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     }
 }
 
+/// A healthy record for unit tests: an access token expiring at `expiry`, a refresh token,
+/// the app's credentials, default settings (skew 5 s, lease 30 s), no claim and no markers.
+#[cfg(test)]
+pub(crate) fn sample_record(expiry: SystemTime, resource_version: &str) -> TokenRecord {
+    use crate::redact::Sensitive;
+    use crate::xero::ClientCredentials;
+    TokenRecord {
+        resource_version: Some(resource_version.into()),
+        access_token: Some(Sensitive::new("at")),
+        refresh_token: Some(Sensitive::new("rt")),
+        refresh_token_unreadable: false,
+        expiry: Expiry::At(expiry),
+        token_type: "Bearer".into(),
+        scope: String::new(),
+        tenant_ids: vec![],
+        tenant_id: None,
+        tenant_list_stored: false,
+        client: Some(ClientCredentials {
+            client_id: "app".into(),
+            client_secret: Sensitive::new("s"),
+        }),
+        settings: super::format::Settings::default(),
+        lease: Lease::None,
+        reauthorization_required_for: None,
+        refused_access_token: None,
+        reauthorization_reason: None,
+        retry_not_before: None,
+        failed_attempts: 0,
+        stopped_for: None,
+        stop_reason: None,
+        refreshed_by: None,
+        refreshed_at: None,
+        rotation: 0,
+        protocol_version: super::format::PROTOCOL_VERSION,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::format::Settings;
     use crate::redact::Sensitive;
     use crate::xero::ClientCredentials;
 
@@ -286,35 +322,7 @@ mod tests {
 
     /// A healthy record: token expires at t(100), skew 5 s, lease 30 s.
     fn rec() -> TokenRecord {
-        TokenRecord {
-            resource_version: Some("1".into()),
-            access_token: Some(Sensitive::new("at")),
-            refresh_token: Some(Sensitive::new("rt")),
-            refresh_token_unreadable: false,
-            expiry: Expiry::At(t(100)),
-            token_type: "Bearer".into(),
-            scope: String::new(),
-            tenant_ids: vec![],
-            tenant_id: None,
-            tenant_list_stored: false,
-            client: Some(ClientCredentials {
-                client_id: "app".into(),
-                client_secret: Sensitive::new("s"),
-            }),
-            settings: Settings::default(),
-            lease: Lease::None,
-            reauthorization_required_for: None,
-            refused_access_token: None,
-            reauthorization_reason: None,
-            retry_not_before: None,
-            failed_attempts: 0,
-            stopped_for: None,
-            stop_reason: None,
-            refreshed_by: None,
-            refreshed_at: None,
-            rotation: 0,
-            protocol_version: crate::protocol::format::PROTOCOL_VERSION,
-        }
+        sample_record(t(100), "1")
     }
 
     fn held(holder: &str, expires: SystemTime) -> Lease {

@@ -317,8 +317,7 @@ fn holds(rec: &TokenRecord, me: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::format::{Expiry, Settings};
-    use crate::xero::ClientCredentials;
+    use crate::protocol::format::Expiry;
 
     const ME: &str = "me";
     const SEC: Duration = Duration::from_secs(1);
@@ -329,35 +328,7 @@ mod tests {
 
     /// A token that expires at t(100) (skew 5 s, lease 30 s), version "7".
     fn rec() -> TokenRecord {
-        TokenRecord {
-            resource_version: Some("7".into()),
-            access_token: Some(Sensitive::new("at")),
-            refresh_token: Some(Sensitive::new("rt")),
-            refresh_token_unreadable: false,
-            expiry: Expiry::At(t(100)),
-            token_type: "Bearer".into(),
-            scope: String::new(),
-            tenant_ids: vec![],
-            tenant_id: None,
-            tenant_list_stored: false,
-            client: Some(ClientCredentials {
-                client_id: "app".into(),
-                client_secret: Sensitive::new("s"),
-            }),
-            settings: Settings::default(),
-            lease: Lease::None,
-            reauthorization_required_for: None,
-            refused_access_token: None,
-            reauthorization_reason: None,
-            retry_not_before: None,
-            failed_attempts: 0,
-            stopped_for: None,
-            stop_reason: None,
-            refreshed_by: None,
-            refreshed_at: None,
-            rotation: 0,
-            protocol_version: crate::protocol::format::PROTOCOL_VERSION,
-        }
+        crate::protocol::decide::sample_record(t(100), "7")
     }
 
     fn facts(rec: &TokenRecord, now: SystemTime, followed: bool, left: Duration) -> Facts<'_> {
