@@ -270,6 +270,12 @@ pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step 
     }
 }
 
+/// `secs` after a fixed time, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_time(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+}
+
 /// A healthy record for unit tests: an access token expiring at `expiry`, a refresh token,
 /// the app's credentials, default settings (skew 5 s, lease 30 s), no claim and no markers.
 #[cfg(test)]
@@ -313,12 +319,10 @@ mod tests {
     use crate::redact::Sensitive;
     use crate::xero::ClientCredentials;
 
+    use test_time as t;
+
     const ME: &str = "me";
     const SEC: Duration = Duration::from_secs(1);
-
-    fn t(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
-    }
 
     /// A healthy record: token expires at t(100), skew 5 s, lease 30 s.
     fn rec() -> TokenRecord {

@@ -317,18 +317,15 @@ fn holds(rec: &TokenRecord, me: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::decide::{sample_record, test_time as t};
     use crate::protocol::format::Expiry;
 
     const ME: &str = "me";
     const SEC: Duration = Duration::from_secs(1);
 
-    fn t(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
-    }
-
     /// A token that expires at t(100) (skew 5 s, lease 30 s), version "7".
     fn rec() -> TokenRecord {
-        crate::protocol::decide::sample_record(t(100), "7")
+        sample_record(t(100), "7")
     }
 
     fn facts(rec: &TokenRecord, now: SystemTime, followed: bool, left: Duration) -> Facts<'_> {
