@@ -317,7 +317,7 @@ async fn many_parties_at_one_expiry_make_one_call_per_expiry() {
     );
 }
 
-/// #16: consumers in use meet an expiry with their Secret already watched: the first read, the
+/// Consumers in use meet an expiry with their Secret already watched: the first read, the
 /// re-read after a lost claim and the wait for the holder's store all come from that one watch.
 /// The holder makes its claim and its store; every other process at most a claim that lost.
 /// Without the follower standing in, each loser reads, claims, reads again and opens a watch.

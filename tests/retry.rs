@@ -1,4 +1,4 @@
-//! No retry storms (issue 13): an error that retrying cannot fix stops the calls, and a Xero that
+//! No retry storms: an error that retrying cannot fix stops the calls, and a Xero that
 //! keeps failing is called a bounded number of times, by the controller alone, over minutes.
 //!
 //! Three connections, each with its own emulator failing permanently in one way, run under one
@@ -18,7 +18,7 @@ use xero_operator::controller::ownership::LABEL_CLIENT_CREDENTIALS;
 use xero_operator::protocol::format as f;
 use xero_proving_ground::emulator::{Endpoint, FaultKind, Faults};
 
-/// How long each failing connection runs: the issue's three minutes.
+/// How long each failing connection runs: three minutes, the window the bounds are stated for.
 const WINDOW: Duration = Duration::from_secs(180);
 /// At most this many token calls in `WINDOW` for an error only a configuration change can fix.
 const MAX_CALLS_PERMANENT: u64 = 3;

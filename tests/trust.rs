@@ -573,7 +573,7 @@ async fn another_connections_token_secret_stays_its_own() {
         "the controller marks the Secret as the victim's"
     );
     let rv = secret.metadata.resource_version.clone().expect("rv");
-    // With her own token endpoint (the attack): refused before anything is looked at.
+    // With her own token endpoint (the attack): refused before anything is looked at.
     let (listener, hits) = common::attacker_listener().await;
     s.alice_creates(
         "thief-exfil",

@@ -13,7 +13,7 @@ use crate::crd::XeroConnection;
 use crate::protocol::format::{Lease, TokenRecord, format_time};
 use crate::text::{MAX_REASON_CHARS, sanitize};
 
-/// How long Xero keeps an unused refresh token (`../shared/xero-facts.md`): each refresh issues a
+/// How long Xero keeps an unused refresh token (`docs/xero-facts.md`): each refresh issues a
 /// new one, so the current one lapses this long after the last refresh.
 pub const REFRESH_TOKEN_IDLE_LIFETIME: Duration = Duration::from_secs(60 * 24 * 3600);
 

@@ -1,6 +1,6 @@
 //! An emulator of Xero's identity and connections endpoints, for tests, benchmarks, `make run`
 //! and users' own local development. It behaves like Xero in every way the operator depends on
-//! (`shared/xero-facts.md`): rotating refresh tokens with a grace period, expiring tokens,
+//! (`docs/xero-facts.md`): rotating refresh tokens with a grace period, expiring tokens,
 //! client credentials, authorization code with PKCE, revocation, `/connections`, rate limits —
 //! and it counts, fails and reports on demand through an admin API under `/_admin`.
 //!

@@ -1,5 +1,5 @@
 //! The emulated Xero identity state: apps, users, tenants, refresh-token families, access tokens
-//! and authorization codes, with the rules Xero applies to them (`shared/xero-facts.md`).
+//! and authorization codes, with the rules Xero applies to them (`docs/xero-facts.md`).
 //!
 //! Pure logic: every operation takes the current time (`now`, Unix milliseconds) and touches no
 //! I/O, so each rule is unit-tested here. The HTTP layer (`routes.rs`) only parses and formats.
