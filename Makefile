@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := tests/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test model model-deep e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test check model model-deep e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache), then
@@ -19,6 +19,13 @@ test: prerequisites fmt-check clippy crd-drift
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- $(CARGO) test --locked --all-targets
 	$(MAKE) --no-print-directory model
 	$(MAKE) --no-print-directory e2e-run
+
+## check: the fast loop while editing — format, lints, CRD drift, the unit tests and the model
+## check; no Go, no root, no control plane. `make test` runs everything.
+check: fmt-check clippy crd-drift
+	$(CARGO) test --locked --lib
+	$(CARGO) test --locked --test protocol_map -p xero-operator
+	$(CARGO) test --locked --test model -p xero-proving-ground
 
 ## model: the refresh protocol model-checked with the product's own rules (docs/protocol.md,
 ## section 11); prints the states explored, the depth and the time. model-deep: a second
