@@ -153,9 +153,14 @@ pub(super) async fn step(
                     super::budget::refreshed_what(r),
                 );
             }
+            // When the next refresh is due: the expiry, or a consumer's report that Xero
+            // refused the token (P70) once it is old enough to count.
             let due = record
                 .as_ref()
-                .and_then(|r| r.due_at(ahead))
+                .map(|r| {
+                    crate::protocol::decide::due_time(r, now, ProtocolRole::Producer { ahead })
+                        .unwrap_or(now)
+                })
                 .or_else(|| token.usable_until.checked_sub(ahead))
                 .unwrap_or(now);
             ctx.metrics.set_seconds_until_expiry(

@@ -116,8 +116,9 @@ impl TokenRecord {
 }
 
 /// When a refresh becomes due for `role`, given the Secret `rec` read at `now`; `None`: due
-/// already.
-fn due_time(rec: &TokenRecord, now: SystemTime, role: Role) -> Option<SystemTime> {
+/// already. Everything that makes a refresh due counts: the expiry, a renewal, a refusal
+/// (P70).
+pub fn due_time(rec: &TokenRecord, now: SystemTime, role: Role) -> Option<SystemTime> {
     let ahead = match role {
         Role::Consumer | Role::Renew { .. } => Duration::ZERO,
         Role::Producer { ahead } => ahead,
