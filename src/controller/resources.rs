@@ -110,8 +110,17 @@ pub fn token_secret_patch(
         patch["metadata"]["labels"] = json!(labels);
         changed = true;
     }
-    let annotations = settings_annotations(conn, token_url);
+    let mut annotations = settings_annotations(conn, token_url);
     let have = current.metadata.annotations.clone().unwrap_or_default();
+    // A newer revision than this operator's (written by a newer operator before a rollback) is
+    // left as it is: this operator then only reads (P68) rather than bring the Secret back.
+    if have
+        .get(f::ANN_PROTOCOL_VERSION)
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .is_some_and(|v| v > f::PROTOCOL_VERSION)
+    {
+        annotations.remove(f::ANN_PROTOCOL_VERSION);
+    }
     let mut ann = serde_json::Map::new();
     for (k, v) in &annotations {
         if have.get(k) != Some(v) {
@@ -436,6 +445,18 @@ mod tests {
             p["metadata"]["annotations"]
                 .get(f::ANN_REAUTH_FOR)
                 .is_none()
+        );
+        // A newer revision (a rolled-back operator) is never brought back down.
+        let mut newer = s.clone();
+        newer
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(f::ANN_PROTOCOL_VERSION.to_owned(), "99".to_owned());
+        assert_eq!(
+            token_secret_patch(&newer, &c, "http://x/token", &app(), Some(owner())),
+            None
         );
         // A refresh token stored by hand: the re-authorisation marker for the old one goes.
         annotations.insert(
