@@ -568,10 +568,6 @@ async fn owners_and_finalizers_are_the_connections_without_policies() {
     owners_and_finalizers_are_the_connections(Policies::Off).await;
 }
 
-/// Attacks 7 and 9: the protocol's own markers, with values no party writes. They are the
-/// consumer's to write under the policies too, so the code alone must hold: a far
-/// `retry-not-before` freezes nobody, a `refreshed-at` in the future is not shown, and text
-/// with invisible characters reaches no person.
 /// P68, P69: a consumer written before the stop marker existed ignores it and claims. With the
 /// chart's policies, the API server refuses that claim (so it never calls Xero); without them,
 /// only parties that implement the marker honour it. Current parties honour it either way, and
@@ -629,6 +625,10 @@ async fn a_claim_under_a_stop_marker_lands_without_policies() {
     a_claim_under_a_stop_marker_is_refused(Policies::Off).await;
 }
 
+/// Attacks 7 and 9: the protocol's own markers, with values no party writes. They are the
+/// consumer's to write under the policies too, so the code alone must hold: a far
+/// `retry-not-before` freezes nobody, a `refreshed-at` in the future is not shown, and text
+/// with invisible characters reaches no person.
 async fn markers_no_party_writes_are_ignored(policies: Policies) {
     let s = Scene::new("ct-marker", policies, json!({})).await;
     let hidden = "worker\u{200F}\u{061C}/1\u{200B}\u{FEFF}\u{2060}x";

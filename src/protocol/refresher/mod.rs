@@ -383,10 +383,11 @@ impl Refresher {
     }
 
     /// Reports that Xero refused `token` before its expiry (the API answered 401 with it):
-    /// drops it from the cache and marks it in the Secret as refused (P70), if the Secret still
-    /// holds it, so that the next `get` here or anywhere refreshes it instead of handing it out.
-    /// Many parties reporting one token cause one refresh; a token stored less than
-    /// [`super::decide::refusal_min_age`] ago is refreshed only once it is that old.
+    /// drops it from this party's cache and marks it in the Secret as refused (P70), if the
+    /// Secret still holds it. The token is then due for refresh, for every party, once it has
+    /// been stored [`super::decide::refusal_min_age`]; until then it is still handed out (a
+    /// report of a token just stored is not trusted yet). Many parties reporting one token
+    /// cause one refresh.
     pub async fn refused(&self, token: &Sensitive) -> Result<(), Error> {
         *lock(&self.refused) = Some(token.clone());
         self.invalidate();
