@@ -14,7 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use super::Error;
 use super::decide::{PRODUCER_CLAIM_LEAD, Role, Step, WaitReason, call_delay, decide};
-use super::format::{Lease, TokenRecord};
+use super::format::{
+    ANN_FAILED_ATTEMPTS, ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, ANN_STOP_REASON,
+    ANN_STOPPED_FOR, Lease, TokenRecord, format_time,
+};
 use super::retry::Failure;
 use crate::redact::Sensitive;
 use crate::xero::{TokenSet, XeroError};
@@ -244,6 +247,37 @@ pub fn stop_reason(code: &str, description: Option<&str>) -> String {
 /// The `reauthorization-reason` written with an `invalid_grant` (P65, as [`stop_reason`]).
 pub fn reauthorization_reason(description: Option<&str>) -> String {
     stop_reason("invalid_grant", description)
+}
+
+/// Annotations a release writes besides the claim's end (`None` removes one).
+pub type Markers = Vec<(&'static str, Option<String>)>;
+
+/// The backoff a release publishes ([`super::retry::Next::Release`]): `retry-not-before`, and
+/// `failed-attempts` after transient failures.
+pub fn backoff_markers(not_before: SystemTime, failed_attempts: Option<u32>) -> Markers {
+    let mut markers = vec![(ANN_RETRY_NOT_BEFORE, Some(format_time(not_before)))];
+    if let Some(n) = failed_attempts {
+        markers.push((ANN_FAILED_ATTEMPTS, Some(n.to_string())));
+    }
+    markers
+}
+
+/// The stop marker for the credentials (and refresh token) of `rec`, with its `reason`
+/// ([`stop_reason`]).
+pub fn stop_markers(rec: &TokenRecord, reason: String) -> Markers {
+    vec![
+        (ANN_STOPPED_FOR, rec.credentials_fingerprint()),
+        (ANN_STOP_REASON, Some(reason)),
+    ]
+}
+
+/// The re-authorisation marker for the refresh token Xero refused, with its `reason`
+/// ([`reauthorization_reason`]).
+pub fn reauthorization_markers(refused: Option<&Sensitive>, reason: String) -> Markers {
+    vec![
+        (ANN_REAUTH_FOR, refused.map(Sensitive::fingerprint)),
+        (ANN_REAUTH_REASON, Some(reason)),
+    ]
 }
 
 /// After `invalid_grant` for the refresh token of `presented`, with the Secret re-read from

@@ -8,9 +8,7 @@ use stateright::Model as _;
 use xero_operator::protocol::backoff::{ACROSS_CLAIMS, XERO_RETRY};
 use xero_operator::protocol::decide::Role;
 use xero_operator::protocol::format::{
-    self as f, ANN_FAILED_ATTEMPTS, ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE,
-    ANN_STOP_REASON, ANN_STOPPED_FOR, annotations_patch, claim_patch, format_time, salvage_patch,
-    token_patch,
+    self as f, annotations_patch, claim_patch, salvage_patch, token_patch,
 };
 use xero_operator::protocol::retry::{Next, after_failed_call};
 use xero_operator::protocol::round::{
@@ -469,10 +467,10 @@ impl ProtocolModel {
                     InvalidGrant::Refused => {
                         s.reauthorization_written = true;
                         let current = s.secret.clone();
-                        let markers = vec![
-                            (ANN_REAUTH_FOR, Some(rt.fingerprint())),
-                            (ANN_REAUTH_REASON, Some("invalid_grant".to_owned())),
-                        ];
+                        let markers = round::reauthorization_markers(
+                            Some(&rt),
+                            round::reauthorization_reason(None),
+                        );
                         self.start_release(s, n, &current, markers);
                     }
                 }
@@ -497,10 +495,7 @@ impl ProtocolModel {
                 return;
             }
             AfterError::Stop { code, .. } => {
-                let markers = vec![
-                    (ANN_STOPPED_FOR, rec.credentials_fingerprint()),
-                    (ANN_STOP_REASON, Some(code)),
-                ];
+                let markers = round::stop_markers(&rec, round::stop_reason(&code, None));
                 return self.start_release(s, n, &claimed, markers);
             }
             AfterError::Retry(failure) => failure,
@@ -527,10 +522,7 @@ impl ProtocolModel {
                 not_before,
                 failed_attempts,
             } => {
-                let mut markers = vec![(ANN_RETRY_NOT_BEFORE, Some(format_time(not_before)))];
-                if let Some(k) = failed_attempts {
-                    markers.push((ANN_FAILED_ATTEMPTS, Some(k.to_string())));
-                }
+                let markers = round::backoff_markers(not_before, failed_attempts);
                 self.start_release(s, n, &claimed, markers);
             }
         }

@@ -9,13 +9,9 @@ use super::{AccessToken, Inner};
 use crate::crd::Grant;
 use crate::protocol::Error;
 use crate::protocol::backoff::{ACROSS_CLAIMS, XERO_RETRY};
-use crate::protocol::format::{
-    ANN_FAILED_ATTEMPTS, ANN_REAUTH_FOR, ANN_REAUTH_REASON, ANN_RETRY_NOT_BEFORE, ANN_STOP_REASON,
-    ANN_STOPPED_FOR, TokenRecord, format_time, salvage_patch,
-};
+use crate::protocol::format::{TokenRecord, format_time, salvage_patch};
 use crate::protocol::retry::{self, Next, after_failed_call};
 use crate::protocol::round::{self, AfterError, InvalidGrant};
-use crate::redact::Sensitive;
 use crate::xero::XeroClient;
 
 impl Inner {
@@ -92,10 +88,7 @@ impl Inner {
                 } => {
                     // Out of calls or of claim: everyone waits, longer after each claim that
                     // ended this way.
-                    let mut markers = vec![(ANN_RETRY_NOT_BEFORE, Some(format_time(not_before)))];
-                    if let Some(n) = failed_attempts {
-                        markers.push((ANN_FAILED_ATTEMPTS, Some(n.to_string())));
-                    }
+                    let markers = round::backoff_markers(not_before, failed_attempts);
                     tracing::warn!(secret = %self.name, error = %err, calls = attempt + 1, not_before = %format_time(not_before), "refresh failed; backing off");
                     if let Some(budget) = &self.budget {
                         budget.backed_off(not_before);
@@ -113,14 +106,7 @@ impl Inner {
     async fn stop(&self, rec: &TokenRecord, code: String, description: Option<String>) -> Error {
         let reason = round::stop_reason(&code, description.as_deref());
         tracing::error!(secret = %self.name, reason, "Xero refused the request for good: stopping until the credentials change");
-        self.release(
-            rec,
-            &[
-                (ANN_STOPPED_FOR, rec.credentials_fingerprint()),
-                (ANN_STOP_REASON, Some(reason)),
-            ],
-        )
-        .await;
+        self.release(rec, &round::stop_markers(rec, reason)).await;
         Error::Stopped { code, description }
     }
 
@@ -145,16 +131,10 @@ impl Inner {
             }
             InvalidGrant::Refused => {
                 let reason = round::reauthorization_reason(description.as_deref());
-                let fingerprint = rec.refresh_token.as_ref().map(Sensitive::fingerprint);
                 tracing::error!(secret = %self.name, reason, "Xero refused the refresh token: re-authorisation required");
-                self.release(
-                    &fresh,
-                    &[
-                        (ANN_REAUTH_FOR, fingerprint),
-                        (ANN_REAUTH_REASON, Some(reason.clone())),
-                    ],
-                )
-                .await;
+                let markers =
+                    round::reauthorization_markers(rec.refresh_token.as_ref(), reason.clone());
+                self.release(&fresh, &markers).await;
                 Err(Error::ReauthorizationRequired(reason))
             }
         }
