@@ -97,6 +97,28 @@ async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(fx.report().await.counters.token_calls, calls + 1);
 
+    // Under a newer protocol revision the plugin only reads (P68): it cannot renew, and says
+    // so rather than call the stored token renewed.
+    let newer = (xero_operator::protocol::format::PROTOCOL_VERSION + 1).to_string();
+    fx.patch(
+        json!({}),
+        json!({xero_operator::protocol::format::ANN_PROTOCOL_VERSION: newer}),
+    )
+    .await;
+    let out = kubectl_xero(
+        &fx,
+        &["renew", "acme", "-n", &fx.namespace, "--timeout", "2s"],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(10), "{said}");
+    assert!(
+        said.contains(&format!("protocol revision {newer}")),
+        "{said}"
+    );
+    assert!(!said.contains("renewed"), "{said}");
+    assert_eq!(fx.record().await.rotation, after.rotation, "{said}");
+    assert_eq!(fx.report().await.counters.token_calls, calls + 1);
+
     // A connection that does not exist: a clear message, not a panic.
     let out = kubectl_xero(&fx, &["status", "nope", "-n", &fx.namespace]);
     assert_eq!(out.status.code(), Some(1));

@@ -188,9 +188,11 @@ pub fn call_delay(rec: &TokenRecord, now: SystemTime, role: Role) -> Duration {
 /// The next step for `me` in `role`, given the Secret `rec` read at `now`.
 pub fn decide(rec: &TokenRecord, now: SystemTime, me: &str, role: Role) -> Step {
     // A revision newer than this one may have rules this party does not know: read, never
-    // write (P68).
+    // write (P68). A renewal not done yet is a refresh this party may not make: it waits too,
+    // rather than call the stored token renewed.
     if rec.protocol_version > super::format::PROTOCOL_VERSION {
-        return if rec.is_usable(now) {
+        let renewal_pending = matches!(role, Role::Renew { seen } if rec.refreshed_at == seen);
+        return if rec.is_usable(now) && !renewal_pending {
             Step::Use
         } else {
             Step::Wait {
@@ -435,6 +437,19 @@ mod tests {
                 "expired: never claimed"
             );
         }
+        // A renewal is a refresh: not made, and the stored token is not called renewed.
+        let renew = Role::Renew {
+            seen: r.refreshed_at,
+        };
+        assert_eq!(
+            decide(&r, t(10), ME, renew),
+            Step::Wait {
+                until: t(10) + r.settings.lease_duration,
+                reason: WaitReason::NewerProtocol(r.protocol_version)
+            }
+        );
+        let done = Role::Renew { seen: Some(t(1)) };
+        assert_eq!(decide(&r, t(10), ME, done), Step::Use, "renewed by another");
         // This revision and older ones are followed.
         r.protocol_version = 1;
         assert_eq!(

@@ -96,7 +96,7 @@ pub enum Error {
     /// The token Secret follows a newer revision of the protocol than this party implements:
     /// it only reads, and the stored token is not usable (P68). Upgrade it.
     #[error(
-        "the token Secret follows protocol revision {secret}, newer than the {implemented} this program implements: it only reads, and the stored token is not usable; upgrade it"
+        "the token Secret follows protocol revision {secret}, newer than the {implemented} this program implements: it only reads, and the refresh needed now is not one it may make; upgrade it"
     )]
     OutdatedProtocol { implemented: u32, secret: u32 },
     /// The controller's own cap on calls per app (`--app-calls-per-minute`): its next permit
