@@ -3,7 +3,7 @@
 //!
 //! Three connections, each with its own emulator failing permanently in one way, run under one
 //! in-process controller each for `WINDOW`; the token calls each emulator received are held to
-//! the documented bounds (README, "Failures and retries"), and `Ready` is never True meanwhile.
+//! the documented bounds (`docs/operating.md`, "Failures and retries"), and `Ready` is never True meanwhile.
 
 mod common;
 

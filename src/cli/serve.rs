@@ -19,7 +19,7 @@ use serde_json::json;
 use super::{Source, SourceError, token_json};
 
 fn error_response(e: &SourceError) -> Response {
-    // Which state the token is in, one name each (README): a caller tells "a person must fix
+    // Which state the token is in, one name each (`docs/operating.md`, "Exit codes"): a caller tells "a person must fix
     // the app" from "try again later" from "the Kubernetes API failed".
     let code = match e {
         SourceError::Protocol(p) => p.kind().as_str(),

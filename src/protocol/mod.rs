@@ -146,7 +146,7 @@ impl Kind {
         }
     }
 
-    /// The exit code of `xero-token` (README).
+    /// The exit code of `xero-token` (`docs/operating.md`, "Exit codes").
     pub fn exit_code(self) -> u8 {
         match self {
             Self::ReauthorizationRequired => 3,
@@ -183,7 +183,7 @@ impl Error {
         }
     }
 
-    /// Exit code of the `xero-token` CLI for this error (documented in the README).
+    /// Exit code of the `xero-token` CLI for this error (documented in `docs/operating.md`, "Exit codes").
     pub fn exit_code(&self) -> u8 {
         self.kind().exit_code()
     }

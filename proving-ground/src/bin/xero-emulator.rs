@@ -1,5 +1,5 @@
 //! `xero-emulator`: an emulator of Xero's identity and connections endpoints on 127.0.0.1, for
-//! tests, benchmarks and local development. See `xero-emulator --help` and the README.
+//! tests, benchmarks and local development. See `xero-emulator --help` and `docs/development.md`.
 
 use std::time::Duration;
 
