@@ -29,12 +29,12 @@ check: fmt-check clippy crd-drift
 
 ## model: the refresh protocol model-checked with the product's own rules (docs/protocol.md,
 ## section 11); prints the states explored, the depth and the time. model-deep: a second
-## consumer and a second fault (minutes).
+## consumer and a second fault (a release build; about 5 minutes and 10 GB of memory).
 model:
 	$(CARGO) run --locked -q -p xero-proving-ground --bin xero-model
 
 model-deep:
-	$(CARGO) run --locked -q -p xero-proving-ground --bin xero-model -- --deep
+	$(CARGO) run --locked -q --release -p xero-proving-ground --bin xero-model -- --deep
 
 ## image: the operator's OCI image, built without Docker (static binaries, non-root, reproducible):
 ## target/image/xero-operator-<version>.oci.tar. IMAGE_TAG=… for another tag.

@@ -5,7 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use xero_operator::protocol::format::release_patch;
+use xero_operator::protocol::format::{Lease, claim_patch, release_patch, token_patch};
+use xero_operator::protocol::round::{self, Action, Facts};
 use xero_operator::xero::TokenSet;
 use xero_proving_ground::model::{Config, ProtocolModel, Report, Rules, check, check_until_broken};
 
@@ -99,6 +100,102 @@ fn counting_the_expiry_from_the_answer_hands_out_an_expired_token() {
     });
     assert!(
         broken.contains(&"no party hands out an expired token"),
+        "{broken:?}"
+    );
+}
+
+#[test]
+fn deciding_without_the_markers_claims_under_a_backoff_or_a_stop() {
+    fn blind(facts: &Facts) -> Action {
+        let mut rec = facts.rec.clone();
+        rec.retry_not_before = None;
+        rec.failed_attempts = 0;
+        rec.stopped_for = None;
+        rec.reauthorization_required_for = None;
+        round::next(&Facts {
+            rec: &rec,
+            ..*facts
+        })
+    }
+    let broken = mutant(Rules {
+        next: blind,
+        ..Rules::product()
+    });
+    assert!(
+        broken.contains(&"every stop and backoff marker is honoured"),
+        "{broken:?}"
+    );
+}
+
+#[test]
+fn a_store_that_mixes_up_the_tokens_breaks_the_chain() {
+    fn mixed_up(
+        rv: &str,
+        set: &TokenSet,
+        expires_at: SystemTime,
+        by: &str,
+        sent: SystemTime,
+        rotation: u64,
+    ) -> Value {
+        let mixed = TokenSet {
+            refresh_token: Some(set.access_token.clone()),
+            ..set.clone()
+        };
+        token_patch(rv, &mixed, expires_at, by, sent, rotation)
+    }
+    let broken = mutant(Rules {
+        token_patch: mixed_up,
+        ..Rules::product()
+    });
+    assert!(
+        broken.contains(&"the refresh chain never breaks"),
+        "{broken:?}"
+    );
+}
+
+#[test]
+fn an_unconditional_claim_calls_again_with_a_rotated_refresh_token() {
+    fn unconditional(rv: &str, holder: &str, expires: SystemTime) -> Value {
+        let mut patch = claim_patch(rv, holder, expires);
+        if let Some(metadata) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.remove("resourceVersion");
+        }
+        patch
+    }
+    // Every property this breaks, not only the first found: a claim on a stale read is a
+    // replay of a rotated token (more than one call for an expiry) whether or not the other
+    // call is still in flight.
+    let report = check(ProtocolModel::new(
+        config(),
+        Rules {
+            claim_patch: unconditional,
+            ..Rules::product()
+        },
+    ));
+    let broken = broken(&report);
+    assert!(
+        broken
+            .contains(&"absent crashes and lost answers, every call rotates (one call per expiry)"),
+        "{broken:?}"
+    );
+}
+
+#[test]
+fn a_claim_that_never_lapses_leaves_the_token_expired_after_a_crash() {
+    fn never_lapses(facts: &Facts) -> Action {
+        if let Lease::Held { holder, .. } = &facts.rec.lease
+            && holder != facts.me
+        {
+            return Action::Wait(Duration::from_secs(1));
+        }
+        round::next(facts)
+    }
+    let broken = mutant(Rules {
+        next: never_lapses,
+        ..Rules::product()
+    });
+    assert!(
+        broken.contains(&"liveness: with Xero up and parties alive, a usable token is stored"),
         "{broken:?}"
     );
 }

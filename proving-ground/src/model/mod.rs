@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use stateright::{Checker, HasDiscoveries, Model, Property};
 use xero_operator::protocol::decide::Role;
-use xero_operator::protocol::format::release_patch;
+use xero_operator::protocol::format::{self, release_patch};
 use xero_operator::protocol::{retry, round};
 use xero_operator::xero::TokenSet;
 
@@ -38,16 +38,30 @@ pub type ReleasePatch = fn(&str, &[(&str, Option<String>)]) -> Value;
 /// line removed in place of one and show the model finds what that breaks.
 #[derive(Clone, Copy)]
 pub struct Rules {
+    /// A round's next action from what it read ([`round::next`]).
+    pub next: fn(&round::Facts) -> round::Action,
+    /// The claim's write ([`format::claim_patch`]).
+    pub claim_patch: fn(&str, &str, SystemTime) -> Value,
+    /// How long a call may last within a claim ([`retry::call_window`]).
     pub call_window: fn(SystemTime, SystemTime, Duration) -> Option<Duration>,
+    /// The store of an answer ([`format::token_patch`]).
+    pub token_patch: TokenPatch,
     pub release_patch: ReleasePatch,
     pub stored_expiry: fn(&TokenSet, SystemTime, SystemTime) -> SystemTime,
 }
+
+/// A store builder: `(resourceVersion, answer, expires_at, refreshed_by, sent, rotation)` to a
+/// merge patch.
+pub type TokenPatch = fn(&str, &TokenSet, SystemTime, &str, SystemTime, u64) -> Value;
 
 impl Rules {
     /// The product's rules as they are.
     pub fn product() -> Self {
         Self {
+            next: round::next,
+            claim_patch: format::claim_patch,
             call_window: retry::call_window,
+            token_patch: format::token_patch,
             release_patch,
             stored_expiry: |set, sent, _received| round::stored_expiry(set, sent),
         }
@@ -115,7 +129,7 @@ impl Config {
             clock_ahead: vec![Duration::ZERO, TICK, Duration::ZERO],
             faults: 2,
             crashes: 1,
-            depth: 24,
+            depth: 22,
             ..Self::quick()
         }
     }

@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime};
 use stateright::Model as _;
 use xero_operator::protocol::backoff::{ACROSS_CLAIMS, XERO_RETRY};
 use xero_operator::protocol::decide::Role;
-use xero_operator::protocol::format::{
-    self as f, annotations_patch, claim_patch, salvage_patch, token_patch,
-};
+use xero_operator::protocol::format::{self as f, annotations_patch, salvage_patch};
 use xero_operator::protocol::retry::{Next, after_failed_call};
 use xero_operator::protocol::round::{
     self, Action, AfterError, Facts, Hold, InvalidGrant, RELEASE_TRIES, ReleaseConflict,
@@ -303,7 +301,7 @@ impl ProtocolModel {
             left: Duration::from_secs(60),
             max_wait: Duration::from_secs(60),
         };
-        match round::next(&facts) {
+        match (self.rules.next)(&facts) {
             // The controller's token goes into its status, not to a workload (the status's own
             // rule: Ready only while the token is usable, is the controller's tests' to check).
             Action::Hand if self.config.roles[n] == Role::Consumer => self.hand(s, &rec),
@@ -314,7 +312,7 @@ impl ProtocolModel {
                 if self.forbidden(&rec, s.time) {
                     s.marker_ignored = true;
                 }
-                let patch = claim_patch(&read.version.to_string(), &me, lease_end);
+                let patch = (self.rules.claim_patch)(&read.version.to_string(), &me, lease_end);
                 if Self::write(s, &patch) == Written::Landed {
                     s.parties[n].pc = Pc::Holding {
                         claimed: s.secret.clone(),
@@ -558,7 +556,7 @@ impl ProtocolModel {
         } else {
             let expires_at =
                 (self.rules.stored_expiry)(&set, from_millis(sent), from_millis(received));
-            token_patch(
+            (self.rules.token_patch)(
                 &version.to_string(),
                 &set,
                 expires_at,
