@@ -2,7 +2,7 @@
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-CONTROLPLANE_BUILD := tests/controlplane/build.sh
+CONTROLPLANE_BUILD := proving-ground/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
@@ -47,7 +47,7 @@ node-deps:
 
 ## node-images: the test node's sandbox (pause) and busybox images.
 node-images: node-deps
-	bash tests/node/images.sh >/dev/null
+	bash proving-ground/node/images.sh >/dev/null
 
 ## e2e: the end-to-end tests alone: the image installed by Helm on a real node (kubelet,
 ## containerd, kube-proxy in a network namespace of the run's own), pods mounting the Secret.
@@ -63,18 +63,18 @@ e2e: prerequisites
 e2e-run: node-deps image node-images
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	version="$$(awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)"; \
-	bash tests/node/host-state.sh > target/node-images/host-before.txt; \
+	bash proving-ground/node/host-state.sh > target/node-images/host-before.txt; \
 	status=0; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" --node --secret-sync $(E2E_SECRET_SYNC) \
 	  --node-image target/node-images/pause.oci.tar --node-image target/node-images/busybox.oci.tar \
 	  --node-image "target/image/xero-operator-$$version.oci.tar" \
 	  -- $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture $(E2E_ARGS) \
 	  || status=$$?; \
-	bash tests/node/host-state.sh > target/node-images/host-after.txt; \
+	bash proving-ground/node/host-state.sh > target/node-images/host-after.txt; \
 	diff -u target/node-images/host-before.txt target/node-images/host-after.txt \
 	  || { echo "the test node left the above on the host" >&2; exit 1; }; \
 	[ "$$status" = 0 ] || exit $$status; \
-	bash tests/node/killed-launcher.sh "$$bin_dir"
+	bash proving-ground/node/killed-launcher.sh "$$bin_dir"
 
 prerequisites:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
@@ -109,7 +109,7 @@ controlplane: prerequisites
 	$(CARGO) build --locked --bin xero-controlplane
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	if [ -n "$(NODE)" ]; then \
-	  bash scripts/node-deps.sh && bash scripts/image.sh >/dev/null && bash tests/node/images.sh >/dev/null; \
+	  bash scripts/node-deps.sh && bash scripts/image.sh >/dev/null && bash proving-ground/node/images.sh >/dev/null; \
 	  version="$$(awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)"; \
 	  exec target/debug/xero-controlplane --bin-dir "$$bin_dir" --node --secret-sync $(E2E_SECRET_SYNC) \
 	    --node-image target/node-images/pause.oci.tar --node-image target/node-images/busybox.oci.tar \

@@ -323,7 +323,7 @@ async fn kubectl_get_shows_the_printer_columns() {
 #[tokio::test]
 async fn kubectl_version_reports_the_real_server_version() {
     let _ = common::admin_client().await;
-    let go_mod = std::fs::read_to_string(common::repo_path("tests/controlplane/go.mod"))
+    let go_mod = std::fs::read_to_string(common::repo_path("proving-ground/controlplane/go.mod"))
         .expect("read go.mod");
     let pinned = go_mod
         .lines()

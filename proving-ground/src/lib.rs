@@ -2,7 +2,7 @@
 //! It depends on `xero-operator`; the product depends on it only for its integration tests.
 //! - [`emulator`]: Xero's identity and connections endpoints on 127.0.0.1 (`xero-emulator`);
 //! - [`controlplane`]: a real etcd + kube-apiserver (+ kube-controller-manager) on loopback,
-//!   built from `tests/controlplane/` (`xero-controlplane`);
+//!   built from `proving-ground/controlplane/` (`xero-controlplane`);
 //! - [`bench`]: `make bench` and the chaos soak of `make soak` (`xero-bench`);
 //! - [`model`]: the refresh protocol model-checked with the product's own rules (`make model`);
 //! - [`devrun`]: `make run`, the whole product narrated on this machine (`xero-run`);

@@ -42,7 +42,7 @@ enum Command {
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/refresh.json")]
         out: PathBuf,
-        /// Control plane binaries (default: tests/controlplane/build.sh).
+        /// Control plane binaries (default: proving-ground/controlplane/build.sh).
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -69,7 +69,7 @@ enum Command {
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/scale.json")]
         out: PathBuf,
-        /// Control plane binaries (default: tests/controlplane/build.sh).
+        /// Control plane binaries (default: proving-ground/controlplane/build.sh).
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -95,7 +95,7 @@ enum Command {
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/isolation.json")]
         out: PathBuf,
-        /// Control plane binaries (default: tests/controlplane/build.sh).
+        /// Control plane binaries (default: proving-ground/controlplane/build.sh).
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -121,7 +121,7 @@ enum Command {
         /// Where to write the JSON.
         #[arg(long, default_value = "target/bench/soak.json")]
         out: PathBuf,
-        /// Control plane binaries (default: tests/controlplane/build.sh).
+        /// Control plane binaries (default: proving-ground/controlplane/build.sh).
         #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },

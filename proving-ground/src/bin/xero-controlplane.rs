@@ -26,7 +26,7 @@ use xero_proving_ground::controlplane::{ControlPlane, Options};
 #[command(version)]
 struct Args {
     /// Directory with etcd, kube-apiserver and kube-controller-manager. Default: build them (or
-    /// reuse the cached build) with tests/controlplane/build.sh.
+    /// reuse the cached build) with proving-ground/controlplane/build.sh.
     #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
     bin_dir: Option<PathBuf>,
 
@@ -44,7 +44,7 @@ struct Args {
     node: bool,
 
     /// OCI image tarball to load into the node's containerd (repeatable); one must be the
-    /// sandbox image xero.local/pause:1 (tests/node/images.sh builds it).
+    /// sandbox image xero.local/pause:1 (proving-ground/node/images.sh builds it).
     #[arg(long = "node-image", requires = "node")]
     node_images: Vec<PathBuf>,
 

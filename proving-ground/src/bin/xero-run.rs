@@ -15,7 +15,7 @@ use xero_proving_ground::devrun::{RunOptions, run};
 #[command(version)]
 struct Args {
     /// Directory with etcd, kube-apiserver, kube-controller-manager (default: build or reuse
-    /// them with tests/controlplane/build.sh).
+    /// them with proving-ground/controlplane/build.sh).
     #[arg(long, env = "XERO_CONTROLPLANE_BIN_DIR")]
     bin_dir: Option<PathBuf>,
 

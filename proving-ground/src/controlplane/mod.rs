@@ -1,5 +1,5 @@
 //! A real Kubernetes control plane on loopback: etcd, kube-apiserver and (optionally)
-//! kube-controller-manager, built from Go modules by `tests/controlplane/build.sh`.
+//! kube-controller-manager, built from Go modules by `proving-ground/controlplane/build.sh`.
 //!
 //! Used by the integration tests, `make controlplane` and `make run`. Everything binds 127.0.0.1,
 //! lives in one temporary directory, and is torn down by [`ControlPlane::stop`] (also on drop).
@@ -32,7 +32,7 @@ pub const NON_ADMIN_USER: &str = "alice";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "control plane binaries not found in {dir}: {missing} (run tests/controlplane/build.sh)"
+        "control plane binaries not found in {dir}: {missing} (run proving-ground/controlplane/build.sh)"
     )]
     MissingBinary { dir: PathBuf, missing: String },
     #[error("building the control plane failed: {0}")]
@@ -114,7 +114,7 @@ impl Options {
             }),
             None => Self::from_build_script(
                 // The Go module of the control plane stays in the product's tests/.
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane/build.sh"),
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/build.sh"),
             ),
         }
     }
