@@ -1,6 +1,9 @@
 //! The controller: the producer role of the refresh protocol for every `XeroConnection`.
 //!
-//! A reconcile is a pipeline, one file per step, called in this order by `apply` below:
+//! The tree shows the pipeline: [`rules`] are pure (checks, ownership, the objects written,
+//! error classification, conditions, the requeue, what wakes a reconcile); [`steps`] do the
+//! reads and writes, one file per step; [`runtime`] runs it all (watches, shared state, leader
+//! election, metrics). A reconcile (`apply` below) calls the steps in this order:
 //! 1. [`checks`]: the spec against what the schema cannot check and the operator's limits
 //!    (endpoint allowlist, consumer namespaces); pure, before any call;
 //! 2. [`inputs`]: the token Secret and the client Secret, used only if they are the operator's
@@ -12,36 +15,25 @@
 //!    state and a time to look again ([`classify`]);
 //! 6. [`tenants`]: the tenants, with the first token, after a new authorisation and every 5-6 h;
 //! 7. [`status`]: status, the `Ready` condition and an Event per transition ([`conditions`]);
-//!    then a requeue just before the token is due ([`token`] claims then, and calls Xero at
-//!    the instant itself).
+//!    then the requeue ([`requeue`]): just before the token is due ([`token`] claims then, and
+//!    calls Xero at the instant itself).
 //!
 //! On delete: [`cleanup`]. Around the pipeline: [`watch`] (what wakes a reconcile; [`wake`]),
 //! [`context`] (what reconciles share and remember), [`leader`], [`metrics`], [`server`].
 
-pub mod budget;
-pub mod checks;
-pub mod classify;
-pub mod cleanup;
-pub mod conditions;
-pub mod consumers;
-pub mod context;
-pub mod inputs;
-pub mod leader;
-pub mod metrics;
-pub mod ownership;
-pub mod resources;
-pub mod server;
-pub mod status;
-pub mod tenants;
-pub mod token;
-pub mod token_secret;
-pub mod wake;
-pub mod watch;
+pub mod rules;
+pub mod runtime;
+pub mod steps;
+
+pub use rules::{checks, classify, conditions, ownership, requeue, resources, wake};
+pub use runtime::{budget, context, leader, metrics, server, watch};
+pub use steps::{cleanup, consumers, inputs, status, tenants, token, token_secret};
 
 pub use context::{Context, DEFAULT_CONCURRENCY};
 pub use watch::run;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
@@ -69,7 +61,10 @@ pub enum Error {
         source: kube::Error,
     },
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The token Secret changed under every attempt to keep and release it on delete.
+    #[error("the token Secret {0:?} kept changing while it was being released; retrying")]
+    KeptChanging(String),
 }
 
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
@@ -88,7 +83,7 @@ async fn reconcile(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Actio
             }
         })
         .await
-        .map_err(|e| Error::Finalizer(e.to_string()));
+        .map_err(|e| Error::Finalizer(Box::new(e)));
     }
     // Nothing to do on delete: owner references take the token Secret and the consumer RBAC,
     // and a connection is deleted at once, with or without a running operator. A finalizer
@@ -104,52 +99,69 @@ async fn reconcile(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = conn.namespace().unwrap_or_default();
-    let uid = conn.uid().unwrap_or_default();
     let outcome = match prepare(&conn, &ctx).await? {
         Prepared::Refused(state) => token::TokenOutcome {
             state,
-            requeue: ctx.recheck,
-            due: None,
+            next: requeue::Next::After(ctx.recheck),
             record: None,
         },
-        Prepared::Ready { token_secret, app } => {
-            status::announce_first_call(&conn, &ctx, token_secret.as_deref()).await?;
-            let usable_until = token_secret
-                .as_deref()
-                .and_then(|s| token::usable_until(&conn, &ctx, &app, s));
-            let step = token::step(&conn, &ctx, token_secret.map(|s| *s), app);
-            status::follow_token(&conn, &ctx, step, usable_until).await?
-        }
+        Prepared::Ready { token_secret, app } => refresh(&conn, &ctx, token_secret, app).await?,
     };
-    if !matches!(
-        outcome.state,
-        State::XeroUnavailable(_) | State::ApiError(_)
-    ) {
-        ctx.clear_backoff(&uid);
-    }
-    let backoff = match outcome.state {
-        // The in-process backoff, or the one every party shares in the Secret if longer.
-        State::XeroUnavailable(_) | State::ApiError(_) => Some(ctx.backoff(&uid)),
-        _ => None,
-    };
+    let backoff = backoff_after(&conn, &ctx, &outcome.state);
     let tenants = match (&outcome.state, &outcome.record) {
         (State::TokenValid, Some(rec)) => tenants::refresh(&conn, &ctx, rec).await,
         _ => None,
     };
+    observe(&conn, &ctx, &outcome);
+    status::write(&conn, &ctx, &outcome, tenants).await?;
+    let requeue = requeue::after(outcome.next, backoff, SystemTime::now());
+    tracing::debug!(connection = %conn.name_any(), namespace = %conn.namespace().unwrap_or_default(), reason = outcome.state.reason(), ?requeue, "reconciled");
+    Ok(Action::requeue(requeue))
+}
+
+/// Step 5, the token: the status says so first if this will be the connection's first call,
+/// and follows the token while the step runs (`Ready` turns False when the token stops being
+/// usable, whatever the step is still doing).
+async fn refresh(
+    conn: &XeroConnection,
+    ctx: &Context,
+    token_secret: Option<Box<Secret>>,
+    app: ClientCredentials,
+) -> Result<token::TokenOutcome, Error> {
+    status::announce_first_call(conn, ctx, token_secret.as_deref()).await?;
+    let usable_until = token_secret
+        .as_deref()
+        .and_then(|s| token::usable_until(conn, ctx, &app, s));
+    let step = token::step(conn, ctx, token_secret.map(|s| *s), app);
+    status::follow_token(conn, ctx, step, usable_until).await
+}
+
+/// The backoff after failures this reconcile ends on (`None`: it ended on something else,
+/// and the backoff starts over).
+fn backoff_after(conn: &XeroConnection, ctx: &Context, state: &State) -> Option<Duration> {
+    let uid = conn.uid().unwrap_or_default();
+    if matches!(state, State::XeroUnavailable(_) | State::ApiError(_)) {
+        Some(ctx.backoff(&uid))
+    } else {
+        ctx.clear_backoff(&uid);
+        None
+    }
+}
+
+/// The metrics a reconcile's outcome sets: the token's expiry, the last refresh, the errors.
+fn observe(conn: &XeroConnection, ctx: &Context, outcome: &token::TokenOutcome) {
+    let (ns, name) = (conn.namespace().unwrap_or_default(), conn.name_any());
     if let Some(rec) = &outcome.record {
-        let name = conn.name_any();
         if let crate::protocol::format::Expiry::At(at) = rec.expiry {
             ctx.metrics
                 .set_time(&ctx.metrics.access_token_expiry, &ns, &name, at);
         }
         // A `refreshed-at` in the future (a hand edit) is no refresh: no metric from it.
-        if let Some(at) = rec.refreshed_at_as_of(std::time::SystemTime::now()) {
+        if let Some(at) = rec.refreshed_at_as_of(SystemTime::now()) {
             ctx.metrics
                 .set_time(&ctx.metrics.last_refresh, &ns, &name, at);
         }
     }
-    status::write(&conn, &ctx, &outcome, tenants).await?;
     if !outcome.state.is_ready() {
         ctx.metrics
             .reconcile_errors
@@ -158,12 +170,6 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
             })
             .inc();
     }
-    let requeue = match backoff {
-        Some(backoff) => backoff.max(outcome.requeue),
-        None => outcome.requeue_from_now(),
-    };
-    tracing::debug!(connection = %conn.name_any(), namespace = %ns, reason = outcome.state.reason(), ?requeue, "reconciled");
-    Ok(Action::requeue(requeue))
 }
 
 /// What steps 1–4 of the pipeline end on.

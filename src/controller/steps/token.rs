@@ -1,6 +1,6 @@
 //! The producer's step of the refresh protocol (`docs/protocol.md`): refresh only when due (on
 //! expiry, or `aheadOfExpirySeconds` before), starting from the token Secret the earlier steps
-//! saw; a failure becomes a state and a time to look again ([`super::classify`]); rotations are
+//! saw; a failure becomes a state and a time to look again ([`crate::controller::classify`]); rotations are
 //! counted by who made them.
 
 use std::sync::Arc;
@@ -9,12 +9,13 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 
-use super::conditions::State;
-use super::context::Context;
-use super::metrics::RefreshLabels;
-use super::{Error, checks, classify, resources};
+use crate::controller::conditions::State;
+use crate::controller::context::Context;
+use crate::controller::metrics::RefreshLabels;
+use crate::controller::requeue::Next;
+use crate::controller::{Error, checks, classify, resources};
 use crate::crd::XeroConnection;
-use crate::protocol::decide::{PRODUCER_CLAIM_LEAD, call_delay};
+use crate::protocol::decide::call_delay;
 use crate::protocol::format::{TokenRecord, Trusted};
 use crate::protocol::{Refresher, Role as ProtocolRole};
 use crate::xero::ClientCredentials;
@@ -22,45 +23,16 @@ use crate::xero::ClientCredentials;
 /// How long the controller waits for a consumer that holds the refresh claim before it
 /// requeues: the Secret watch wakes it when the consumer stores the new token anyway.
 const PRODUCER_MAX_WAIT: Duration = Duration::from_secs(2);
-/// A connection's reconcile is scheduled this long before its token is due: it reads what it
-/// needs and claims the refresh ahead ([`PRODUCER_CLAIM_LEAD`]), then calls Xero at the due
-/// time itself, so consumers at the moment of expiry wait on neither a reconcile's reads nor the
-/// claim's write. Long enough for a reconcile's reads under load (8-15 ms measured), short
-/// enough that a reconcile slot never idles for long; within the lead, so a reconcile woken by
-/// its requeue always claims.
-const PREWAKE: Duration = Duration::from_millis(30);
-const _: () = assert!(PREWAKE.as_micros() <= PRODUCER_CLAIM_LEAD.as_micros());
-/// The shortest requeue after a usable token whose due time has already passed (a token
-/// stored with next to no lifetime): never a loop of instant reconciles.
-const MIN_REQUEUE: Duration = Duration::from_millis(200);
-/// The requeue for a token due within [`PREWAKE`]: a reconcile then claims ahead at once.
-const AT_ONCE: Duration = Duration::from_millis(1);
 /// Most rotations one reconcile counts in the metrics (they happen once per token lifetime; a
 /// larger jump is a hand edit of the `rotation` annotation).
 const MAX_ROTATIONS_COUNTED: u64 = 100;
 
 /// The outcome of the token step.
-pub(super) struct TokenOutcome {
-    pub(super) state: State,
-    /// When to look again, unless `due` says.
-    pub(super) requeue: Duration,
-    /// When the usable token is due for a refresh: the requeue is then counted from the end of
-    /// the reconcile ([`TokenOutcome::requeue_from_now`]).
-    pub(super) due: Option<SystemTime>,
-    pub(super) record: Option<TokenRecord>,
-}
-
-impl TokenOutcome {
-    /// The requeue, counted from now: just before the token is due when it is usable (the steps
-    /// after this one, tenants and status, take time of their own: a requeue counted from
-    /// before them would wake the reconcile late, after consumers already found the token
-    /// expired), otherwise the delay the step chose.
-    pub(super) fn requeue_from_now(&self) -> Duration {
-        match self.due {
-            Some(due) => requeue_before(due.duration_since(SystemTime::now()).unwrap_or_default()),
-            None => self.requeue,
-        }
-    }
+pub(crate) struct TokenOutcome {
+    pub(crate) state: State,
+    /// What the reconcile waits for next ([`crate::controller::requeue::after`] turns it into the requeue).
+    pub(crate) next: Next,
+    pub(crate) record: Option<TokenRecord>,
 }
 
 /// The producer's part in the protocol, starting from the token Secret `prepare` saw.
@@ -75,7 +47,7 @@ fn trusted(conn: &XeroConnection, ctx: &Context, app: ClientCredentials) -> Trus
 }
 
 /// When the access token in `secret` stops being usable, as the controller judges it.
-pub(super) fn usable_until(
+pub(crate) fn usable_until(
     conn: &XeroConnection,
     ctx: &Context,
     app: &ClientCredentials,
@@ -88,7 +60,7 @@ pub(super) fn usable_until(
 
 /// The controller decides and calls with what it trusts, `app` and the spec's settings, never
 /// with what the token Secret says of them (every consumer may write it).
-pub(super) async fn step(
+pub(crate) async fn step(
     conn: &XeroConnection,
     ctx: &Context,
     token_secret: Option<Secret>,
@@ -150,7 +122,7 @@ pub(super) async fn step(
                 ctx.spending.note_refresh(
                     &uid,
                     token.expires_at.duration_since(now).unwrap_or_default(),
-                    super::budget::refreshed_what(r),
+                    crate::controller::budget::refreshed_what(r),
                 );
             }
             // When the next refresh is due: the expiry, or a consumer's report that Xero
@@ -186,8 +158,7 @@ pub(super) async fn step(
             };
             TokenOutcome {
                 state,
-                requeue: requeue_before(due.duration_since(now).unwrap_or_default()),
-                due: Some(due),
+                next: Next::Due(due),
                 record,
             }
         }
@@ -195,7 +166,11 @@ pub(super) async fn step(
             let (state, requeue) =
                 classify::classify(&e, record.as_ref(), ctx.recheck, SystemTime::now());
             let hint = || {
-                super::conditions::authorize_hint(&ns, &conn.name_any(), &conn.token_secret_name())
+                crate::controller::conditions::authorize_hint(
+                    &ns,
+                    &conn.name_any(),
+                    &conn.token_secret_name(),
+                )
             };
             let state = match state {
                 State::WaitingForAuthorization(_) => State::WaitingForAuthorization(hint()),
@@ -215,26 +190,12 @@ pub(super) async fn step(
             }
             TokenOutcome {
                 state,
-                requeue,
-                due: None,
+                next: Next::After(requeue),
                 record,
             }
         }
     };
     Ok(outcome)
-}
-
-/// When to reconcile again, given the time until the token is due: [`PREWAKE`] before it (at
-/// once when that is closer: the reconcile claims ahead, within the lead), and [`MIN_REQUEUE`]
-/// when it is already due.
-fn requeue_before(until_due: Duration) -> Duration {
-    if until_due.is_zero() {
-        return MIN_REQUEUE;
-    }
-    match until_due.checked_sub(PREWAKE) {
-        Some(early) if !early.is_zero() => early,
-        _ => AT_ONCE,
-    }
 }
 
 /// Counts the rotations that happened since the last reconcile, by who made them.
@@ -259,46 +220,5 @@ fn count_refreshes(conn: &XeroConnection, ctx: &Context, rec: &TokenRecord, elap
         ctx.metrics
             .token_endpoint_seconds
             .observe(elapsed.as_secs_f64());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn the_reconcile_is_scheduled_just_before_the_token_is_due() {
-        // Far ahead: PREWAKE early; the step claims then, and calls Xero when due.
-        assert_eq!(requeue_before(1800 * 1000 * MS), 1800 * 1000 * MS - PREWAKE);
-        assert_eq!(requeue_before(400 * MS), 370 * MS);
-        // Close (a reconcile woken by a change just before, or one whose status write took
-        // long): still PREWAKE early, or at once when that is closer (it claims ahead, within
-        // the lead); never after the token is due.
-        assert_eq!(requeue_before(150 * MS), 120 * MS);
-        assert_eq!(requeue_before(PREWAKE + MS), MS);
-        assert_eq!(requeue_before(PREWAKE), AT_ONCE);
-        assert_eq!(requeue_before(MS), AT_ONCE);
-        // Already due (a token stored with no lifetime left): no loop of instant reconciles.
-        assert_eq!(requeue_before(Duration::ZERO), MIN_REQUEUE);
-    }
-
-    #[test]
-    fn the_requeue_is_counted_from_when_the_reconcile_ends() {
-        let lifetime = 10 * 1000 * MS;
-        let outcome = |due| TokenOutcome {
-            state: State::TokenValid,
-            requeue: lifetime - PREWAKE,
-            due,
-            record: None,
-        };
-        let valid = outcome(Some(SystemTime::now() + lifetime));
-        // The reconcile's later steps (tenants, status) took 100 ms: the requeue is that much
-        // shorter, so the reconcile still wakes PREWAKE before the due time.
-        std::thread::sleep(100 * MS);
-        assert!(valid.requeue_from_now() <= lifetime - PREWAKE - 100 * MS);
-        // Nothing due (an error): the step's own delay.
-        assert_eq!(outcome(None).requeue_from_now(), lifetime - PREWAKE);
     }
 }

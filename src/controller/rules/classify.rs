@@ -4,8 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::conditions::State;
-use super::context::BACKOFF_BASE;
+use crate::controller::conditions::State;
+use crate::controller::context::BACKOFF_BASE;
 use crate::protocol::Error as ProtocolError;
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::xero::XeroError;

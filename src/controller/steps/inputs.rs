@@ -1,5 +1,5 @@
 //! The second step of a reconcile: reading what a spec points to — the client-credentials Secret
-//! and the token Secret — under the rules of [`super::ownership`].
+//! and the token Secret — under the rules of [`crate::controller::ownership`].
 //!
 //! Both are looked up by name *and* by their opt-in label in one list call, so the API server
 //! sends the data of a Secret only when it carries the label; a Secret without it is looked at
@@ -10,12 +10,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::ListParams;
 
-use super::conditions::State;
-use super::ownership::{
+use crate::controller::conditions::State;
+use crate::controller::ownership::{
     ANN_CLIENT_CREDENTIAL_KEYS, LABEL_CLIENT_CREDENTIALS, TokenSecretVerdict,
     is_client_key_opted_in, is_client_secret_opted_in, token_secret_verdict,
 };
-use super::{Error, kube_err};
+use crate::controller::{Error, kube_err};
 use crate::crd::XeroConnection;
 use crate::protocol::format::LABEL_CONNECTION;
 use crate::redact::Sensitive;

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use super::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 
 /// Serves until the task is dropped.
 pub async fn serve(

@@ -11,9 +11,9 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::context::Context;
-use super::inputs::TokenSecretLookup;
-use super::{Error, checks, consumers, inputs, kube_err, ownership};
+use crate::controller::context::Context;
+use crate::controller::inputs::TokenSecretLookup;
+use crate::controller::{Error, checks, consumers, inputs, kube_err, ownership};
 
 /// Attempts to release a kept token Secret that keeps changing before the cleanup fails (and is
 /// retried with the reconcile's backoff).
@@ -24,21 +24,21 @@ use crate::xero::{ClientCredentials, XeroClient};
 
 /// Whether deleting a connection with this spec needs the controller (and so the finalizer):
 /// to revoke at Xero, or to release a token Secret that must outlive it.
-pub(super) fn needs_finalizer(spec: &XeroConnectionSpec) -> bool {
+pub(crate) fn needs_finalizer(spec: &XeroConnectionSpec) -> bool {
     spec.revoke_on_delete || spec.keep_token_secret_on_delete
 }
 
-/// Removes [`super::FINALIZER`] from `conn` (a spec that no longer needs it, or a connection
+/// Removes [`crate::controller::FINALIZER`] from `conn` (a spec that no longer needs it, or a connection
 /// being deleted that needs nothing done). Conditional on the resourceVersion, so a concurrent
 /// change of the finalizers fails with a conflict and is retried, never overwritten.
-pub(super) async fn remove_finalizer(
+pub(crate) async fn remove_finalizer(
     api: &kube::Api<XeroConnection>,
     conn: &XeroConnection,
 ) -> Result<(), Error> {
     let rest: Vec<&String> = conn
         .finalizers()
         .iter()
-        .filter(|f| *f != super::FINALIZER)
+        .filter(|f| *f != crate::controller::FINALIZER)
         .collect();
     let patch = json!({"metadata": {
         "finalizers": rest,
@@ -62,7 +62,7 @@ pub(super) async fn remove_finalizer(
 /// On delete: revoke at Xero if asked, and let the token Secret go (owner reference) or stay.
 /// A token Secret that is not this connection's is left alone: nothing is read from it, sent,
 /// or changed.
-pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.forget(&conn);
     let ns = conn.namespace().unwrap_or_default();
     // The cached object can lag behind: a second trigger queued while this cleanup ran comes
@@ -75,9 +75,12 @@ pub(super) async fn run(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<
         .map_err(kube_err("reading the connection"))?;
     // What to do is decided on the connection as it is now, not as cached: an option changed
     // just before the delete (revokeOnDelete off, keepTokenSecretOnDelete on) is honoured.
-    let Some(conn) = current
-        .filter(|c| c.uid() == conn.uid() && c.finalizers().iter().any(|f| f == super::FINALIZER))
-    else {
+    let Some(conn) = current.filter(|c| {
+        c.uid() == conn.uid()
+            && c.finalizers()
+                .iter()
+                .any(|f| f == crate::controller::FINALIZER)
+    }) else {
         return Ok(Action::await_change());
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -151,9 +154,7 @@ async fn release(
             Err(e) => return Err(kube_err("keeping the token Secret")(e)),
         }
     }
-    Err(Error::Finalizer(format!(
-        "the token Secret {name:?} kept changing while it was being released; retrying"
-    )))
+    Err(Error::KeptChanging(name))
 }
 
 /// Revokes the refresh token of `secret` at Xero (best effort: deletion must not hang on Xero).

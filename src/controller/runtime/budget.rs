@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::context::lock;
+use crate::controller::context::lock;
 use crate::protocol::format::TokenRecord;
 use crate::protocol::gate::{AppGate, Permit, Turn};
 use crate::protocol::refresher::CallBudget;

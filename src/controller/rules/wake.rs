@@ -23,7 +23,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
-use super::context::lock;
+use crate::controller::context::lock;
 use crate::crd::{TOKEN_SECRET_SUFFIX, XeroConnection};
 
 /// A Secret by namespace and name.

@@ -1,6 +1,6 @@
 //! Running the controller: the CRD checked first, one controller per namespace scope (or one
 //! for all), what wakes a reconcile (a connection's spec or finalizers, not its status; a token
-//! Secret's metadata, filtered by [`super::wake`]), and the backoff of a failed reconcile.
+//! Secret's metadata, filtered by [`crate::controller::wake`]), and the backoff of a failed reconcile.
 
 use std::sync::Arc;
 
@@ -15,9 +15,9 @@ use kube::runtime::{
 };
 use kube::{Api, Client, ResourceExt};
 
-use super::context::Context;
-use super::ownership::LABEL_CLIENT_CREDENTIALS;
-use super::{Error, wake};
+use crate::controller::context::Context;
+use crate::controller::ownership::LABEL_CLIENT_CREDENTIALS;
+use crate::controller::{Error, wake};
 use crate::crd::XeroConnection;
 use crate::protocol::format as f;
 
@@ -190,7 +190,7 @@ async fn run_scope(
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)
-        .run(super::reconcile, error_policy, ctx)
+        .run(crate::controller::reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile ended with an error");

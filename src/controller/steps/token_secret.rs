@@ -1,21 +1,21 @@
 //! The third step: the token Secret's controller-owned fields (labels, the uid mark, the
 //! settings annotations and their data copy, the app's `client_id`/`client_secret`, the owner
-//! reference), computed by [`super::resources`], brought in line: patched only when something
+//! reference), computed by [`crate::controller::resources`], brought in line: patched only when something
 //! differs, created only under the name derived from the connection.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 
-use super::conditions::State;
-use super::context::Context;
-use super::{Error, checks, consumers, kube_err, resources};
+use crate::controller::conditions::State;
+use crate::controller::context::Context;
+use crate::controller::{Error, checks, consumers, kube_err, resources};
 use crate::crd::XeroConnection;
 use crate::protocol::format as f;
 
 /// Brings the token Secret `existing` (or its absence) in line with `conn`. `Ok(Err(state))`:
 /// a state a person must fix; `Ok(Ok(secret))`: the Secret as now stored.
-pub(super) async fn bring_in_line(
+pub(crate) async fn bring_in_line(
     conn: &XeroConnection,
     ctx: &Context,
     secrets: &Api<Secret>,

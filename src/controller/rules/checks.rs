@@ -10,7 +10,7 @@ use crate::allowlist::EndpointAllowlist;
 use crate::crd::XeroConnection;
 use crate::xero::Endpoints;
 
-use super::conditions::State;
+use crate::controller::conditions::State;
 
 /// The operator-wide limits a spec is checked against (from the controller's flags). The
 /// default: Xero's hosts and endpoints, consumers of the connection's namespace only.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use kube_lease_manager::LeaseManagerBuilder;
 
-use super::Context;
+use crate::controller::Context;
 
 /// Where the lease is and how long it lasts.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ pub async fn run_as_leader(
             } => {}
         }
     };
-    super::run(ctx.clone(), namespaces, controller_stop).await?;
+    crate::controller::run(ctx.clone(), namespaces, controller_stop).await?;
     // Stopped by neither a signal: the lease was lost, or its manager died (API unreachable).
     let manager_alive = leading.has_changed().is_ok();
     let lost_leadership = !*stop.borrow_and_update() && (!manager_alive || !*leading.borrow());

@@ -15,10 +15,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::conditions::State;
-use super::ownership::is_controlled_by;
-use super::resources::{consumer_role, consumer_role_binding, consumer_role_name};
-use super::{Context, Error, MANAGER, kube_err};
+use crate::controller::conditions::State;
+use crate::controller::ownership::is_controlled_by;
+use crate::controller::resources::{consumer_role, consumer_role_binding, consumer_role_name};
+use crate::controller::{Context, Error, MANAGER, kube_err};
 use crate::crd::XeroConnection;
 
 /// The consumers' Role and RoleBinding of a connection as they are now.

@@ -8,7 +8,7 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::{Value, json};
 
-use super::ownership::ANN_CONNECTION_UID;
+use crate::controller::ownership::ANN_CONNECTION_UID;
 use crate::crd::{Grant, RefreshPolicy, XeroConnection};
 use crate::protocol::format as f;
 use crate::xero::ClientCredentials;

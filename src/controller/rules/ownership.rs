@@ -123,7 +123,7 @@ pub fn token_secret_verdict(
 
 /// The label the controller sets on what it creates, and its value.
 const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-use super::resources::MANAGED_BY;
+use crate::controller::resources::MANAGED_BY;
 
 /// Whether `secret` was created in an earlier second than `conn`.
 fn is_older(secret: &ObjectMeta, conn: &ObjectMeta) -> bool {

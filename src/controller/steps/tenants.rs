@@ -15,8 +15,8 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::checks;
-use super::context::Context;
+use crate::controller::checks;
+use crate::controller::context::Context;
 use crate::crd::{Tenant, XeroConnection, XeroConnectionStatus};
 use crate::protocol::format::{self as f, TokenRecord};
 use crate::text::{MAX_IDENTITY_CHARS, sanitize};
@@ -52,9 +52,9 @@ fn recheck_of(uid: &str) -> Duration {
 }
 
 /// A tenant list just fetched, and the authorisation it was fetched under.
-pub(super) struct Listing {
-    pub(super) tenants: Vec<Tenant>,
-    pub(super) authentication_event: Option<String>,
+pub(crate) struct Listing {
+    pub(crate) tenants: Vec<Tenant>,
+    pub(crate) authentication_event: Option<String>,
 }
 
 /// Whether the tenants the status shows still stand for the token `rec`, at `now`: listed
@@ -83,7 +83,7 @@ fn still_listed(
 
 /// Fetches the tenants unless the status still has them for this token ([`still_listed`]), and
 /// publishes them in the token Secret. `None`: keep what the status has.
-pub(super) async fn refresh(
+pub(crate) async fn refresh(
     conn: &XeroConnection,
     ctx: &Context,
     rec: &TokenRecord,

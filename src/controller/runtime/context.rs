@@ -10,10 +10,10 @@ use std::time::Duration;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
 
-use super::MANAGER;
-use super::checks::Policy;
-use super::metrics::Metrics;
-use super::wake::{OwnWrites, SecretOwners};
+use crate::controller::MANAGER;
+use crate::controller::checks::Policy;
+use crate::controller::metrics::Metrics;
+use crate::controller::wake::{OwnWrites, SecretOwners};
 use crate::crd::XeroConnection;
 
 /// Recheck interval for states that only a person or another object can change (re-authorisation,
@@ -47,10 +47,10 @@ pub struct Context {
     /// The per-app cap of this controller's calls to Xero, shared between namespaces.
     pub gate: Option<crate::protocol::gate::AppGate>,
     /// The longest minimum interval between this controller's calls for one connection
-    /// ([`super::budget::MIN_CALL_INTERVAL`]).
+    /// ([`crate::controller::budget::MIN_CALL_INTERVAL`]).
     pub min_call_interval: Duration,
     /// What it spent per connection.
-    pub spending: Arc<super::budget::Spending>,
+    pub spending: Arc<crate::controller::budget::Spending>,
     /// One HTTP client (and connection pool) for every call to Xero.
     pub http: reqwest::Client,
     /// Reconciles running at once (0: no limit). Bounds memory and the burst of API requests
@@ -77,7 +77,7 @@ pub struct Context {
 
 impl Context {
     /// Remembers `rotation` as the last seen for connection `uid`; returns the one before.
-    pub(super) fn note_rotation(&self, uid: &str, rotation: u64) -> Option<u64> {
+    pub(crate) fn note_rotation(&self, uid: &str, rotation: u64) -> Option<u64> {
         lock(&self.rotations).insert(uid.to_owned(), rotation)
     }
 
@@ -98,7 +98,7 @@ impl Context {
 
     /// Forgets everything held for a connection that is gone (or going): its per-uid state and
     /// its metric series, so deleted connections cost no memory and leave no stale gauge.
-    pub(super) fn forget(&self, conn: &XeroConnection) {
+    pub(crate) fn forget(&self, conn: &XeroConnection) {
         let uid = conn.uid().unwrap_or_default();
         lock(&self.status_written).remove(&uid);
         lock(&self.rotations).remove(&uid);
@@ -123,7 +123,7 @@ impl Context {
             policy: Policy::default(),
             recheck: RECHECK,
             gate: None,
-            min_call_interval: super::budget::MIN_CALL_INTERVAL,
+            min_call_interval: crate::controller::budget::MIN_CALL_INTERVAL,
             spending: Arc::default(),
             http: crate::xero::new_http(),
             concurrency: DEFAULT_CONCURRENCY,
@@ -141,7 +141,7 @@ impl Context {
     /// resourceVersions as numbers, which the API calls opaque: they are etcd revisions on
     /// every real API server, and a value that is not a number counts as not stale (the
     /// object is used as it is, as before this check existed).
-    pub(super) fn status_is_stale(&self, conn: &XeroConnection) -> bool {
+    pub(crate) fn status_is_stale(&self, conn: &XeroConnection) -> bool {
         let seen = conn
             .metadata
             .resource_version
@@ -153,7 +153,7 @@ impl Context {
         matches!((seen, written), (Some(seen), Some(written)) if seen < written)
     }
 
-    pub(super) fn mark_status_written(&self, conn: &XeroConnection) {
+    pub(crate) fn mark_status_written(&self, conn: &XeroConnection) {
         if let Some(rv) = conn
             .metadata
             .resource_version
@@ -165,39 +165,39 @@ impl Context {
     }
 
     /// Whether a tenant listing for connection `uid` failed too recently to try again.
-    pub(super) fn tenants_listing_held_back(&self, uid: &str) -> bool {
+    pub(crate) fn tenants_listing_held_back(&self, uid: &str) -> bool {
         lock(&self.tenants_failed)
             .get(uid)
-            .is_some_and(|(n, at)| at.elapsed() < super::tenants::listing_retry(*n))
+            .is_some_and(|(n, at)| at.elapsed() < crate::controller::tenants::listing_retry(*n))
     }
 
     /// Notes a failed tenant listing; returns how long until the next is tried.
-    pub(super) fn tenants_listing_failed(&self, uid: &str) -> Duration {
+    pub(crate) fn tenants_listing_failed(&self, uid: &str) -> Duration {
         let mut failed = lock(&self.tenants_failed);
         let entry = failed
             .entry(uid.to_owned())
             .or_insert((0, std::time::Instant::now()));
         *entry = (entry.0.saturating_add(1), std::time::Instant::now());
-        super::tenants::listing_retry(entry.0)
+        crate::controller::tenants::listing_retry(entry.0)
     }
 
-    pub(super) fn tenants_listing_succeeded(&self, uid: &str) {
+    pub(crate) fn tenants_listing_succeeded(&self, uid: &str) {
         lock(&self.tenants_failed).remove(uid);
     }
 
-    pub(super) fn rbac_synced_at(&self, uid: &str) -> Option<i64> {
+    pub(crate) fn rbac_synced_at(&self, uid: &str) -> Option<i64> {
         lock(&self.rbac_synced).get(uid).copied()
     }
 
-    pub(super) fn mark_rbac_synced(&self, uid: &str, generation: i64) {
+    pub(crate) fn mark_rbac_synced(&self, uid: &str, generation: i64) {
         lock(&self.rbac_synced).insert(uid.to_owned(), generation);
     }
 
-    pub(super) fn forget_rbac(&self, uid: &str) {
+    pub(crate) fn forget_rbac(&self, uid: &str) {
         lock(&self.rbac_synced).remove(uid);
     }
 
-    pub(super) fn backoff(&self, uid: &str) -> Duration {
+    pub(crate) fn backoff(&self, uid: &str) -> Duration {
         let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let n = f.entry(uid.to_owned()).or_default();
         *n = n.saturating_add(1);
@@ -205,7 +205,7 @@ impl Context {
         BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_CAP)
     }
 
-    pub(super) fn clear_backoff(&self, uid: &str) {
+    pub(crate) fn clear_backoff(&self, uid: &str) {
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())

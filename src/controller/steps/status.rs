@@ -1,4 +1,4 @@
-//! The last step: the status a person sees (the `Ready` condition from [`super::conditions`],
+//! The last step: the status a person sees (the `Ready` condition from [`crate::controller::conditions`],
 //! an Event per transition, the token's expiry, the last refresh and the tenants), written only
 //! when it changed and judged against this controller's own last write. Also the one status
 //! written before a step: a new connection's first call to Xero.
@@ -11,11 +11,12 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::conditions::State;
-use super::context::Context;
-use super::tenants::Listing;
-use super::token::TokenOutcome;
-use super::{Error, MANAGER, conditions, kube_err};
+use crate::controller::conditions::State;
+use crate::controller::context::Context;
+use crate::controller::requeue::Next;
+use crate::controller::tenants::Listing;
+use crate::controller::token::TokenOutcome;
+use crate::controller::{Error, MANAGER, conditions, kube_err};
 use crate::crd::XeroConnection;
 use crate::protocol::decide::{Role as ProtocolRole, Step, decide};
 use crate::protocol::format as f;
@@ -24,7 +25,7 @@ fn to_time(t: SystemTime) -> Option<Time> {
     k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
 }
 
-pub(super) async fn write(
+pub(crate) async fn write(
     conn: &XeroConnection,
     ctx: &Context,
     outcome: &TokenOutcome,
@@ -37,7 +38,7 @@ pub(super) async fn write(
 /// so (`Ready=False`, reason `Refreshing`, naming the host), without an Event: a call that
 /// takes long (an unreachable endpoint is retried for up to half a minute) no longer leaves
 /// the connection blank. The usual first Event follows with the outcome.
-pub(super) async fn announce_first_call(
+pub(crate) async fn announce_first_call(
     conn: &XeroConnection,
     ctx: &Context,
     token_secret: Option<&k8s_openapi::api::core::v1::Secret>,
@@ -54,7 +55,7 @@ pub(super) async fn announce_first_call(
     }
     let rec = f::TokenRecord::from_secret(secret);
     let role = ProtocolRole::Producer {
-        ahead: super::resources::ahead_of_expiry(conn),
+        ahead: crate::controller::resources::ahead_of_expiry(conn),
     };
     let now = SystemTime::now();
     // A usable token due for a refresh (ahead of expiry, or claimed a moment early) is not
@@ -67,7 +68,7 @@ pub(super) async fn announce_first_call(
     {
         return Ok(());
     }
-    let endpoints = super::checks::endpoints(conn, &ctx.policy.default_endpoints);
+    let endpoints = crate::controller::checks::endpoints(conn, &ctx.policy.default_endpoints);
     let host = url::Url::parse(&endpoints.token_url)
         .ok()
         .and_then(|u| u.host_str().map(str::to_owned))
@@ -76,8 +77,7 @@ pub(super) async fn announce_first_call(
         state: State::RefreshingExpired(format!(
             "no usable access token yet: getting one from {host}"
         )),
-        requeue: std::time::Duration::ZERO,
-        due: None,
+        next: Next::After(std::time::Duration::ZERO),
         record: None,
     };
     write_with(conn, ctx, &outcome, None, false).await
@@ -92,7 +92,7 @@ const UNUSABLE_GRACE: std::time::Duration = std::time::Duration::from_millis(300
 /// status says at once that it no longer is (`TokenExpired`), whatever the claim's length: a
 /// refresh that keeps failing is retried within its claim, and the status follows the token,
 /// not the end of the retries.
-pub(super) async fn follow_token<F>(
+pub(crate) async fn follow_token<F>(
     conn: &XeroConnection,
     ctx: &Context,
     step: F,
@@ -121,8 +121,7 @@ where
              succeeded yet",
             f::format_time(until)
         )),
-        requeue: std::time::Duration::ZERO,
-        due: None,
+        next: Next::After(std::time::Duration::ZERO),
         record: None,
     };
     // The step goes on while the status is written: its calls are cut before its claim ends,
