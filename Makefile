@@ -9,14 +9,15 @@ CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 .PHONY: bench soak test check model model-deep e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
-## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache), then
-## the end-to-end tests on a real node (`make e2e`).
+## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
+## test binaries run side by side, JOBS at a time: proving-ground/integration.sh), then the
+## end-to-end tests on a real node (`make e2e`).
 test: prerequisites fmt-check clippy crd-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
 	bash scripts/promtool.sh >/dev/null
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
-	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- $(CARGO) test --locked --all-targets
+	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- bash proving-ground/integration.sh
 	$(MAKE) --no-print-directory model
 	$(MAKE) --no-print-directory e2e-run
 

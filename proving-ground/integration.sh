@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs every test binary of the workspace's root package (`cargo test --all-targets`: the unit
+# tests and each integration test file) at the same time, JOBS binaries at once (default 4), the
+# longest first, instead of one after another: most of their time is spent waiting on timers,
+# the API server or the emulator, not on the CPU. Each binary's output goes to
+# target/integration/<binary>.log and is printed when it ends; a summary says how long each took
+# and how many tests passed. Exit 1 if any binary failed. Meant to run under xero-controlplane
+# (`make test`), which provides the API server the tests use.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+jobs="${JOBS:-4}"
+logs=target/integration
+rm -rf "$logs" && mkdir -p "$logs"
+
+# The binaries, built (already, by `make test`) and listed by cargo itself.
+mapfile -t binaries < <(
+  cargo test --locked --all-targets --no-run --message-format=json 2>/dev/null |
+    grep '"test":true},"features"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | sort -u
+)
+[ "${#binaries[@]}" -gt 0 ] || { echo "integration.sh: no test binaries found" >&2; exit 1; }
+
+# The longest first (measured on the CI machine), so that the last to start is a short one;
+# binaries not named here come after, in name order.
+longest=(retry controller alerts protocol controller_ops model isolation apiserver_restart
+  consumer_trust xero_token trust kubectl_xero emulator helm crd)
+ordered=()
+for name in "${longest[@]}"; do
+  for bin in "${binaries[@]}"; do
+    [[ "$(basename "$bin")" == "$name"-* ]] && ordered+=("$bin")
+  done
+done
+for bin in "${binaries[@]}"; do
+  [[ " ${ordered[*]} " == *" $bin "* ]] || ordered+=("$bin")
+done
+
+run_one() {
+  local bin="$1" name start status=0
+  name="$(basename "$bin")"
+  start=$(date +%s)
+  "$bin" >"$logs/$name.log" 2>&1 || status=$?
+  echo "$name $status $(( $(date +%s) - start ))" >>"$logs/summary"
+  {
+    echo "==== $name (exit $status, $(( $(date +%s) - start )) s)"
+    cat "$logs/$name.log"
+  } >"$logs/$name.done"
+  cat "$logs/$name.done"
+}
+export -f run_one
+export logs
+
+started=$(date +%s)
+status=0
+printf '%s\n' "${ordered[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {} || status=$?
+
+echo "==== test binaries run $jobs at a time: $(( $(date +%s) - started )) s in all"
+passed=0
+while read -r name code seconds; do
+  count=$( (grep -ho 'test result: [a-zA-Z]*\. [0-9]* passed' "$logs/$name.log" || true) |
+    awk '{s += $4} END {print s + 0}')
+  passed=$(( passed + count ))
+  printf '%-40s exit %-3s %5s s %4s passed\n' "$name" "$code" "$seconds" "$count"
+done < <(sort -k3 -n -r "$logs/summary")
+echo "$passed tests passed"
+if [ "$status" != 0 ] || grep -qv ' 0 [0-9]*$' "$logs/summary"; then
+  echo "integration.sh: a test binary failed (logs in $logs/)" >&2
+  exit 1
+fi
