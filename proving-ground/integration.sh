@@ -21,7 +21,7 @@ mapfile -t binaries < <(
 
 # The longest first (measured on the CI machine), so that the last to start is a short one;
 # binaries not named here come after, in name order.
-longest=(retry controller alerts protocol controller_ops model isolation apiserver_restart
+longest=(retry controller alerts protocol controller_ops model isolation apiserver_restart gitops
   consumer_trust xero_token trust kubectl_xero emulator helm crd)
 ordered=()
 for name in "${longest[@]}"; do

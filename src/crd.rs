@@ -295,8 +295,12 @@ pub struct ConsumerRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct XeroConnectionStatus {
-    /// Standard conditions. `Ready` is True while the token Secret holds a usable access token; its
-    /// reason says why not otherwise (e.g. `ReauthorizationRequired`, `MissingClientSecret`).
+    /// Standard conditions, `Ready` first. `Ready` is True while the token Secret holds a usable
+    /// access token; its reason says why not otherwise (e.g. `ReauthorizationRequired`,
+    /// `MissingClientSecret`). Exactly one of `Ready`, `Reconciling` (not ready, and the operator
+    /// is getting there on its own: a refresh under way, Xero unavailable or rate limiting) and
+    /// `Stalled` (not ready until a person acts: authorise, fix a Secret or the spec) is True,
+    /// each with the same reason, as kstatus-aware tools expect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 

@@ -1,5 +1,7 @@
-//! The `Ready` condition: which reason a person sees for each state of a connection, and when a
-//! change is a transition worth an Event. Pure.
+//! The conditions a connection's status carries: `Ready` (which reason a person sees for each
+//! state), and `Reconciling` / `Stalled`, which tell tools that read status the kstatus way
+//! (Flux, `kubectl wait`, Argo CD's health check in `deploy/argocd/`) "in progress" from "needs a
+//! person"; and when a change is a transition worth an Event. Pure.
 
 use std::time::SystemTime;
 
@@ -117,6 +119,45 @@ impl State {
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::TokenValid | Self::Refreshing(_))
     }
+
+    /// Whether the operator is getting there on its own, or needs a person.
+    pub fn health(&self) -> Health {
+        match self {
+            Self::TokenValid | Self::Refreshing(_) => Health::Ready,
+            // Retried on their own: a refresh under way, a rate limit or an outage waited
+            // out, an API error retried with backoff.
+            Self::RefreshingExpired(_)
+            | Self::TokenExpired(_)
+            | Self::RateLimited(_)
+            | Self::XeroUnavailable(_)
+            | Self::ApiError(_) => Health::Progressing,
+            // Nothing changes until a person authorises the app, fixes a Secret, the spec or
+            // the operator's configuration.
+            Self::WaitingForAuthorization(_)
+            | Self::ReauthorizationRequired(..)
+            | Self::InvalidClientCredentials(_)
+            | Self::MissingClientSecret(_)
+            | Self::InvalidSpec(_)
+            | Self::RequestRefused(_)
+            | Self::TokenSecretNotOwned(_)
+            | Self::TokenSecretInUse(_)
+            | Self::ClientSecretNotOptedIn(_)
+            | Self::EndpointNotAllowed(_)
+            | Self::ConsumerNotAllowed(_)
+            | Self::ConsumerRbacConflict(_) => Health::Stalled,
+        }
+    }
+}
+
+/// A state as tools that read status the kstatus way see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// `Ready` True: the token Secret holds a usable access token.
+    Ready,
+    /// `Reconciling` True: not ready, and the operator is getting there on its own.
+    Progressing,
+    /// `Stalled` True: not ready until a person acts (the message says what to do).
+    Stalled,
 }
 
 /// The command that authorises the app for a connection, as [`authorize_hint`] wrote it, or
@@ -140,15 +181,50 @@ pub fn authorize_hint(ns: &str, conn: &str, secret: &str) -> String {
     )
 }
 
-/// The `Ready` condition for `state`, keeping `lastTransitionTime` when the status and reason
-/// did not change.
+/// The status's conditions for `state`, `Ready` first: `Ready`, `Reconciling` and `Stalled`
+/// (exactly one of them True), each keeping its `lastTransitionTime` from `previous` while its
+/// status and reason stay the same.
+pub fn conditions(
+    state: &State,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: SystemTime,
+) -> Vec<Condition> {
+    let health = state.health();
+    [
+        ("Ready", health == Health::Ready),
+        ("Reconciling", health == Health::Progressing),
+        ("Stalled", health == Health::Stalled),
+    ]
+    .into_iter()
+    .map(|(type_, is_true)| {
+        let prev = previous.iter().find(|c| c.type_ == type_);
+        condition(type_, is_true, state, prev, generation, now)
+    })
+    .collect()
+}
+
+/// The `Ready` condition for `state` ([`conditions`]).
 pub fn ready_condition(
     state: &State,
     previous: Option<&Condition>,
     generation: Option<i64>,
     now: SystemTime,
 ) -> Condition {
-    let status = if state.is_ready() { "True" } else { "False" };
+    condition("Ready", state.is_ready(), state, previous, generation, now)
+}
+
+/// One condition of `type_`, keeping `lastTransitionTime` when the status and reason did not
+/// change.
+fn condition(
+    type_: &str,
+    is_true: bool,
+    state: &State,
+    previous: Option<&Condition>,
+    generation: Option<i64>,
+    now: SystemTime,
+) -> Condition {
+    let status = if is_true { "True" } else { "False" };
     let unchanged = previous.is_some_and(|p| p.status == status && p.reason == state.reason());
     let last_transition_time = match previous {
         Some(p) if unchanged => p.last_transition_time.clone(),
@@ -158,7 +234,7 @@ pub fn ready_condition(
         ),
     };
     Condition {
-        type_: "Ready".to_owned(),
+        type_: type_.to_owned(),
         status: status.to_owned(),
         reason: state.reason().to_owned(),
         message: state.message(),
@@ -248,6 +324,53 @@ mod tests {
                 "{state:?}"
             );
         }
+    }
+
+    #[test]
+    fn exactly_one_of_ready_reconciling_and_stalled_is_true() {
+        let x = || "x".to_owned();
+        // Written out: what retries on its own is in progress, what needs a person is stalled.
+        let table = [
+            (State::TokenValid, "Ready"),
+            (State::Refreshing(x()), "Ready"),
+            (State::RefreshingExpired(x()), "Reconciling"),
+            (State::TokenExpired(x()), "Reconciling"),
+            (State::RateLimited(x()), "Reconciling"),
+            (State::XeroUnavailable(x()), "Reconciling"),
+            (State::ApiError(x()), "Reconciling"),
+            (State::WaitingForAuthorization(x()), "Stalled"),
+            (State::ReauthorizationRequired(x(), x()), "Stalled"),
+            (State::InvalidClientCredentials(x()), "Stalled"),
+            (State::MissingClientSecret(x()), "Stalled"),
+            (State::InvalidSpec(x()), "Stalled"),
+            (State::RequestRefused(x()), "Stalled"),
+            (State::TokenSecretNotOwned(x()), "Stalled"),
+            (State::TokenSecretInUse(x()), "Stalled"),
+            (State::ClientSecretNotOptedIn(x()), "Stalled"),
+            (State::EndpointNotAllowed(x()), "Stalled"),
+            (State::ConsumerNotAllowed(x()), "Stalled"),
+            (State::ConsumerRbacConflict(x()), "Stalled"),
+        ];
+        for (state, true_one) in table {
+            let all = conditions(&state, &[], Some(3), t(0));
+            let types: Vec<&str> = all.iter().map(|c| c.type_.as_str()).collect();
+            assert_eq!(types, ["Ready", "Reconciling", "Stalled"], "Ready first");
+            for c in &all {
+                let want = if c.type_ == true_one { "True" } else { "False" };
+                assert_eq!(c.status, want, "{state:?} {}", c.type_);
+                assert_eq!(c.reason, state.reason());
+                assert_eq!(c.observed_generation, Some(3));
+            }
+        }
+        // Each keeps its own transition time.
+        let stalled = conditions(&State::InvalidSpec(x()), &[], Some(1), t(10));
+        let valid = conditions(&State::TokenValid, &stalled, Some(2), t(20));
+        let again = conditions(&State::TokenValid, &valid, Some(2), t(30));
+        assert_eq!(again, valid);
+        assert_ne!(
+            valid[0].last_transition_time,
+            stalled[0].last_transition_time
+        );
     }
 
     #[test]

@@ -163,13 +163,17 @@ async fn write_with(
         Some(outcome.state.reason()),
     );
     let now = SystemTime::now();
-    let ready =
-        conditions::ready_condition(&outcome.state, prev_ready, conn.metadata.generation, now);
+    let conditions = conditions::conditions(
+        &outcome.state,
+        &previous.conditions,
+        conn.metadata.generation,
+        now,
+    );
     // Published once the status that records the transition is written: a failed write is
     // retried (with backoff) and would otherwise publish the same transition again each time.
     let transition = events && conditions::is_transition(prev_ready, &outcome.state);
     let mut status = previous.clone();
-    status.conditions = vec![ready];
+    status.conditions = conditions;
     status.observed_generation = conn.metadata.generation;
     status.token_secret_name = Some(conn.token_secret_name());
     if let Some(rec) = &outcome.record {
