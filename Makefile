@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := proving-ground/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test check model model-deep e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test check model model-deep manifest manifest-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
@@ -16,6 +16,7 @@ test: prerequisites fmt-check clippy crd-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
 	bash scripts/promtool.sh >/dev/null
+	$(MAKE) --no-print-directory manifest-drift
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- bash proving-ground/integration.sh
 	$(MAKE) --no-print-directory model
@@ -93,6 +94,14 @@ clippy:
 crds:
 	$(CARGO) run --locked -q --bin crdgen > $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
+
+## manifest: the install without Helm (deploy/xero-operator.yaml), rendered from the chart.
+manifest:
+	bash scripts/render-manifest.sh > deploy/xero-operator.yaml
+
+manifest-drift:
+	@bash scripts/render-manifest.sh | diff -u deploy/xero-operator.yaml - \
+	  || { echo "deploy/xero-operator.yaml differs from the chart: run 'make manifest' and commit" >&2; exit 1; }
 
 crd-drift:
 	@$(CARGO) run --locked -q --bin crdgen | diff -u $(CRD_FILE) - \
