@@ -6,13 +6,13 @@ CONTROLPLANE_BUILD := proving-ground/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test check model model-deep manifest manifest-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test check model model-deep manifest manifest-drift values-doc values-doc-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
 ## test binaries run side by side, JOBS at a time: proving-ground/integration.sh), then the
 ## end-to-end tests on a real node (`make e2e`).
-test: prerequisites fmt-check clippy crd-drift
+test: prerequisites fmt-check clippy crd-drift values-doc-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
 	bash scripts/promtool.sh >/dev/null
@@ -24,7 +24,7 @@ test: prerequisites fmt-check clippy crd-drift
 
 ## check: the fast loop while editing — format, lints, CRD drift, the unit tests and the model
 ## check; no Go, no root, no control plane. `make test` runs everything.
-check: fmt-check clippy crd-drift
+check: fmt-check clippy crd-drift values-doc-drift
 	$(CARGO) test --locked --lib
 	$(CARGO) test --locked --test protocol_map -p xero-operator
 	$(CARGO) test --locked --test model -p xero-proving-ground
@@ -94,6 +94,14 @@ clippy:
 crds:
 	$(CARGO) run --locked -q --bin crdgen > $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
+
+## values-doc: the chart's values reference (docs/values.md) from its schema and defaults.
+values-doc:
+	$(CARGO) run --locked -q --bin values-doc > docs/values.md
+
+values-doc-drift:
+	@$(CARGO) run --locked -q --bin values-doc | diff -u docs/values.md - \
+	  || { echo "docs/values.md differs from the chart: run 'make values-doc' and commit" >&2; exit 1; }
 
 ## manifest: the install without Helm (deploy/xero-operator.yaml), rendered from the chart.
 manifest:
