@@ -1,6 +1,7 @@
 //! `kubectl xero` as a person uses it: found by kubectl as a plugin on the PATH, `status` of one
 //! connection (without any token in its output), and `renew` forcing one early refresh through
-//! the refresh protocol while the controller runs (one call to Xero, not two).
+//! the refresh protocol while the controller runs (one call to Xero, not two), and shell
+//! completion through kubectl.
 
 mod common;
 
@@ -36,6 +37,33 @@ fn kubectl_xero(fx: &common::TokenFixture, args: &[&str]) -> Output {
         )
         .output()
         .expect("run kubectl xero")
+}
+
+/// `kubectl __complete xero WORDS` (what kubectl runs for `kubectl xero <TAB>`), with the plugin
+/// and its completion helper `deploy/krew/kubectl_complete-xero` on the PATH as installed.
+fn complete(words: &[&str]) -> Vec<String> {
+    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-xero"))
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}:{}",
+        plugin_dir.display(),
+        common::repo_path("deploy/krew").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(common::env().bin_dir.join("kubectl"))
+        .args(["__complete", "xero"])
+        .args(words)
+        .env("PATH", path)
+        .env("KUBECONFIG", &common::env().admin_kubeconfig)
+        .output()
+        .expect("run kubectl __complete");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn text(out: &Output) -> String {
@@ -76,6 +104,19 @@ async fn status_and_renew_work_by_connection_name_as_a_kubectl_plugin() {
         let secret = secret.as_ref().map(Sensitive::expose).expect("token");
         assert!(!shown.contains(secret), "a token in the status output");
     }
+
+    // Completion through kubectl: subcommands, then the namespace's connections by name.
+    assert_eq!(complete(&[""]), ["authorize", "renew", "status", ":4"]);
+    assert_eq!(
+        complete(&["renew", "-n", &fx.namespace, ""]),
+        ["acme", ":4"]
+    );
+    assert_eq!(
+        complete(&["status", "--ti"]),
+        [":4"],
+        "status has no --timeout"
+    );
+    assert_eq!(complete(&["renew", "--ti"]), ["--timeout", ":4"]);
 
     // Renew: one call, one rotation, while the token was valid; the controller sees a fresh
     // token and calls nobody.

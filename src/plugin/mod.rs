@@ -1,8 +1,10 @@
 //! `kubectl xero` (the binary `kubectl-xero` on the PATH): one connection at a glance
 //! (`status`), an early refresh through the refresh protocol (`renew`), and the first
-//! authorisation (`authorize`), each by the connection's name. Runs with the caller's own
+//! authorisation (`authorize`), each by the connection's name; shell completion through kubectl
+//! ([`complete`]). Runs with the caller's own
 //! kubeconfig and rights; `status` reads the token Secret's metadata only, never its tokens.
 
+mod complete;
 mod status;
 
 use std::process::ExitCode;
@@ -77,6 +79,11 @@ enum Command {
 
 /// The entry point of the `kubectl-xero` binary.
 pub async fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__complete") {
+        complete::run(&argv[2..]).await;
+        return ExitCode::SUCCESS;
+    }
     crate::process::run_cli("kubectl xero", EXIT_OTHER, run(Args::parse())).await
 }
 
