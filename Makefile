@@ -6,7 +6,7 @@ CONTROLPLANE_BUILD := proving-ground/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test check model model-deep manifest manifest-drift values-doc values-doc-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test check model model-deep dist manifest manifest-drift values-doc values-doc-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
@@ -20,6 +20,7 @@ test: prerequisites fmt-check clippy crd-drift values-doc-drift
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
 	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- bash proving-ground/integration.sh
 	$(MAKE) --no-print-directory model
+	$(MAKE) --no-print-directory dist
 	$(MAKE) --no-print-directory e2e-run
 
 ## check: the fast loop while editing — format, lints, CRD drift, the unit tests and the model
@@ -94,6 +95,10 @@ clippy:
 crds:
 	$(CARGO) run --locked -q --bin crdgen > $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
+
+## dist: the kubectl plugin's release archive and its krew manifest (target/dist/), checked.
+dist:
+	bash scripts/dist.sh
 
 ## values-doc: the chart's values reference (docs/values.md) from its schema and defaults.
 values-doc:
