@@ -91,16 +91,8 @@ pub fn validate(conn: &XeroConnection, policy: &Policy) -> Result<(), State> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Value, json};
-
-    fn conn(spec: Value) -> XeroConnection {
-        serde_json::from_value(json!({
-            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-            "metadata": {"name": "acme", "namespace": "ns", "uid": "u1"},
-            "spec": spec,
-        }))
-        .expect("connection")
-    }
+    use crate::controller::rules::fixtures::conn;
+    use serde_json::json;
 
     #[test]
     fn specs_that_cannot_work_are_refused() {

@@ -16,3 +16,21 @@ pub mod ownership;
 pub mod requeue;
 pub mod resources;
 pub mod wake;
+
+/// What the rules' unit tests share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use serde_json::{Value, json};
+
+    use crate::crd::XeroConnection;
+
+    /// The connection `ns/acme` (uid `u1`) with `spec`.
+    pub(crate) fn conn(spec: Value) -> XeroConnection {
+        serde_json::from_value(json!({
+            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
+            "metadata": {"name": "acme", "namespace": "ns", "uid": "u1"},
+            "spec": spec,
+        }))
+        .expect("connection")
+    }
+}

@@ -285,17 +285,9 @@ pub fn consumer_role_binding(conn: &XeroConnection, owner: OwnerReference) -> Ro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::rules::fixtures::conn;
     use crate::redact::Sensitive;
     use k8s_openapi::api::core::v1::Secret;
-
-    fn conn(spec: Value) -> XeroConnection {
-        serde_json::from_value(json!({
-            "apiVersion": "xero-operator.io/v1alpha1", "kind": "XeroConnection",
-            "metadata": {"name": "acme", "namespace": "ns", "uid": "u1"},
-            "spec": spec,
-        }))
-        .expect("connection")
-    }
 
     fn app() -> ClientCredentials {
         ClientCredentials {
