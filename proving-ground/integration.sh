@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Runs every test binary of the workspace's root package (`cargo test --all-targets`: the unit
-# tests and each integration test file) at the same time, JOBS binaries at once (default 4), the
+# Runs every test binary `cargo test --all-targets` runs (both packages' unit tests and each
+# integration test file) at the same time, JOBS binaries at once (default 4), the
 # longest first, instead of one after another: most of their time is spent waiting on timers,
 # the API server or the emulator, not on the CPU. Each binary's output goes to
 # target/integration/<binary>.log and is printed when it ends; a summary says how long each took
-# and how many tests passed. Exit 1 if any binary failed. Meant to run under xero-controlplane
-# (`make test`), which provides the API server the tests use.
+# and how many tests passed. Exit 1 if any binary failed, or ran longer than TEST_TIMEOUT
+# seconds (default 1800: then it is killed and its output so far printed). Meant to run under
+# xero-controlplane (`make test`), which provides the API server the tests use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 jobs="${JOBS:-4}"
+test_timeout="${TEST_TIMEOUT:-1800}"
+cargo="${CARGO:-cargo}"
 logs=target/integration
 rm -rf "$logs" && mkdir -p "$logs"
 
-# The binaries, built (already, by `make test`) and listed by cargo itself.
+# The binaries, built (already, by `make test`) and listed by cargo itself; a target that does
+# not build fails the run here.
+"$cargo" test --locked --all-targets --no-run --message-format=json >"$logs/build.json" \
+  2>"$logs/build.log" || { cat "$logs/build.log" >&2; exit 1; }
 mapfile -t binaries < <(
-  cargo test --locked --all-targets --no-run --message-format=json 2>/dev/null |
-    grep '"test":true},"features"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | sort -u
+  grep '"test":true},"features"' "$logs/build.json" | grep -o '"executable":"[^"]*"' |
+    cut -d'"' -f4 | sort -u
 )
 [ "${#binaries[@]}" -gt 0 ] || { echo "integration.sh: no test binaries found" >&2; exit 1; }
 
@@ -37,16 +43,19 @@ run_one() {
   local bin="$1" name start status=0
   name="$(basename "$bin")"
   start=$(date +%s)
-  "$bin" >"$logs/$name.log" 2>&1 || status=$?
+  timeout -k 30 "$test_timeout" "$bin" >"$logs/$name.log" 2>&1 || status=$?
+  [ "$status" = 124 ] && echo "integration.sh: $name ran longer than $test_timeout s: killed" \
+    >>"$logs/$name.log"
   echo "$name $status $(( $(date +%s) - start ))" >>"$logs/summary"
   {
     echo "==== $name (exit $status, $(( $(date +%s) - start )) s)"
     cat "$logs/$name.log"
   } >"$logs/$name.done"
-  cat "$logs/$name.done"
+  # One binary's output at a time, whole.
+  flock "$logs/.print" cat "$logs/$name.done"
 }
 export -f run_one
-export logs
+export logs test_timeout
 
 started=$(date +%s)
 status=0

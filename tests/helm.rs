@@ -170,9 +170,20 @@ async fn helm_install_creates_the_expected_objects() {
     let release = format!("xo-{}", &ns[ns.len() - 5..]);
     // The CRD is already installed by the test suite, as `kubectl apply -f crds/` does: the
     // chart's default (crds.install) leaves it alone instead of failing on Helm's ownership
-    // check, as the README's install block needs.
+    // check, as the README's install block needs. The admission policies stay off: with the
+    // defaults they would bind cluster-wide and refuse the writes of the other test binaries
+    // running beside this one (they are tested in tests/consumer_trust.rs, bound to one
+    // namespace).
     ok(
-        &helm(&["install", &release, &chart(), "-n", &ns]),
+        &helm(&[
+            "install",
+            &release,
+            &chart(),
+            "-n",
+            &ns,
+            "--set",
+            "admissionPolicies.enabled=false",
+        ]),
         "helm install",
     );
     assert!(
