@@ -67,6 +67,11 @@ pub enum Error {
     KeptChanging(String),
 }
 
+/// What a step that may refuse ends on: `Ok(Ok(value))`; `Ok(Err(state))`, refused, with the
+/// state a person must fix (nothing read, written or granted for an object not the operator's);
+/// or `Err`, the API server failed it.
+pub type StepResult<T> = Result<Result<T, State>, Error>;
+
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
 }
@@ -112,8 +117,8 @@ async fn apply(conn: Arc<XeroConnection>, ctx: Arc<Context>) -> Result<Action, E
         (State::TokenValid, Some(rec)) => tenants::refresh(&conn, &ctx, rec).await,
         _ => None,
     };
-    observe(&conn, &ctx, &outcome);
     status::write(&conn, &ctx, &outcome, tenants).await?;
+    observe(&conn, &ctx, &outcome);
     let requeue = requeue::after(outcome.next, backoff, SystemTime::now());
     tracing::debug!(connection = %conn.name_any(), namespace = %conn.namespace().unwrap_or_default(), reason = outcome.state.reason(), ?requeue, "reconciled");
     Ok(Action::requeue(requeue))

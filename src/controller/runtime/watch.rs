@@ -199,8 +199,15 @@ async fn run_scope(
         .await;
 }
 
+/// A reconcile that ended with an error (the API server failed it): looked at again after the
+/// connection's backoff, decided like every requeue ([`crate::controller::requeue`]).
 fn error_policy(conn: Arc<XeroConnection>, err: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&conn.uid().unwrap_or_default());
+    let backoff = ctx.backoff(&conn.uid().unwrap_or_default());
+    let delay = crate::controller::requeue::after(
+        crate::controller::requeue::Next::After(std::time::Duration::ZERO),
+        Some(backoff),
+        std::time::SystemTime::now(),
+    );
     tracing::warn!(connection = %conn.name_any(), error = %err, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }

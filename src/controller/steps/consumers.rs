@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::controller::conditions::State;
 use crate::controller::ownership::is_controlled_by;
 use crate::controller::resources::{consumer_role, consumer_role_binding, consumer_role_name};
-use crate::controller::{Context, Error, MANAGER, kube_err};
+use crate::controller::{Context, Error, MANAGER, StepResult, kube_err};
 use crate::crd::XeroConnection;
 
 /// The consumers' Role and RoleBinding of a connection as they are now.
@@ -76,7 +76,7 @@ pub async fn withdraw(conn: &XeroConnection, ctx: &Context) -> Result<(), Error>
 
 /// Brings the consumers' Role and RoleBinding in line with the spec: `Ok(Err(state))` when a
 /// Role or RoleBinding of that name is not this connection's.
-pub async fn sync(conn: &XeroConnection, ctx: &Context) -> Result<Result<(), State>, Error> {
+pub async fn sync(conn: &XeroConnection, ctx: &Context) -> StepResult<()> {
     let uid = conn.uid().unwrap_or_default();
     let generation = conn.metadata.generation.unwrap_or_default();
     if ctx.rbac_synced_at(&uid) == Some(generation) {

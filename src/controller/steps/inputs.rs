@@ -15,7 +15,7 @@ use crate::controller::ownership::{
     ANN_CLIENT_CREDENTIAL_KEYS, LABEL_CLIENT_CREDENTIALS, TokenSecretVerdict,
     is_client_key_opted_in, is_client_secret_opted_in, token_secret_verdict,
 };
-use crate::controller::{Error, kube_err};
+use crate::controller::{Error, StepResult, kube_err};
 use crate::crd::XeroConnection;
 use crate::protocol::format::LABEL_CONNECTION;
 use crate::redact::Sensitive;
@@ -128,7 +128,7 @@ pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
 pub async fn read_client_secret(
     conn: &XeroConnection,
     secrets: &Api<Secret>,
-) -> Result<Result<ClientCredentials, State>, Error> {
+) -> StepResult<ClientCredentials> {
     let r = &conn.spec.client_secret_ref;
     let selector = format!("{LABEL_CLIENT_CREDENTIALS}=true");
     let secret =

@@ -9,7 +9,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use crate::controller::conditions::State;
 use crate::controller::context::Context;
-use crate::controller::{Error, checks, consumers, kube_err, resources};
+use crate::controller::{StepResult, checks, consumers, kube_err, resources};
 use crate::crd::XeroConnection;
 use crate::protocol::format as f;
 
@@ -21,7 +21,7 @@ pub(crate) async fn bring_in_line(
     secrets: &Api<Secret>,
     existing: Option<Secret>,
     app: &crate::xero::ClientCredentials,
-) -> Result<Result<Option<Secret>, State>, Error> {
+) -> StepResult<Option<Secret>> {
     let ns = conn.namespace().unwrap_or_default();
     let token_url = checks::endpoints(conn, &ctx.policy.default_endpoints).token_url;
     let owner = (!conn.spec.keep_token_secret_on_delete).then(|| {
