@@ -102,7 +102,7 @@ dist:
 
 ## values-doc: the chart's values reference (docs/values.md) from its schema and defaults.
 values-doc:
-	$(CARGO) run --locked -q --bin values-doc > docs/values.md
+	$(CARGO) run --locked -q --bin values-doc > target/values.md && mv target/values.md docs/values.md
 
 values-doc-drift:
 	@$(CARGO) run --locked -q --bin values-doc | diff -u docs/values.md - \
@@ -110,7 +110,7 @@ values-doc-drift:
 
 ## manifest: the install without Helm (deploy/xero-operator.yaml), rendered from the chart.
 manifest:
-	bash scripts/render-manifest.sh > deploy/xero-operator.yaml
+	bash scripts/render-manifest.sh > target/xero-operator.yaml && mv target/xero-operator.yaml deploy/xero-operator.yaml
 
 manifest-drift:
 	@bash scripts/render-manifest.sh | diff -u deploy/xero-operator.yaml - \

@@ -51,7 +51,7 @@ fn render() -> Result<String, String> {
     Ok(out)
 }
 
-/// One table row per property of `node`, depth first in the schema's order.
+/// One table row per property of `node`, depth first, in name order.
 fn walk(
     node: &Value,
     defaults: &Value,
