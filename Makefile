@@ -10,16 +10,22 @@ CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
-## test binaries run side by side, JOBS at a time: proving-ground/integration.sh), then the
-## end-to-end tests on a real node (`make e2e`).
+## test binaries run side by side, JOBS at a time: proving-ground/integration.sh, and the model
+## check beside them), then the end-to-end tests on a real node (`make e2e`).
 test: prerequisites fmt-check clippy crd-drift values-doc-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
 	bash scripts/promtool.sh >/dev/null
 	$(MAKE) --no-print-directory manifest-drift
+	$(CARGO) build --locked -q -p xero-proving-ground --bin xero-model
 	bin_dir="$$(bash $(CONTROLPLANE_BUILD))"; \
-	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- bash proving-ground/integration.sh
-	$(MAKE) --no-print-directory model
+	target/debug/xero-model > target/model.log 2>&1 & model=$$!; \
+	status=0; \
+	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- bash proving-ground/integration.sh \
+	  || status=$$?; \
+	wait $$model || status=$$?; \
+	echo "==== the model check (make model), run beside the test binaries"; cat target/model.log; \
+	exit $$status
 	$(MAKE) --no-print-directory dist
 	$(MAKE) --no-print-directory e2e-run
 
