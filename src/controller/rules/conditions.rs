@@ -204,16 +204,6 @@ pub fn conditions(
     .collect()
 }
 
-/// The `Ready` condition for `state` ([`conditions`]).
-pub fn ready_condition(
-    state: &State,
-    previous: Option<&Condition>,
-    generation: Option<i64>,
-    now: SystemTime,
-) -> Condition {
-    condition("Ready", state.is_ready(), state, previous, generation, now)
-}
-
 /// One condition of `type_`, keeping `lastTransitionTime` when the status and reason did not
 /// change.
 fn condition(
@@ -251,6 +241,16 @@ pub fn is_transition(previous: Option<&Condition>, state: &State) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `Ready` condition alone, as [`conditions`] writes it.
+    fn ready_condition(
+        state: &State,
+        previous: Option<&Condition>,
+        generation: Option<i64>,
+        now: SystemTime,
+    ) -> Condition {
+        condition("Ready", state.is_ready(), state, previous, generation, now)
+    }
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)
