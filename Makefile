@@ -6,12 +6,13 @@ CONTROLPLANE_BUILD := proving-ground/controlplane/build.sh
 CRD_FILE := crds/xeroconnection.yaml
 CHART_CRD_FILE := charts/xero-operator/files/xeroconnection.yaml
 
-.PHONY: bench soak test check model model-deep dist manifest manifest-drift values-doc values-doc-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
+.PHONY: bench soak test test-oldest check model model-deep dist manifest manifest-drift values-doc values-doc-drift e2e e2e-run image node-images node-deps prerequisites fmt-check clippy crd-drift crds controlplane-bin controlplane run
 
 ## test: everything CI checks — format, lints, CRD drift, unit and integration tests against a
 ## real kube-apiserver + etcd built from Go modules (built once, then cached in ~/.cache; the
 ## test binaries run side by side, JOBS at a time: proving-ground/integration.sh, and the model
-## check beside them), then the end-to-end tests on a real node (`make e2e`).
+## check beside them) on the newest supported Kubernetes release, the suites that prove the range
+## (OLDEST_SUITES) on the oldest, then the end-to-end tests on a real node (`make e2e`).
 test: prerequisites fmt-check clippy crd-drift values-doc-drift
 	$(CARGO) build --locked --all-targets
 	bash scripts/helm.sh >/dev/null
@@ -26,8 +27,18 @@ test: prerequisites fmt-check clippy crd-drift values-doc-drift
 	wait $$model || status=$$?; \
 	echo "==== the model check (make model), run beside the test binaries"; cat target/model.log; \
 	exit $$status
+	$(MAKE) --no-print-directory test-oldest
 	$(MAKE) --no-print-directory dist
 	$(MAKE) --no-print-directory e2e-run
+
+## test-oldest: the CRD, chart, trust, protocol and controller suites on the oldest supported
+## Kubernetes release (README "Kubernetes versions"), built like the newest.
+OLDEST_SUITES ?= controller protocol controller_ops consumer_trust xero_token trust kubectl_xero helm gitops crd
+test-oldest:
+	bin_dir="$$(bash $(CONTROLPLANE_BUILD) oldest)"; \
+	echo "==== the suites that prove the range, on $$(basename "$$bin_dir" | cut -d- -f1)"; \
+	target/debug/xero-controlplane --bin-dir "$$bin_dir" -- \
+	  env ONLY="$(OLDEST_SUITES)" LOGS=target/integration-oldest bash proving-ground/integration.sh
 
 ## check: the fast loop while editing — format, lints, CRD drift, the unit tests and the model
 ## check; no Go, no root, no control plane. `make test` runs everything.

@@ -7,12 +7,14 @@
 # and how many tests passed. Exit 1 if any binary failed, or ran longer than TEST_TIMEOUT
 # seconds (default 1800: then it is killed and its output so far printed). Meant to run under
 # xero-controlplane (`make test`), which provides the API server the tests use.
+# ONLY="crd helm …" runs just those binaries (by name: a test file, or a package's unit tests);
+# LOGS=dir puts the logs elsewhere (the oldest supported release's run keeps its own).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 jobs="${JOBS:-4}"
 test_timeout="${TEST_TIMEOUT:-1800}"
 cargo="${CARGO:-cargo}"
-logs=target/integration
+logs="${LOGS:-target/integration}"
 rm -rf "$logs" && mkdir -p "$logs"
 
 # The binaries, built (already, by `make test`) and listed by cargo itself; a target that does
@@ -38,6 +40,16 @@ done
 for bin in "${binaries[@]}"; do
   [[ " ${ordered[*]} " == *" $bin "* ]] || ordered+=("$bin")
 done
+if [ -n "${ONLY:-}" ]; then
+  chosen=()
+  for bin in "${ordered[@]}"; do
+    for name in $ONLY; do [[ "$(basename "$bin")" == "$name"-* ]] && chosen+=("$bin"); done
+  done
+  for name in $ONLY; do
+    [[ " ${chosen[*]} " == *"/$name-"* ]] || { echo "integration.sh: no test binary '$name'" >&2; exit 1; }
+  done
+  ordered=("${chosen[@]}")
+fi
 
 run_one() {
   local bin="$1" name start status=0

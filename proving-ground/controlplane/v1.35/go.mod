@@ -1,4 +1,4 @@
-module github.com/xero-operator/xero-operator/tests/controlplane
+module github.com/xero-operator/xero-operator/proving-ground/controlplane/v1.35
 
 // Builds the real kube-apiserver, kube-controller-manager and etcd that the
 // integration tests run on loopback. Nothing here is shipped.
