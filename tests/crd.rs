@@ -320,18 +320,30 @@ async fn kubectl_get_shows_the_printer_columns() {
     assert_eq!(row[4], "controller", "{table}");
 }
 
+/// The Kubernetes releases the proving ground pins (`proving-ground/controlplane/v*/go.mod`).
+fn pinned_releases() -> Vec<String> {
+    let dir = common::repo_path("proving-ground/controlplane");
+    let mut releases = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("read the control plane modules") {
+        let go_mod = entry.expect("entry").path().join("go.mod");
+        let Ok(text) = std::fs::read_to_string(&go_mod) else {
+            continue;
+        };
+        releases.extend(text.lines().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("k8s.io/kubernetes")).then(|| words.next().map(str::to_owned))?
+        }));
+    }
+    assert!(
+        releases.len() >= 2,
+        "an oldest and a newest release: {releases:?}"
+    );
+    releases
+}
+
 #[tokio::test]
 async fn kubectl_version_reports_the_real_server_version() {
     let _ = common::admin_client().await;
-    let go_mod = std::fs::read_to_string(common::repo_path("proving-ground/controlplane/go.mod"))
-        .expect("read go.mod");
-    let pinned = go_mod
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some("k8s.io/kubernetes")).then(|| words.next().map(str::to_owned))?
-        })
-        .expect("k8s.io/kubernetes pinned in go.mod");
     let out = common::kubectl(&["version", "-o", "json"]);
     assert!(
         out.status.success(),
@@ -339,8 +351,59 @@ async fn kubectl_version_reports_the_real_server_version() {
         String::from_utf8_lossy(&out.stderr)
     );
     let version: Value = serde_json::from_slice(&out.stdout).expect("version json");
-    assert_eq!(version["serverVersion"]["gitVersion"], pinned.as_str());
-    assert_eq!(version["clientVersion"]["gitVersion"], pinned.as_str());
+    let server = version["serverVersion"]["gitVersion"]
+        .as_str()
+        .expect("server version");
+    assert!(
+        pinned_releases().iter().any(|r| r == server),
+        "the server is one of the pinned releases {:?}: {server}",
+        pinned_releases()
+    );
+    // The control plane's binaries are that release's, kubectl included (no version skew).
+    assert_eq!(version["clientVersion"]["gitVersion"], server);
+    let bin_dir = common::env().bin_dir.file_name().expect("bin dir name");
+    assert!(
+        bin_dir.to_string_lossy().starts_with(&format!("{server}-")),
+        "{bin_dir:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_controller_starts_on_supported_releases_and_refuses_older_ones() {
+    use xero_operator::controller::kubernetes_version::{
+        MinorVersion, OLDEST_SUPPORTED, require_supported,
+    };
+    let client = common::admin_client().await;
+    // Every release the suites run on is supported: the check passes on this server.
+    let info = require_supported(&client, OLDEST_SUPPORTED)
+        .await
+        .expect("the server under test is a supported release");
+    // The same server read as too old when the floor is above it: the refusal names the
+    // release the server reported and what to do.
+    let minor: u32 = info
+        .minor
+        .parse()
+        .expect("a plain minor from the test server");
+    let above = MinorVersion {
+        major: 1,
+        minor: minor + 1,
+    };
+    let message = require_supported(&client, above)
+        .await
+        .expect_err("a floor above the server refuses it")
+        .to_string();
+    assert!(
+        message.contains(&format!("is 1.{minor} ({})", info.git_version)),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("supports {above} and later")),
+        "{message}"
+    );
+    assert!(
+        message.contains("--allow-unsupported-kubernetes"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

@@ -7,12 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use xero_operator::controller::{self, Context, metrics::Metrics};
+use xero_operator::controller::{self, Context, kubernetes_version, metrics::Metrics};
 
 /// The xero-operator controller.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Without a command: run the controller.
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Watch only these namespaces (repeatable or comma-separated; default: all namespaces).
     #[arg(
         long = "namespace",
@@ -102,9 +106,22 @@ struct Args {
     )]
     connection_metrics: bool,
 
+    /// Start even on a Kubernetes release older than the oldest supported one (1.32), where
+    /// nothing has been tested; the version found is logged as a warning.
+    #[arg(long, env = "XERO_OPERATOR_ALLOW_UNSUPPORTED_KUBERNETES")]
+    allow_unsupported_kubernetes: bool,
+
     /// Log as JSON lines.
     #[arg(long, env = "XERO_OPERATOR_LOG_JSON")]
     log_json: bool,
+}
+
+/// What else the binary does.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Check an installed operator: it answers, and every connection it watches has a status for
+    /// its current spec (what the chart's `helm test` runs). Exit 0 when all is well.
+    Check(xero_operator::check::CheckArgs),
 }
 
 /// How often freed memory is handed back to the system ([`return_freed_memory`]).
@@ -158,7 +175,11 @@ async fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .init();
     }
-    match run(args).await {
+    let result = match args.command {
+        Some(Command::Check(check)) => xero_operator::check::run(check).await,
+        None => run(args).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xero-operator: {e:#}");
@@ -175,6 +196,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+    let oldest = kubernetes_version::OLDEST_SUPPORTED;
+    if let Err(e) = kubernetes_version::require_supported(&client, oldest).await {
+        if !args.allow_unsupported_kubernetes {
+            return Err(e);
+        }
+        tracing::warn!("{e:#}; running anyway (--allow-unsupported-kubernetes)");
+    }
     if let Some(id) = &args.identity
         && (id.is_empty()
             || xero_operator::text::sanitize(id, xero_operator::text::MAX_IDENTITY_CHARS) != *id)

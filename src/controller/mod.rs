@@ -26,7 +26,7 @@ pub mod runtime;
 pub mod steps;
 
 pub use rules::{checks, classify, conditions, ownership, requeue, resources, wake};
-pub use runtime::{budget, context, leader, metrics, server, watch};
+pub use runtime::{budget, context, kubernetes_version, leader, metrics, server, watch};
 pub use steps::{cleanup, consumers, inputs, status, tenants, token, token_secret};
 
 pub use context::{Context, DEFAULT_CONCURRENCY};
