@@ -40,6 +40,46 @@ fn the_chart_lints() {
     ok(&helm(&["lint", &chart(), "--strict"]), "helm lint");
 }
 
+#[test]
+fn the_chart_declares_the_supported_range_and_plain_helm_template_renders() {
+    use xero_operator::controller::kubernetes_version::OLDEST_SUPPORTED;
+    // The range the chart declares is the one the controller checks at start.
+    let chart_yaml = std::fs::read_to_string(common::repo_path("charts/xero-operator/Chart.yaml"))
+        .expect("read Chart.yaml");
+    let declared = chart_yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeVersion: "));
+    assert_eq!(
+        declared,
+        Some(format!("\">={OLDEST_SUPPORTED}.0-0\"").as_str())
+    );
+    // No cluster asked: `helm template` renders as it comes (Helm's own release assumption),
+    // and on the oldest release, plain or as managed clusters report it.
+    for kube_version in [
+        None,
+        Some("1.32.0"),
+        Some("v1.32.9-eks-113cf36"),
+        Some("1.37.2"),
+    ] {
+        let mut args = vec!["template", "r", "--kubeconfig", common::NO_CLUSTER];
+        let chart = chart();
+        args.push(&chart);
+        args.extend(kube_version.iter().flat_map(|v| ["--kube-version", v]));
+        let rendered = ok(&helm(&args), &format!("helm template ({kube_version:?})"));
+        assert!(rendered.contains("kind: Deployment"), "{kube_version:?}");
+    }
+    // Older: refused before anything renders, naming the range.
+    let out = helm(&["template", "r", &chart(), "--kube-version", "1.31.14"]);
+    assert!(!out.status.success(), "1.31 is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "requires kubeVersion: >=1.32.0-0 which is incompatible with Kubernetes v1.31.14"
+        ),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_and_custom_templates_are_accepted_by_the_api_server() {
     let client = common::admin_client().await;
