@@ -17,4 +17,4 @@ kind: Namespace
 metadata:
   name: xero-operator
 HEADER
-"$helm" template xero-operator charts/xero-operator --namespace xero-operator
+"$helm" template xero-operator charts/xero-operator --namespace xero-operator --skip-tests

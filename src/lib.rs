@@ -19,9 +19,11 @@
 //!   [`controller`] or by any workload ([`cli`], `xero-token`);
 //! - status: [`controller::conditions`], the `Ready` condition, Events and tenants a person sees.
 //!
-//! Around them: [`redact`] and [`text`] (what may be shown), [`process`] (logging, shutdown).
+//! Around them: [`redact`] and [`text`] (what may be shown), [`process`] (logging, shutdown),
+//! [`check`] (what `helm test` asks of an installed operator).
 
 pub mod allowlist;
+pub mod check;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -807,8 +807,9 @@ fn readme_blocks(headings: &[&str]) -> Vec<(String, String)> {
 }
 
 /// Runs a README block as a user pastes it into a shell: bash, from the repository's root,
-/// with kubectl and helm on the PATH.
-fn run_block(section: &str, block: &str) {
+/// with kubectl and helm on the PATH. Returns what it printed (Helm prints a test pod's output
+/// on stderr).
+fn run_block(section: &str, block: &str) -> String {
     let kubectl_dir = common::env().bin_dir.clone();
     let helm_dir = common::helm_path()
         .parent()
@@ -834,6 +835,7 @@ fn run_block(section: &str, block: &str) {
         text(&out.stderr)
     );
     eprintln!("{section}: ran\n{block}{}", text(&out.stdout));
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
 }
 
 /// Leaves the cluster as it was if the README test fails half-way.
@@ -904,8 +906,14 @@ async fn the_readmes_install_first_connection_and_uninstall_blocks_run_as_writte
     }
 
     // The first connection: it waits for authorisation, and says with which command. No
-    // refresh token, so nothing is sent anywhere.
-    run_block(&blocks[1].0, &blocks[1].1);
+    // refresh token, so nothing is sent anywhere. `helm test` (in the block) found the operator
+    // answering and the connection's status current.
+    let printed = run_block(&blocks[1].0, &blocks[1].1);
+    assert!(printed.contains("operator: ready (http://"), "{printed}");
+    assert!(
+        printed.contains("default/acme: Ready=False WaitingForAuthorization"),
+        "{printed}"
+    );
     let conns = Api::<xero_operator::crd::XeroConnection>::namespaced(client.clone(), "default");
     let deadline = Instant::now() + Duration::from_secs(60);
     let message = loop {
@@ -927,6 +935,46 @@ async fn the_readmes_install_first_connection_and_uninstall_blocks_run_as_writte
     assert!(
         message.contains("xero-token --namespace default --secret acme-xero-token authorize"),
         "{message}"
+    );
+
+    // `helm test` that wants every connection Ready fails, naming the one that is not and why;
+    // back to the default, it passes again (and removes the failed test pod).
+    let chart = common::repo_path("charts/xero-operator")
+        .display()
+        .to_string();
+    let upgrade = |require_ready: &str| {
+        let out = helm(&[
+            "upgrade",
+            "xero-operator",
+            &chart,
+            "-n",
+            "xero-operator",
+            "--reuse-values",
+            "--set",
+            &format!("tests.requireReady={require_ready}"),
+            "--set",
+            "tests.timeoutSeconds=5",
+        ]);
+        assert!(out.status.success(), "helm upgrade: {}", text(&out.stderr));
+    };
+    upgrade("true");
+    let out = helm(&["test", "xero-operator", "-n", "xero-operator"]);
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !out.status.success(),
+        "helm test passed with acme not Ready:\n{printed}"
+    );
+    assert!(
+        printed.contains("default/acme: not Ready (WaitingForAuthorization)"),
+        "{printed}"
+    );
+    upgrade("false");
+    let out = helm(&["test", "xero-operator", "-n", "xero-operator"]);
+    assert!(
+        out.status.success(),
+        "helm test: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
     );
 
     // Uninstall, in the README's order: the connection goes at once (no finalizer), then the

@@ -522,3 +522,162 @@ async fn the_rendered_manifest_applies_with_kubectl_and_kustomize() {
     );
     assert_eq!(kinds(&built), expected);
 }
+
+/// Runs `xero-operator check` (what the chart's `helm test` pod runs) with `kubeconfig`.
+fn run_check(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xero-operator"))
+        .arg("check")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("XERO_OPERATOR_NAMESPACES")
+        .output()
+        .expect("run xero-operator check");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_tests_check_asks_the_operator_and_reads_statuses_with_the_test_rights_only() {
+    use common::connection::{self, start_controller};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    let timings = common::Timings {
+        access_token: Duration::from_secs(600),
+        ..common::Timings::default()
+    };
+    let fx = common::token_fixture("helm-check", timings).await;
+    let ns = fx.namespace.clone();
+    let release = format!("hc-{}", &ns[ns.len() - 5..]);
+    // The test's own ServiceAccount and rights, as the chart renders them (not its pod: this
+    // API server has no node to run it; the end-to-end tests run it with `helm test`).
+    let rendered = common::chart::helm_template(&[
+        "template",
+        &release,
+        &chart(),
+        "--namespace",
+        &ns,
+        "--set",
+        &format!("watchNamespaces={{{ns}}}"),
+        "--show-only",
+        "templates/tests/check.yaml",
+    ]);
+    let rights: Vec<&str> = rendered
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("\nkind: Pod\n"))
+        .collect();
+    assert_eq!(
+        rights.len(),
+        3,
+        "ServiceAccount, ClusterRole, binding:\n{rendered}"
+    );
+    common::chart::kubectl_apply(&rights.join("\n---\n"));
+    let token =
+        common::chart::sa_token(&fx.client, &ns, &format!("{release}-xero-operator-test")).await;
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(&common::env().admin_kubeconfig)
+        .expect("admin kubeconfig");
+    for user in &mut kubeconfig.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..kube::config::AuthInfo::default()
+        });
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let test_kubeconfig = dir.path().join("kubeconfig");
+    // JSON is YAML: the kubeconfig as kubectl and kube read it.
+    std::fs::write(
+        &test_kubeconfig,
+        serde_json::to_vec(&kubeconfig).expect("json"),
+    )
+    .expect("write kubeconfig");
+
+    // A connection no controller has seen: the check waits, then names it.
+    connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
+    let (passed, printed) = run_check(&test_kubeconfig, &["--namespace", &ns, "--timeout", "2s"]);
+    assert!(!passed, "{printed}");
+    assert!(
+        printed.contains(&format!("{ns}/acme: no status\n")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("{ns}/acme: no status from the controller yet")),
+        "{printed}"
+    );
+
+    // The operator's endpoint not ready: the check says so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let controller = start_controller(&fx, |_| {});
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(xero_operator::controller::server::serve(
+        ([127, 0, 0, 1], port).into(),
+        controller.metrics.clone(),
+        ready.clone(),
+    ));
+    let operator = [
+        "--operator-host",
+        "127.0.0.1",
+        "--operator-port",
+        &port.to_string(),
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = vec!["--namespace", ns.as_str(), "--timeout", "3s"];
+        args.extend_from_slice(&operator);
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let args = with(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (passed, printed) = run_check(&test_kubeconfig, &args);
+    assert!(!passed, "{printed}");
+    assert!(printed.contains("the operator is not ready"), "{printed}");
+    assert!(printed.contains("503"), "{printed}");
+
+    // Ready, and the controller wrote the connection's status: the check passes and prints it.
+    ready.store(true, Ordering::Relaxed);
+    connection::wait_for_reason(&fx, "acme", "TokenValid", Duration::from_secs(30)).await;
+    let (passed, printed) = run_check(&test_kubeconfig, &args);
+    assert!(passed, "{printed}");
+    assert!(
+        printed.contains(&format!("operator: ready (http://127.0.0.1:{port}/readyz)")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("{ns}/acme: Ready=True TokenValid")),
+        "{printed}"
+    );
+
+    // A connection waiting for its authorisation passes, unless every one must be Ready.
+    connection::create(&fx, "new", "new-xero-token", timings, json!({})).await;
+    connection::wait_for_reason(
+        &fx,
+        "new",
+        "WaitingForAuthorization",
+        Duration::from_secs(30),
+    )
+    .await;
+    let (passed, printed) = run_check(&test_kubeconfig, &args);
+    assert!(passed, "{printed}");
+    assert!(printed.contains("2 connection(s) checked"), "{printed}");
+    let strict = with(&["--require-ready"]);
+    let strict: Vec<&str> = strict.iter().map(String::as_str).collect();
+    let (passed, printed) = run_check(&test_kubeconfig, &strict);
+    assert!(!passed, "{printed}");
+    assert!(
+        printed.contains(&format!("{ns}/new: not Ready (WaitingForAuthorization)")),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains(&format!("{ns}/acme: not Ready")),
+        "{printed}"
+    );
+    server.abort();
+}

@@ -84,3 +84,12 @@ matchResources:
           {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* The `helm test` objects' labels: the release's, with a name of their own so that neither the metrics Service nor the PodDisruptionBudget selects the test pod. */}}
+{{- define "xero-operator.testLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-test
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: helm-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
