@@ -93,7 +93,7 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "-n",
             &ns,
             "--kube-version",
-            "1.35.4",
+            "1.37.2",
         ]),
         "helm template (defaults)",
     );
@@ -119,7 +119,7 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "-n",
             &ns,
             "--kube-version",
-            "1.35.4",
+            "1.37.2",
             "-f",
             &values_path,
             "--set",

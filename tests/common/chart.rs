@@ -111,7 +111,7 @@ pub async fn operator_client(
             "--namespace",
             ns,
             "--kube-version",
-            "1.35.4",
+            "1.37.2",
         ];
         args.extend_from_slice(extra);
         args.extend(["--show-only", shown]);

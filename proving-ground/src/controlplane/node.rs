@@ -208,7 +208,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         serde_json::json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            // This machine kind has cgroup v1; 1.35 refuses it unless told.
+            // This machine kind has cgroup v1; kubelets from 1.35 on refuse it unless told.
             "failCgroupV1": false,
             "cgroupDriver": "cgroupfs",
             "cgroupRoot": self.cgroup_root,
