@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make dist`: the kubectl plugin as krew installs it.
-#   target/dist/kubectl-xero_VERSION_linux_amd64.tar.gz  kubectl-xero (static) and
+#   target/dist/kubectl-xero_VERSION_linux_amd64.tar.gz  kubectl-xero (static),
 #                                                        kubectl_complete-xero (completion)
+#                                                        and LICENSE (krew-index wants it)
 #   target/dist/xero.yaml                                the krew manifest for that archive
 # Built like the image (same flags, so a second build gives the same archive), then checked:
 # the manifest's sha256 is the archive's, every file it installs is in the archive, and the
@@ -20,8 +21,9 @@ stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 install -m 0755 "target/$target/release/kubectl-xero" "$stage/kubectl-xero"
 install -m 0755 deploy/krew/kubectl_complete-xero "$stage/kubectl_complete-xero"
+install -m 0644 LICENSE "$stage/LICENSE"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$stage" -cf - \
-  kubectl-xero kubectl_complete-xero | gzip -n -9 >"$archive"
+  LICENSE kubectl-xero kubectl_complete-xero | gzip -n -9 >"$archive"
 sha="$(sha256sum "$archive" | cut -d' ' -f1)"
 sed -e "s/@VERSION@/$version/g" -e "s/@SHA256@/$sha/" deploy/krew/xero.yaml >"$dist/xero.yaml"
 
@@ -31,9 +33,11 @@ mkdir "$check"
 tar -xzf "$archive" -C "$check"
 [ "$(awk -F'"' '/sha256:/ {print $2}' "$dist/xero.yaml")" = "$sha" ] || {
   echo "dist: the manifest's sha256 is not the archive's" >&2; exit 1; }
-for file in $(awk '/- from:/ {print $3}' "$dist/xero.yaml") \
-  $(awk '/^ *bin:/ {print $2}' "$dist/xero.yaml"); do
-  [ -x "$check/$file" ] || { echo "dist: $file is not in $archive" >&2; exit 1; }
+for file in $(awk '/- from:/ {print $3}' "$dist/xero.yaml"); do
+  [ -f "$check/$file" ] || { echo "dist: $file is not in $archive" >&2; exit 1; }
+done
+for file in $(awk '/^ *bin:/ {print $2}' "$dist/xero.yaml") kubectl_complete-xero; do
+  [ -x "$check/$file" ] || { echo "dist: $file is not an executable in $archive" >&2; exit 1; }
 done
 said="$("$check/kubectl-xero" --version)"
 [ "$said" = "kubectl xero $version" ] || { echo "dist: the plugin says \"$said\"" >&2; exit 1; }
