@@ -17,4 +17,8 @@ kind: Namespace
 metadata:
   name: xero-operator
 HEADER
-"$helm" template xero-operator charts/xero-operator --namespace xero-operator --skip-tests
+# Not installed by Helm: the objects say who manages them (kubectl), not Helm and its chart.
+"$helm" template xero-operator charts/xero-operator --namespace xero-operator --skip-tests |
+  sed -e 's|^\( *\)app.kubernetes.io/managed-by: Helm$|\1app.kubernetes.io/managed-by: kubectl|' \
+    -e '/^ *helm\.sh\/chart: /d'
+

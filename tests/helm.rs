@@ -481,6 +481,11 @@ async fn the_rendered_manifest_applies_with_kubectl_and_kustomize() {
         kinds
     };
     let expected = kinds(&manifest);
+    // Not a Helm release: no Helm ownership labels, no `helm test` hooks.
+    for helm_only in ["managed-by: Helm", "helm.sh/chart:", "helm.sh/hook"] {
+        assert!(!manifest.contains(helm_only), "{helm_only} in the manifest");
+    }
+    assert!(manifest.contains("app.kubernetes.io/managed-by: kubectl"));
     for kind in [
         "Namespace",
         "CustomResourceDefinition",
