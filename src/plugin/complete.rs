@@ -50,8 +50,14 @@ pub fn candidates(
         }
         let cmd = sub.unwrap_or(&root);
         if word.starts_with('-') {
-            if let Some(ns) = word.strip_prefix("--namespace=") {
+            if let Some(ns) = word
+                .strip_prefix("--namespace=")
+                .or_else(|| word.strip_prefix("-n=").or_else(|| word.strip_prefix("-n")))
+                .filter(|ns| !ns.is_empty())
+            {
+                // `--namespace=NS`, `-n=NS` and `-nNS`, as kubectl takes them.
                 namespace = Some(ns.to_owned());
+                continue;
             } else if (word == "-n" || word == "--namespace") && i + 1 < before.len() {
                 namespace = Some(before[i + 1].clone());
             }
@@ -162,6 +168,8 @@ mod tests {
         assert_eq!(complete("status "), ["conn-in-default"]);
         assert_eq!(complete("-n team-a renew "), ["conn-in-team-a"]);
         assert_eq!(complete("renew --namespace=team-b "), ["conn-in-team-b"]);
+        assert_eq!(complete("renew -nteam-b "), ["conn-in-team-b"]);
+        assert_eq!(complete("renew -n=team-b "), ["conn-in-team-b"]);
         assert_eq!(
             complete("renew acme "),
             Vec::<String>::new(),
