@@ -3,6 +3,11 @@ module github.com/xero-operator/xero-operator/proving-ground/controlplane/v1.32
 // The oldest Kubernetes release the operator supports (docs/development.md):
 // its etcd, kube-apiserver, kube-controller-manager and kubectl, for the
 // integration suites that prove the range. Nothing here is shipped.
+//
+// Every staging module is at v0.32.13 but two the Go module proxy does not
+// serve at that tag: k8s.io/endpointslice (v0.32.12, compiled into
+// kube-controller-manager) and k8s.io/sample-apiserver (v0.32.3, in the module
+// graph only; nothing built here imports it).
 
 go 1.24.0
 
@@ -152,7 +157,7 @@ require (
 	k8s.io/apiextensions-apiserver v0.0.0 // indirect
 	k8s.io/apimachinery v0.32.13 // indirect
 	k8s.io/apiserver v0.32.13 // indirect
-	k8s.io/cli-runtime v0.32.3 // indirect
+	k8s.io/cli-runtime v0.32.13 // indirect
 	k8s.io/client-go v0.32.13 // indirect
 	k8s.io/cloud-provider v0.32.13 // indirect
 	k8s.io/cluster-bootstrap v0.0.0 // indirect
@@ -174,7 +179,7 @@ require (
 	k8s.io/kubectl v0.0.0 // indirect
 	k8s.io/kubelet v0.32.13 // indirect
 	k8s.io/kubernetes v1.32.13 // indirect
-	k8s.io/metrics v0.32.3 // indirect
+	k8s.io/metrics v0.32.13 // indirect
 	k8s.io/mount-utils v0.0.0 // indirect
 	k8s.io/pod-security-admission v0.0.0 // indirect
 	k8s.io/utils v0.0.0-20241104100929-3ea5e8cea738 // indirect
@@ -192,15 +197,15 @@ replace (
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.32.13
 	k8s.io/apimachinery => k8s.io/apimachinery v0.32.13
 	k8s.io/apiserver => k8s.io/apiserver v0.32.13
-	k8s.io/cli-runtime => k8s.io/cli-runtime v0.32.3
+	k8s.io/cli-runtime => k8s.io/cli-runtime v0.32.13
 	k8s.io/client-go => k8s.io/client-go v0.32.13
 	k8s.io/cloud-provider => k8s.io/cloud-provider v0.32.13
 	k8s.io/cluster-bootstrap => k8s.io/cluster-bootstrap v0.32.13
-	k8s.io/code-generator => k8s.io/code-generator v0.32.9
+	k8s.io/code-generator => k8s.io/code-generator v0.32.13
 	k8s.io/component-base => k8s.io/component-base v0.32.13
 	k8s.io/component-helpers => k8s.io/component-helpers v0.32.13
 	k8s.io/controller-manager => k8s.io/controller-manager v0.32.13
-	k8s.io/cri-api => k8s.io/cri-api v0.32.12
+	k8s.io/cri-api => k8s.io/cri-api v0.32.13
 	k8s.io/cri-client => k8s.io/cri-client v0.32.13
 	k8s.io/csi-translation-lib => k8s.io/csi-translation-lib v0.32.13
 	k8s.io/dynamic-resource-allocation => k8s.io/dynamic-resource-allocation v0.32.13
@@ -211,9 +216,9 @@ replace (
 	k8s.io/kube-controller-manager => k8s.io/kube-controller-manager v0.32.13
 	k8s.io/kube-proxy => k8s.io/kube-proxy v0.32.13
 	k8s.io/kube-scheduler => k8s.io/kube-scheduler v0.32.13
-	k8s.io/kubectl => k8s.io/kubectl v0.32.3
+	k8s.io/kubectl => k8s.io/kubectl v0.32.13
 	k8s.io/kubelet => k8s.io/kubelet v0.32.13
-	k8s.io/metrics => k8s.io/metrics v0.32.12
+	k8s.io/metrics => k8s.io/metrics v0.32.13
 	k8s.io/mount-utils => k8s.io/mount-utils v0.32.13
 	k8s.io/pod-security-admission => k8s.io/pod-security-admission v0.32.13
 	k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.32.3
