@@ -7,7 +7,8 @@
 # and how many tests passed. Exit 1 if any binary failed, or ran longer than TEST_TIMEOUT
 # seconds (default 1800: then it is killed and its output so far printed). Meant to run under
 # xero-controlplane (`make test`), which provides the API server the tests use.
-# ONLY="crd helm …" runs just those binaries (by name: a test file, or a package's unit tests);
+# ONLY="crd helm …" runs just those binaries (by name: a test file's, or the unit tests of the
+# library or a binary of that name);
 # LOGS=dir puts the logs elsewhere (the oldest supported release's run keeps its own).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,11 +42,14 @@ for bin in "${binaries[@]}"; do
   [[ " ${ordered[*]} " == *" $bin "* ]] || ordered+=("$bin")
 done
 if [ -n "${ONLY:-}" ]; then
+  read -ra names <<<"$ONLY"
   chosen=()
   for bin in "${ordered[@]}"; do
-    for name in $ONLY; do [[ "$(basename "$bin")" == "$name"-* ]] && chosen+=("$bin"); done
+    for name in "${names[@]}"; do
+      [[ "$(basename "$bin")" == "$name"-* && " ${chosen[*]} " != *" $bin "* ]] && chosen+=("$bin")
+    done
   done
-  for name in $ONLY; do
+  for name in "${names[@]}"; do
     [[ " ${chosen[*]} " == *"/$name-"* ]] || { echo "integration.sh: no test binary '$name'" >&2; exit 1; }
   done
   ordered=("${chosen[@]}")

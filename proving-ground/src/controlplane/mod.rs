@@ -32,7 +32,7 @@ pub const NON_ADMIN_USER: &str = "alice";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "control plane binaries not found in {dir}: {missing} (run proving-ground/controlplane/build.sh)"
+        "control plane binaries not found in {dir}: {missing} (run proving-ground/controlplane/build.sh; the node's are built for the newest release only)"
     )]
     MissingBinary { dir: PathBuf, missing: String },
     #[error("building the control plane failed: {0}")]
@@ -148,11 +148,14 @@ impl ControlPlane {
     /// Starts etcd, the API server and, if asked, the controller manager; returns once the API
     /// server answers `/readyz`.
     pub async fn start(opts: &Options) -> Result<Self, Error> {
-        let bins = ["etcd", "kube-apiserver", "kube-controller-manager"];
+        let mut bins = vec!["etcd", "kube-apiserver", "kube-controller-manager"];
+        if opts.node.is_some() {
+            // Built for the newest release only (proving-ground/controlplane/build.sh).
+            bins.extend(["kubelet", "kube-scheduler", "kube-proxy"]);
+        }
         let missing: Vec<_> = bins
-            .iter()
+            .into_iter()
             .filter(|b| !opts.bin_dir.join(b).is_file())
-            .copied()
             .collect();
         if !missing.is_empty() {
             return Err(Error::MissingBinary {
