@@ -377,7 +377,20 @@ async fn the_controller_starts_on_supported_releases_and_refuses_older_ones() {
     // Every release the suites run on is supported: the check passes on this server.
     let info = require_supported(&client, OLDEST_SUPPORTED)
         .await
+        .expect("/version")
         .expect("the server under test is a supported release");
+    // The oldest release the suites run on is the floor the controller and the chart declare.
+    let oldest_pinned = pinned_releases()
+        .iter()
+        .filter_map(|r| {
+            r.strip_prefix("v1.")?
+                .split('.')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .min();
+    assert_eq!(oldest_pinned, Some(OLDEST_SUPPORTED.minor));
     // The same server read as too old when the floor is above it: the refusal names the
     // release the server reported and what to do.
     let minor: u32 = info
@@ -390,6 +403,7 @@ async fn the_controller_starts_on_supported_releases_and_refuses_older_ones() {
     };
     let message = require_supported(&client, above)
         .await
+        .expect("/version")
         .expect_err("a floor above the server refuses it")
         .to_string();
     assert!(
@@ -448,4 +462,95 @@ async fn the_controller_manager_garbage_collects_owned_objects() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A stand-in API server that answers only `/version`, as a managed 1.31 cluster does, and a
+/// kubeconfig pointing at it: what the operator's binary sees at start on an older cluster.
+async fn old_cluster(dir: &std::path::Path) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().route(
+        "/version",
+        axum::routing::get(|| async {
+            axum::Json(json!({
+                "major": "1", "minor": "31+", "gitVersion": "v1.31.4-eks-1",
+                "gitCommit": "", "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z",
+                "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let kubeconfig = dir.join("kubeconfig");
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "old",
+        "clusters": [{"name": "old", "cluster": {"server": server}}],
+        "users": [{"name": "old", "user": {}}],
+        "contexts": [{"name": "old", "context": {"cluster": "old", "user": "old"}}]
+    });
+    std::fs::write(&kubeconfig, config.to_string()).expect("write kubeconfig");
+    (kubeconfig, task)
+}
+
+/// The operator's binary on `kubeconfig`'s cluster with `args`, its metrics on a free port.
+fn operator(kubeconfig: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_xero-operator"));
+    cmd.args(["--metrics-addr", "127.0.0.1:0"])
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .env_remove("XERO_OPERATOR_ALLOW_UNSUPPORTED_KUBERNETES")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn the_operator_binary_refuses_an_older_cluster_unless_told_to_run_anyway() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kubeconfig, stub) = old_cluster(dir.path()).await;
+
+    // Refused: exit 1 and a message naming the release found, the range and the override.
+    let out = tokio::time::timeout(Duration::from_secs(60), operator(&kubeconfig, &[]).output())
+        .await
+        .expect("the operator stops by itself")
+        .expect("run xero-operator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is 1.31 (v1.31.4-eks-1); xero-operator supports 1.32 and later"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--allow-unsupported-kubernetes"),
+        "{stderr}"
+    );
+
+    // Told to run anyway: it warns and goes on (it is stopped here once it has said so).
+    let mut child = operator(&kubeconfig, &["--allow-unsupported-kubernetes"])
+        .spawn()
+        .expect("start xero-operator");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let warned = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if line.contains("WARN") && line.contains("running anyway") {
+                return line;
+            }
+        }
+        panic!("the operator exited without the warning");
+    })
+    .await
+    .expect("the warning within a minute");
+    assert!(warned.contains("is 1.31 (v1.31.4-eks-1)"), "{warned}");
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "still running after the warning"
+    );
+    child.kill().await.expect("stop it");
+    stub.abort();
 }

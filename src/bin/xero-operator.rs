@@ -197,11 +197,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
     let oldest = kubernetes_version::OLDEST_SUPPORTED;
-    if let Err(e) = kubernetes_version::require_supported(&client, oldest).await {
-        if !args.allow_unsupported_kubernetes {
-            return Err(e);
+    match kubernetes_version::require_supported(&client, oldest).await? {
+        Ok(_) => {}
+        Err(too_old) if args.allow_unsupported_kubernetes => {
+            tracing::warn!("{too_old}; running anyway (--allow-unsupported-kubernetes)");
         }
-        tracing::warn!("{e:#}; running anyway (--allow-unsupported-kubernetes)");
+        Err(too_old) => return Err(too_old.into()),
     }
     if let Some(id) = &args.identity
         && (id.is_empty()

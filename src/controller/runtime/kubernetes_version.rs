@@ -73,33 +73,40 @@ pub fn check(info: &Info, oldest: MinorVersion) -> Result<Option<MinorVersion>, 
     match minor_version(info) {
         Some(found) if found < oldest => Err(Unsupported::TooOld {
             found,
-            git_version: info.git_version.clone(),
+            // The server's own words, shown to a person: printable and bounded.
+            git_version: crate::text::sanitize(&info.git_version, 64),
             oldest,
         }),
         found => Ok(found),
     }
 }
 
-/// Reads the server's `/version` and checks it against `oldest`: the error says which release
-/// was found and what to do. A version that cannot be read is logged and allowed.
+/// Reads the server's `/version` (the outer error: it could not be read) and checks it against
+/// `oldest` (the inner one says which release was found and what to do; a caller may choose
+/// to run anyway). A version that cannot be parsed is logged and allowed.
 pub async fn require_supported(
     client: &kube::Client,
     oldest: MinorVersion,
-) -> anyhow::Result<Info> {
+) -> anyhow::Result<Result<Info, Unsupported>> {
     let info = client
         .apiserver_version()
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the Kubernetes API server's version: {e}"))?;
-    match check(&info, oldest)? {
-        Some(found) => {
-            tracing::info!(kubernetes = %found, git_version = %info.git_version, "Kubernetes API server")
+    let git_version = crate::text::sanitize(&info.git_version, 64);
+    Ok(match check(&info, oldest) {
+        Ok(Some(found)) => {
+            tracing::info!(kubernetes = %found, %git_version, "Kubernetes API server");
+            Ok(info)
         }
-        None => tracing::warn!(
-            major = %info.major, minor = %info.minor, git_version = %info.git_version,
-            "cannot read the Kubernetes API server's version; running as if supported"
-        ),
-    }
-    Ok(info)
+        Ok(None) => {
+            tracing::warn!(
+                %git_version,
+                "cannot read the Kubernetes API server's version; running as if supported"
+            );
+            Ok(info)
+        }
+        Err(too_old) => Err(too_old),
+    })
 }
 
 #[cfg(test)]
