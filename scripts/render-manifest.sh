@@ -18,7 +18,9 @@ metadata:
   name: xero-operator
 HEADER
 # Not installed by Helm: the objects say who manages them (kubectl), not Helm and its chart.
-"$helm" template xero-operator charts/xero-operator --namespace xero-operator --skip-tests |
+# Without the `helm test` objects (tests.enabled=false: no test pod, no extra NetworkPolicy peer).
+"$helm" template xero-operator charts/xero-operator --namespace xero-operator \
+  --set tests.enabled=false |
   sed -e 's|^\( *\)app.kubernetes.io/managed-by: Helm$|\1app.kubernetes.io/managed-by: kubectl|' \
     -e '/^ *helm\.sh\/chart: /d'
 

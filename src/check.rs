@@ -44,6 +44,11 @@ pub struct CheckArgs {
     pub timeout: Duration,
 }
 
+/// `text` as printable, bounded text (a status field is not trusted to be either).
+fn clean(text: &str) -> String {
+    crate::text::sanitize(text, crate::text::MAX_REASON_CHARS)
+}
+
 /// One connection as `check` sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -63,7 +68,8 @@ impl Seen {
             s.conditions
                 .iter()
                 .find(|c| c.type_ == "Ready")
-                .map(|c| (c.status.clone(), c.reason.clone()))
+                // Anyone who may write the status could put terminal escapes there.
+                .map(|c| (clean(&c.status), clean(&c.reason)))
         });
         let current = status
             .and_then(|s| s.observed_generation)
@@ -150,8 +156,10 @@ async fn operator_ready(http: &reqwest::Client, ready_url: &str) -> Result<(), S
 /// Runs the check; the error says what is not well.
 pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + args.timeout;
+    // The operator's address is inside the cluster: never through a proxy from the environment.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .no_proxy()
         .build()?;
     if let Some(host) = &args.operator_host {
         let url = ready_url(host, args.operator_port);
@@ -165,12 +173,23 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
             }
         }
         println!("operator: ready ({url})");
+    } else {
+        println!("operator: not asked (no --operator-host: the chart's metrics Service is off)");
     }
     let client = Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
     loop {
-        let seen = connections(&client, &args.namespaces).await?;
+        // A refusal right after install (the test's RoleBinding not yet in the authorizer's
+        // cache) or a passing API error is retried until the deadline.
+        let seen = match connections(&client, &args.namespaces).await {
+            Ok(seen) => seen,
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
         let problems: Vec<String> = seen
             .iter()
             .filter_map(|s| {
@@ -242,6 +261,14 @@ mod tests {
         let valid = Seen::of(&conn(3, Some((3, "True", "TokenValid"))));
         assert_eq!(valid.problem(true), None);
         assert!(!valid.line().contains("secret-looking"));
+        // A reason someone wrote with terminal escapes is printed without them.
+        let mut hostile = conn(1, Some((1, "True", "Token\u{1b}[2JValid")));
+        hostile.status.as_mut().expect("status").conditions[0].status = "True\u{7}".into();
+        let line = Seen::of(&hostile).line();
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{7}'),
+            "{line:?}"
+        );
     }
 
     #[test]

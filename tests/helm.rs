@@ -85,6 +85,8 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
     let client = common::admin_client().await;
     common::install_crds(&client).await;
     let ns = common::namespace(&client, "helm-template").await;
+    // Rendered for the release under test (the oldest or the newest supported).
+    let server = common::server_version(&client).await;
     let defaults = ok(
         &helm(&[
             "template",
@@ -93,7 +95,7 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "-n",
             &ns,
             "--kube-version",
-            "1.37.2",
+            &server,
         ]),
         "helm template (defaults)",
     );
@@ -119,7 +121,7 @@ async fn default_and_custom_templates_are_accepted_by_the_api_server() {
             "-n",
             &ns,
             "--kube-version",
-            "1.37.2",
+            &server,
             "-f",
             &values_path,
             "--set",
@@ -411,7 +413,7 @@ async fn a_kept_crd_neither_blocks_another_release_nor_is_lost_by_its_own() {
 }
 
 /// `helm template` of the chart with one `--set` value, as a user types it (no
-/// `--kube-version`: Helm then assumes an old Kubernetes, which the chart must not refuse).
+/// `--kube-version`: Helm assumes the release it was built with).
 fn template_setting(value: &str) -> Output {
     helm(&["template", "t", &chart(), "--set", value])
 }
@@ -615,15 +617,14 @@ async fn helm_tests_check_asks_the_operator_and_reads_statuses_with_the_test_rig
     );
 
     // The operator's endpoint not ready: the check says so.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free port");
+    let port = listener.local_addr().expect("addr").port();
     let controller = start_controller(&fx, |_| {});
     let ready = Arc::new(AtomicBool::new(false));
-    let server = tokio::spawn(xero_operator::controller::server::serve(
-        ([127, 0, 0, 1], port).into(),
+    let server = tokio::spawn(xero_operator::controller::server::serve_on(
+        listener,
         controller.metrics.clone(),
         ready.clone(),
     ));

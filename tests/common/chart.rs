@@ -102,7 +102,9 @@ pub async fn operator_client(
     let chart = super::repo_path("charts/xero-operator")
         .display()
         .to_string();
-    // `helm template` of the chart's templates `shown` for release `release` in `ns`.
+    // `helm template` of the chart's templates `shown` for release `release` in `ns`, for the
+    // Kubernetes release under test.
+    let server = super::server_version(admin).await;
     let template = |extra: &[&str], shown: &str| {
         let mut args = vec![
             "template",
@@ -111,7 +113,7 @@ pub async fn operator_client(
             "--namespace",
             ns,
             "--kube-version",
-            "1.37.2",
+            &server,
         ];
         args.extend_from_slice(extra);
         args.extend(["--show-only", shown]);

@@ -77,6 +77,15 @@ fn start_own_control_plane() -> TestEnv {
     }
 }
 
+/// The API server's release as it reports it (`v1.37.2`).
+pub async fn server_version(client: &Client) -> String {
+    client
+        .apiserver_version()
+        .await
+        .expect("the API server's /version")
+        .git_version
+}
+
 /// A client from a kubeconfig file.
 pub async fn client_from(path: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(path).expect("read kubeconfig");

@@ -11,9 +11,18 @@ use axum::routing::get;
 
 use crate::controller::metrics::Metrics;
 
-/// Serves until the task is dropped.
+/// Binds `addr` and serves until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    serve_on(tokio::net::TcpListener::bind(addr).await?, metrics, ready).await
+}
+
+/// Serves on a bound `listener` until the task is dropped.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
@@ -39,7 +48,6 @@ pub async fn serve(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app).await
 }
