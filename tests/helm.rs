@@ -581,19 +581,12 @@ async fn helm_tests_check_asks_the_operator_and_reads_statuses_with_the_test_rig
     assert_eq!(
         rights.len(),
         3,
-        "ServiceAccount, ClusterRole, binding:\n{rendered}"
+        "ServiceAccount, Role, RoleBinding:\n{rendered}"
     );
     common::chart::kubectl_apply(&rights.join("\n---\n"));
     let token =
         common::chart::sa_token(&fx.client, &ns, &format!("{release}-xero-operator-test")).await;
-    let mut kubeconfig = kube::config::Kubeconfig::read_from(&common::env().admin_kubeconfig)
-        .expect("admin kubeconfig");
-    for user in &mut kubeconfig.auth_infos {
-        user.auth_info = Some(kube::config::AuthInfo {
-            token: Some(token.clone().into()),
-            ..kube::config::AuthInfo::default()
-        });
-    }
+    let kubeconfig = common::chart::kubeconfig_with_token(&token);
     let dir = tempfile::tempdir().expect("temp dir");
     let test_kubeconfig = dir.path().join("kubeconfig");
     // JSON is YAML: the kubeconfig as kubectl and kube read it.
@@ -607,6 +600,7 @@ async fn helm_tests_check_asks_the_operator_and_reads_statuses_with_the_test_rig
     connection::create(&fx, "acme", &fx.secret, timings, json!({})).await;
     let (passed, printed) = run_check(&test_kubeconfig, &["--namespace", &ns, "--timeout", "2s"]);
     assert!(!passed, "{printed}");
+    assert!(printed.contains("operator: not asked"), "{printed}");
     assert!(
         printed.contains(&format!("{ns}/acme: no status\n")),
         "{printed}"

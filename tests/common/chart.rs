@@ -39,8 +39,8 @@ pub fn kubectl_apply(yaml: &str) {
     );
 }
 
-/// A client authenticated with a bearer `token` against the test API server.
-pub async fn client_with_token(token: &str) -> Client {
+/// The admin kubeconfig with a bearer `token` for its user instead of the admin's credentials.
+pub fn kubeconfig_with_token(token: &str) -> kube::config::Kubeconfig {
     let mut kubeconfig = kube::config::Kubeconfig::read_from(&super::env().admin_kubeconfig)
         .expect("admin kubeconfig");
     for user in &mut kubeconfig.auth_infos {
@@ -49,6 +49,12 @@ pub async fn client_with_token(token: &str) -> Client {
             ..kube::config::AuthInfo::default()
         });
     }
+    kubeconfig
+}
+
+/// A client authenticated with a bearer `token` against the test API server.
+pub async fn client_with_token(token: &str) -> Client {
+    let kubeconfig = kubeconfig_with_token(token);
     let config = kube::Config::from_custom_kubeconfig(
         kubeconfig,
         &kube::config::KubeConfigOptions::default(),
