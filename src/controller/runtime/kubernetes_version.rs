@@ -31,7 +31,8 @@ impl std::fmt::Display for MinorVersion {
 
 /// The release a `/version` answer names, or `None` when it names none we can read. `major` and
 /// `minor` come first; managed clusters decorate them (`"32+"` on GKE and EKS), so only the
-/// leading digits count. `gitVersion` (`v1.32.5-eks-1234`) is the fallback when they are empty.
+/// leading digits count. `gitVersion` (`v1.32.5-eks-1234`, the `v` optional) is the fallback
+/// when they are empty.
 pub fn minor_version(info: &Info) -> Option<MinorVersion> {
     let leading = |s: &str| -> Option<u32> {
         let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
@@ -40,7 +41,11 @@ pub fn minor_version(info: &Info) -> Option<MinorVersion> {
     if let (Some(major), Some(minor)) = (leading(&info.major), leading(&info.minor)) {
         return Some(MinorVersion { major, minor });
     }
-    let mut parts = info.git_version.strip_prefix('v')?.split('.');
+    let git_version = &info.git_version;
+    let mut parts = git_version
+        .strip_prefix('v')
+        .unwrap_or(git_version)
+        .split('.');
     Some(MinorVersion {
         major: leading(parts.next()?)?,
         minor: leading(parts.next()?)?,
@@ -137,6 +142,7 @@ mod tests {
         );
         // Empty major/minor (some distributions): gitVersion decides.
         assert_eq!(minor_version(&info("", "", "v1.31.4+k3s1")), v(31));
+        assert_eq!(minor_version(&info("", "", "1.33.2")), v(33));
         assert_eq!(minor_version(&info("", "", "unknown")), None);
         assert_eq!(minor_version(&info("", "", "")), None);
     }
